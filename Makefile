@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Everything else is a step of those.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo servers lint unit integration clean
+
+# Runs the whole suite: lint, types, unit and integration tests against real OPA, etcd and kube-apiserver.
+test: $(STAMP) servers lint
+	$(PY) -m pytest
+
+# Brings up etcd, kube-apiserver, OPA and kopa on loopback, in the foreground; Ctrl-C tears it all down.
+demo: $(STAMP) servers
+	$(PY) -m devstack.demo $(DEMO_ARGS)
+
+# Builds (once per version, cached in ~/.cache/kopa/tools) the real servers the tests and the demo run.
+servers:
+	scripts/build-servers.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check app tests devstack
+	$(VENV)/bin/ruff format --check app tests devstack
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+integration: $(STAMP) servers
+	$(PY) -m pytest tests/integration
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""kopa: keeps an Open Policy Agent in sync with a Kubernetes cluster."""
