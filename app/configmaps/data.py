@@ -1,0 +1,84 @@
+"""JSON data from ConfigMaps, kept at data.<namespace>.<configmap>.<key> in OPA.
+
+Each key must hold a JSON object. A key that stops parsing keeps its last good value in OPA (bad input loses
+nothing) and reports the error; a key removed from the ConfigMap is removed from OPA; a ConfigMap that is
+deleted or unlabelled has exactly its own subtree removed, never anything beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from app.opa.client import OpaClient, OpaError
+from app.pipeline.watcher import ObjectKey
+
+log = logging.getLogger(__name__)
+
+
+def kopa_error(code: str, message: str) -> dict[str, Any]:
+    """kopa's own errors take the shape of OPA's, so users read one format on their ConfigMaps."""
+    return {"code": code, "message": message}
+
+
+def parse_document(key: str, text: str) -> tuple[bytes | None, dict[str, Any] | None]:
+    """(serialized JSON object, None) or (None, error). Only objects are valid, as in kube-mgmt."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return None, kopa_error("invalid_data", f"key {key}: not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        kind = "an array" if isinstance(value, list) else f"a {type(value).__name__}"
+        return None, kopa_error("invalid_data", f"key {key}: must be a JSON object, got {kind}")
+    return orjson.dumps(value), None
+
+
+@dataclass
+class DataBook:
+    opa: OpaClient
+    # What OPA holds per ConfigMap: key -> digest of the document written.
+    loaded: dict[ObjectKey, dict[str, bytes]] = field(default_factory=dict)
+    errors: dict[ObjectKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    documents: dict[ObjectKey, dict[str, bytes]] = field(default_factory=dict)
+
+    async def set_configmap(self, configmap: ObjectKey, texts: dict[str, str]) -> None:
+        """Makes OPA hold these documents for one ConfigMap; an empty dict removes its subtree."""
+        ns, name = configmap
+        errors: dict[str, dict[str, Any]] = {}
+        documents: dict[str, bytes] = {}
+        for key, text in texts.items():
+            doc, error = parse_document(key, text)
+            if error is not None:
+                errors[key] = error
+            elif doc is not None:
+                documents[key] = doc
+        loaded = self.loaded.setdefault(configmap, {})
+        if not texts:
+            if loaded:
+                await self.opa.delete_data([ns, name])
+            self.loaded.pop(configmap, None)
+            self.errors.pop(configmap, None)
+            self.documents.pop(configmap, None)
+            return
+        for key in sorted(set(loaded) - set(texts)):
+            await self.opa.delete_data([ns, name, key])
+            del loaded[key]
+        for key, doc in sorted(documents.items()):
+            digest = hashlib.blake2b(doc, digest_size=16).digest()
+            if loaded.get(key) == digest:
+                continue
+            try:
+                await self.opa.put_data([ns, name, key], doc)
+            except OpaError as exc:
+                errors[key] = exc.body or kopa_error(exc.code, exc.message)
+                continue
+            loaded[key] = digest
+        self.errors[configmap] = errors
+        self.documents[configmap] = documents
+
+    def errors_of(self, configmap: ObjectKey) -> dict[str, dict[str, Any]]:
+        return self.errors.get(configmap, {})

@@ -1,0 +1,187 @@
+"""Tells users what happened to their ConfigMap: the kube-mgmt status annotation, and Kubernetes Events.
+
+The annotation is kube-mgmt's, byte for byte: `{"status":"ok"}`, or `{"status":"error","error":E}` where E is
+the error of the one failing key, or a list of them. It is written only when it changes, on a queue of its
+own, so a slow API server never holds up writes to OPA. An Event (events.k8s.io/v1) is recorded when a load
+fails and when it recovers, so `kubectl describe configmap` tells the story.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
+from app.pipeline.watcher import ObjectKey
+from app.pipeline.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+STATUS_ANNOTATION = "openpolicyagent.org/kube-mgmt-status"
+OK = orjson.dumps({"status": "ok"}).decode()
+# Kubernetes caps all annotations of an object at 256 KiB together; kopa's stays far below that.
+MAX_STATUS_BYTES = 16 * 1024
+MAX_ERROR_BYTES = 4 * 1024
+MAX_NOTE_CHARS = 1000  # events.k8s.io/v1 limits note to 1 kB
+
+REASON_FAILED = "LoadFailed"
+REASON_RECOVERED = "LoadRecovered"
+REPORTING_CONTROLLER = "openpolicyagent.org/kopa"
+
+Lookup = Callable[[ObjectKey], dict[str, Any] | None]
+
+
+def _bounded(error: dict[str, Any]) -> dict[str, Any]:
+    """Trims an oversized error object (OPA lists up to ten detailed errors) to fit the budget."""
+    if len(orjson.dumps(error)) <= MAX_ERROR_BYTES:
+        return error
+    trimmed = {k: v for k, v in error.items() if k != "errors"}
+    details = list(error.get("errors") or [])
+    kept: list[Any] = []
+    for detail in details:
+        if len(orjson.dumps({**trimmed, "errors": [*kept, detail]})) > MAX_ERROR_BYTES:
+            break
+        kept.append(detail)
+    if kept:
+        trimmed["errors"] = kept
+    if len(orjson.dumps(trimmed)) > MAX_ERROR_BYTES:
+        trimmed["message"] = str(trimmed.get("message", ""))[: MAX_ERROR_BYTES // 2] + "... (truncated)"
+    return trimmed
+
+
+def status_value(errors: list[dict[str, Any]]) -> str:
+    """The annotation for a ConfigMap whose failing keys produced these errors (in key order)."""
+    if not errors:
+        return OK
+    if len(errors) == 1:
+        return orjson.dumps({"status": "error", "error": _bounded(errors[0])}).decode()
+    kept: list[dict[str, Any]] = []
+    for index, error in enumerate(errors):
+        candidate = [*kept, _bounded(error)]
+        rest = len(errors) - index - 1
+        marker = [{"code": "truncated", "message": f"{rest} more errors not shown"}] if rest else []
+        if len(orjson.dumps({"status": "error", "error": candidate + marker})) > MAX_STATUS_BYTES:
+            break
+        kept = candidate
+    if len(kept) < len(errors):
+        omitted = len(errors) - len(kept)
+        kept.append({"code": "truncated", "message": f"{omitted} more errors not shown"})
+    return orjson.dumps({"status": "error", "error": kept}).decode()
+
+
+def _summary(value: str) -> str:
+    """A one-paragraph reading of a status for an Event's note."""
+    doc = orjson.loads(value)
+    errors = doc.get("error")
+    errors = errors if isinstance(errors, list) else [errors]
+    parts = []
+    for e in errors:
+        if isinstance(e, dict):
+            details = [d.get("message", "") for d in e.get("errors") or [] if isinstance(d, dict)]
+            parts.append("; ".join(filter(None, [str(e.get("message", "")), *details[:2]])))
+    note = " | ".join(parts) or value
+    return note if len(note) <= MAX_NOTE_CHARS else note[: MAX_NOTE_CHARS - 15] + "... (truncated)"
+
+
+class StatusReporter:
+    """Keeps each ConfigMap's annotation equal to its latest status; records Events on transitions."""
+
+    def __init__(self, kube: KubeClient, lookup: Lookup) -> None:
+        self.kube = kube
+        self.lookup = lookup
+        self.queue: WorkQueue[ObjectKey] = WorkQueue("status")
+        self._wanted: dict[ObjectKey, tuple[str, str]] = {}  # key -> (status, action)
+        # What kopa last wrote: the store may not have seen kopa's own patch yet.
+        self._written: dict[ObjectKey, str] = {}
+        self._instance = os.environ.get("POD_NAME") or socket.gethostname()
+
+    def report(self, configmap: ObjectKey, errors: list[dict[str, Any]], action: str) -> None:
+        """Records the latest status of a ConfigMap; the writer catches up asynchronously."""
+        self._wanted[configmap] = (status_value(errors), action)
+        self.queue.add(configmap)
+
+    def forget(self, configmap: ObjectKey) -> None:
+        self._wanted.pop(configmap, None)
+        self._written.pop(configmap, None)
+
+    async def run(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self._write(key)
+            except (KubeUnavailable, KubeApiError) as exc:
+                delay = self.queue.add_rate_limited(key)
+                log.warning(
+                    "writing the status of configmap %s/%s failed (%s); retrying in %.1fs",
+                    key[0],
+                    key[1],
+                    exc,
+                    delay,
+                )
+            else:
+                self.queue.forget(key)
+            finally:
+                self.queue.done(key)
+
+    async def _write(self, key: ObjectKey) -> None:
+        wanted = self._wanted.get(key)
+        obj = self.lookup(key)
+        if wanted is None or obj is None:
+            return  # gone or no longer selected: nothing to tell
+        value, action = wanted
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        current = self._written.get(key, annotations.get(STATUS_ANNOTATION))
+        if current == value:
+            return
+        ns, name = key
+        path = f"/api/v1/namespaces/{quote(ns)}/configmaps/{quote(name)}"
+        try:
+            await self.kube.merge_patch(path, {"metadata": {"annotations": {STATUS_ANNOTATION: value}}})
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        self._written[key] = value
+        if value != OK:
+            log.warning("configmap %s/%s: %s failed: %s", ns, name, action, _summary(value))
+            await self._event(obj, "Warning", REASON_FAILED, action, _summary(value))
+        elif current is not None and current != OK:
+            log.info("configmap %s/%s: %s recovered", ns, name, action)
+            await self._event(obj, "Normal", REASON_RECOVERED, action, f"{action} succeeded")
+
+    async def _event(self, obj: dict[str, Any], type_: str, reason: str, action: str, note: str) -> None:
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        event = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"name": f"{name[:200]}.{time.time_ns():x}", "namespace": ns},
+            "eventTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "reportingController": REPORTING_CONTROLLER,
+            "reportingInstance": self._instance[:128],
+            "action": action,
+            "reason": reason,
+            "type": type_,
+            "note": note,
+            "regarding": {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "namespace": ns,
+                "name": name,
+                "uid": meta.get("uid", ""),
+                "resourceVersion": meta.get("resourceVersion", ""),
+            },
+        }
+        try:
+            await self.kube.create(f"/apis/events.k8s.io/v1/namespaces/{quote(ns)}/events", event)
+        except (KubeUnavailable, KubeApiError) as exc:
+            # An Event is a courtesy; the annotation already carries the status.
+            log.warning("could not record an event on configmap %s/%s: %s", ns, name, exc)

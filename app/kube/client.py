@@ -1,0 +1,283 @@
+"""A small Kubernetes API client on one aiohttp session: list, watch, get, create, merge-patch.
+
+kopa works on raw JSON (orjson) rather than the generated models: it is faster, lighter, and a watch line
+can be as large as the 1 MiB object it carries (aiohttp's readline stops at 128 KiB, so lines are split here).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+
+from app.kube.config import KubeConnection
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+# Bounds for one request; a watch has its own read bound (see watch()).
+CONNECT_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 60.0
+MAX_429_RETRIES = 8
+
+
+class KubeError(Exception):
+    """Base of the errors this client raises."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server could not be reached or answered 5xx: try again later."""
+
+
+class KubeApiError(KubeError):
+    """The API server answered with an error Status."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class KubeGone(KubeApiError):
+    """410 Gone: the resourceVersion is too old; list again."""
+
+
+@dataclass(frozen=True)
+class ListResult:
+    items: list[JSON]
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
+    object: JSON
+
+
+ConnectionLoader = Callable[[], Awaitable[KubeConnection]]
+
+
+def _api_error(status: int, body: bytes) -> KubeApiError:
+    reason, message = "", body[:500].decode("utf-8", "replace")
+    try:
+        doc = orjson.loads(body)
+        if isinstance(doc, dict):
+            reason = str(doc.get("reason", ""))
+            message = str(doc.get("message", message))
+    except orjson.JSONDecodeError:
+        pass
+    cls = KubeGone if status == 410 else KubeApiError
+    return cls(status, reason, message)
+
+
+def _retry_after(headers: Mapping[str, str], attempt: int) -> float:
+    try:
+        return max(0.0, min(float(headers.get("Retry-After", "")), 60.0))
+    except ValueError:
+        return min(0.5 * 2.0**attempt, 30.0) * random.uniform(0.8, 1.2)
+
+
+class KubeClient:
+    """One session per API server. Reloads credentials (rotated tokens) after a 401."""
+
+    def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
+        self._conn = connection
+        self._reload = reload
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def default_namespace(self) -> str:
+        return self._conn.namespace
+
+    async def __aenter__(self) -> KubeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _session_for_use(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=32)
+            self._session = aiohttp.ClientSession(
+                base_url=None,
+                connector=connector,
+                json_serialize=lambda obj: orjson.dumps(obj).decode(),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+            )
+        return self._session
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "kopa"}
+        if self._conn.authorization:
+            headers["Authorization"] = self._conn.authorization
+        if extra:
+            headers.update(extra)
+        return headers
+
+    async def _reload_credentials(self) -> bool:
+        if self._reload is None:
+            return False
+        try:
+            fresh = await self._reload()
+        except Exception as exc:  # the old credentials stay in use
+            log.warning("could not reload Kubernetes credentials: %s", exc)
+            return False
+        ssl_changed = fresh.ssl_context is not self._conn.ssl_context
+        self._conn = fresh
+        if ssl_changed and self._session is not None:
+            await self._session.close()
+            self._session = None
+        log.info("reloaded Kubernetes credentials from %s", fresh.source)
+        return True
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> JSON:
+        """One API call; retries 429 (honouring Retry-After) and one 401 after reloading credentials."""
+        reloaded = False
+        attempt = 0
+        while True:
+            headers = self._headers({"Content-Type": content_type} if body is not None else None)
+            try:
+                async with self._session_for_use().request(
+                    method, self._conn.host + path, params=params, data=body, headers=headers
+                ) as resp:
+                    payload = await resp.read()
+                    status = resp.status
+                    resp_headers = resp.headers
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            if status < 300:
+                doc = orjson.loads(payload) if payload else {}
+                return doc if isinstance(doc, dict) else {}
+            if status == 429 and attempt < MAX_429_RETRIES:
+                delay = _retry_after(resp_headers, attempt)
+                log.debug("API server throttled %s %s; retrying in %.1fs", method, path, delay)
+                attempt += 1
+                await anyio.sleep(delay)
+                continue
+            if status == 401 and not reloaded and await self._reload_credentials():
+                reloaded = True
+                continue
+            if status >= 500 or status == 429:
+                raise KubeUnavailable(f"{method} {path}: HTTP {status}")
+            raise _api_error(status, payload)
+
+    async def get(self, path: str) -> JSON:
+        return await self.request("GET", path)
+
+    async def create(self, path: str, obj: JSON) -> JSON:
+        return await self.request("POST", path, body=orjson.dumps(obj))
+
+    async def merge_patch(self, path: str, patch: JSON) -> JSON:
+        return await self.request(
+            "PATCH", path, body=orjson.dumps(patch), content_type="application/merge-patch+json"
+        )
+
+    async def list(
+        self, path: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 500
+    ) -> ListResult:
+        """Lists a collection in pages; if the continue token expires mid-way, starts over."""
+        while True:
+            items: list[JSON] = []
+            params = {"limit": str(page_size)}
+            if label_selector:
+                params["labelSelector"] = label_selector
+            if field_selector:
+                params["fieldSelector"] = field_selector
+            try:
+                while True:
+                    page = await self.request("GET", path, params=params)
+                    items.extend(page.get("items") or [])
+                    meta = page.get("metadata") or {}
+                    token = meta.get("continue")
+                    if not token:
+                        return ListResult(items, str(meta.get("resourceVersion", "")))
+                    params["continue"] = token
+            except KubeGone:
+                log.debug("list of %s: continue token expired; listing again", path)
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        resource_version: str,
+        label_selector: str = "",
+        field_selector: str = "",
+        timeout_seconds: int = 300,
+        idle_timeout: float = 330.0,
+    ) -> AsyncIterator[WatchEvent]:
+        """Yields events until the server ends the watch; a silent stream beyond idle_timeout is dead.
+
+        Raises KubeGone when the resourceVersion expired (as HTTP 410 or as an ERROR event).
+        """
+        params = {
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout)
+        reloaded = False
+        while True:
+            try:
+                async with self._session_for_use().get(
+                    self._conn.host + path, params=params, headers=self._headers(), timeout=timeout
+                ) as resp:
+                    if resp.status == 401 and not reloaded and await self._reload_credentials():
+                        reloaded = True
+                        continue
+                    if resp.status != 200:
+                        payload = await resp.read()
+                        if resp.status >= 500 or resp.status == 429:
+                            raise KubeUnavailable(f"watch {path}: HTTP {resp.status}")
+                        raise _api_error(resp.status, payload)
+                    async for line in _lines(resp.content):
+                        event = orjson.loads(line)
+                        kind = event.get("type")
+                        obj = event.get("object") or {}
+                        if kind == "ERROR":
+                            code = int(obj.get("code") or 0)
+                            raise _api_error(code, orjson.dumps(obj)) if code else KubeUnavailable(str(obj))
+                        yield WatchEvent(kind, obj)
+                    return
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise KubeUnavailable(f"watch {path}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """Splits a watch stream into lines of any length (aiohttp's readline caps them at 128 KiB)."""
+    pending = bytearray()
+    async for chunk in stream.iter_any():
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            if end > start:
+                yield bytes(pending[start:end])
+            start = end + 1
+        del pending[:start]
+    if pending.strip():
+        yield bytes(pending)

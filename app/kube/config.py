@@ -1,0 +1,80 @@
+"""Where the Kubernetes API is and how to authenticate: kubeconfig, KUBECONFIG, or the pod's ServiceAccount.
+
+The official client's loaders do the parsing (contexts, exec plugins, embedded certificates); kopa only keeps
+the few values it needs to open its own aiohttp session, and can load them again when credentials rotate.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes.aio import config as kube_config
+from kubernetes.aio.client import Configuration
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubeConfigError(Exception):
+    """The connection settings cannot be loaded; str() is one line for the user."""
+
+
+@dataclass(frozen=True)
+class KubeConnection:
+    """Everything needed to talk to one API server; cheap to rebuild when a token rotates."""
+
+    host: str
+    authorization: str | None  # the whole Authorization header value, e.g. "Bearer ..."
+    ssl_context: ssl.SSLContext | bool
+    namespace: str  # the context's namespace (out of cluster) or the pod's (in cluster)
+    source: str  # what was loaded, for log lines: a kubeconfig path or "in-cluster"
+
+
+def _ssl_context(cfg: Configuration) -> ssl.SSLContext | bool:
+    if not cfg.host.startswith("https"):
+        return False
+    if not cfg.verify_ssl:
+        return False
+    context = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
+    if cfg.cert_file and cfg.key_file:
+        context.load_cert_chain(cfg.cert_file, cfg.key_file)
+    return context
+
+
+def _in_cluster() -> bool:
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
+
+
+async def load_connection(kubeconfig: str, environ: dict[str, str] | None = None) -> KubeConnection:
+    """Finds the API server as kubectl does: --kubeconfig, KUBECONFIG, in-cluster, then ~/.kube/config."""
+    env = dict(os.environ if environ is None else environ)
+    path = kubeconfig or env.get("KUBECONFIG", "")
+    cfg = Configuration()
+    try:
+        if not path and _in_cluster():
+            kube_config.load_incluster_config(client_configuration=cfg)
+            namespace_file = SERVICE_ACCOUNT_DIR / "namespace"
+            namespace = namespace_file.read_text().strip() if namespace_file.exists() else "default"
+            source = "in-cluster service account"
+        else:
+            path = path or str(Path.home() / ".kube" / "config")
+            await kube_config.load_kube_config(
+                config_file=path, client_configuration=cfg, persist_config=False
+            )
+            _, active = kube_config.list_kube_config_contexts(config_file=path)
+            namespace = (active or {}).get("context", {}).get("namespace") or "default"
+            source = path
+        authorization = await cfg.get_api_key_with_prefix("BearerToken")
+        return KubeConnection(
+            host=cfg.host.rstrip("/"),
+            authorization=authorization,
+            ssl_context=_ssl_context(cfg),
+            namespace=namespace,
+            source=source,
+        )
+    except (kube_config.ConfigException, OSError, ssl.SSLError, KeyError, TypeError, ValueError) as exc:
+        where = path or "in-cluster configuration"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KubeConfigError(f"cannot load Kubernetes connection from {where}: {detail}") from exc

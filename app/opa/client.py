@@ -1,0 +1,200 @@
+"""OPA's REST API: policies and data, on one aiohttp session.
+
+A single call that fails transiently (connection error, timeout, 5xx, 429) is retried briefly here; past that
+it raises OpaUnavailable and the caller decides. OPA's 4xx answers are final for that content: OpaError.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+# Large collection PUTs take OPA seconds to apply; a wedged OPA must still not hang kopa forever.
+REQUEST_TIMEOUT = 120.0
+
+
+class OpaUnavailable(Exception):
+    """OPA could not be reached, timed out, or answered 5xx/429 even after brief retries."""
+
+
+@dataclass
+class OpaError(Exception):
+    """OPA refused the request (4xx). `body` is OPA's error object, kept for status annotations."""
+
+    status: int
+    code: str
+    message: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    @property
+    def error_codes(self) -> list[str]:
+        """The codes of OPA's detailed errors, e.g. rego_parse_error, rego_type_error."""
+        return [str(e.get("code", "")) for e in self.body.get("errors") or [] if isinstance(e, dict)]
+
+    @property
+    def files(self) -> set[str]:
+        """The module ids OPA's detailed errors point at (location.file)."""
+        found = set()
+        for e in self.body.get("errors") or []:
+            if isinstance(e, dict) and isinstance(e.get("location"), dict) and e["location"].get("file"):
+                found.add(str(e["location"]["file"]))
+        return found
+
+
+class _Transient(Exception):
+    """Internal: one attempt failed in a way worth repeating."""
+
+
+def encode_path(segments: Sequence[str]) -> str:
+    """Escapes each segment, so names with '/', '%' or spaces cannot change the path's shape."""
+    return "/".join(quote(s, safe="") for s in segments)
+
+
+class OpaClient:
+    """One session for one OPA. `token` is asked for each request, so a rotated token file takes effect."""
+
+    def __init__(
+        self,
+        api_url: str,
+        *,
+        token: Callable[[], str | None] = lambda: None,
+        ssl_context: ssl.SSLContext | bool | None = None,
+        attempts: int = 3,
+        retry_budget: float = 2.0,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._token = token
+        self._ssl = ssl_context
+        self._attempts = attempts
+        self._retry_budget = retry_budget
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> OpaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _session_for_use(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=8),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+            )
+        return self._session
+
+    async def _once(self, method: str, url: str, body: bytes | None, content_type: str) -> tuple[int, bytes]:
+        headers = {"Content-Type": content_type} if body is not None else {}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            async with self._session_for_use().request(method, url, data=body, headers=headers) as resp:
+                payload = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # The message names the error type only: never the headers, which carry the token.
+            raise _Transient(f"{method} {url}: {type(exc).__name__}") from exc
+        if resp.status >= 500 or resp.status == 429:
+            raise _Transient(f"{method} {url}: HTTP {resp.status}")
+        return resp.status, payload
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, bytes]:
+        """Returns (status, body) for 2xx and 404; raises OpaError for other 4xx, OpaUnavailable."""
+        url = f"{self.api_url}/{path}"
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_Transient),
+                stop=stop_after_attempt(self._attempts) | stop_after_delay(self._retry_budget),
+                wait=wait_exponential_jitter(initial=0.05, max=0.5),
+                reraise=True,
+            ):
+                with attempt:
+                    status, payload = await self._once(method, url, body, content_type)
+        except _Transient as exc:
+            raise OpaUnavailable(str(exc)) from None
+        if status < 300 or status == 404:
+            return status, payload
+        raise _opa_error(status, payload)
+
+    async def put_policy(self, policy_id: str, text: str) -> None:
+        await self.request(
+            "PUT", f"policies/{encode_path(policy_id.split('/'))}", text.encode(), "text/plain"
+        )
+
+    async def delete_policy(self, policy_id: str) -> bool:
+        """False when OPA did not have it."""
+        status, _ = await self.request("DELETE", f"policies/{encode_path(policy_id.split('/'))}")
+        return status != 404
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        _, payload = await self.request("GET", "policies")
+        return list(orjson.loads(payload).get("result") or [])
+
+    async def put_data(self, path: Sequence[str], document: bytes) -> None:
+        """Writes a JSON document (already serialized), creating missing parents."""
+        await self.request("PUT", f"data/{encode_path(path)}", document)
+
+    async def delete_data(self, path: Sequence[str]) -> bool:
+        status, _ = await self.request("DELETE", f"data/{encode_path(path)}")
+        return status != 404
+
+    async def patch_data(self, path: Sequence[str], operations: bytes) -> None:
+        await self.request("PATCH", f"data/{encode_path(path)}", operations, "application/json-patch+json")
+
+    async def get_data(self, path: Sequence[str]) -> Any:
+        """The document at path, or None when it is undefined."""
+        status, payload = await self.request("GET", f"data/{encode_path(path)}")
+        if status == 404:
+            return None
+        return orjson.loads(payload).get("result")
+
+    async def healthy(self) -> bool:
+        """One unretried probe of OPA's /health (served next to the API, outside /v1)."""
+        base = self.api_url.removesuffix("/v1")
+        try:
+            status, _ = await self._once("GET", f"{base}/health", None, "application/json")
+        except _Transient:
+            return False
+        return status == 200
+
+    async def config(self) -> dict[str, Any]:
+        _, payload = await self.request("GET", "config")
+        return dict(orjson.loads(payload).get("result") or {})
+
+
+def _opa_error(status: int, payload: bytes) -> OpaError:
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        text = payload[:300].decode("utf-8", "replace")
+        return OpaError(status, f"http_{status}", text, {"code": f"http_{status}", "message": text})
+    return OpaError(status, str(body.get("code", "")), str(body.get("message", "")), body)

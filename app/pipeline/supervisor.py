@@ -1,0 +1,46 @@
+"""Keeps a component running: a crash is logged and the component restarted with backoff.
+
+A component that crashes must never silently stop the others, and must not spin either.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from app.pipeline.workqueue import Backoff
+
+log = logging.getLogger(__name__)
+
+# A component that ran this long without crashing starts its backoff from the beginning again.
+HEALTHY_RUN = 60.0
+
+
+async def supervise(
+    name: str, component: Callable[[], Awaitable[None]], backoff: Backoff | None = None
+) -> None:
+    """Runs component until it returns; restarts it after each crash. Cancellation passes through."""
+    backoff = backoff or Backoff(base=0.5, cap=30.0)
+    crashes = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await component()
+            return
+        except Exception as exc:
+            if time.monotonic() - started > HEALTHY_RUN:
+                crashes = 0
+            crashes += 1
+            delay = backoff.delay(crashes)
+            log.error(
+                "%s crashed (%s: %s); restarting in %.1fs",
+                name,
+                type(exc).__name__,
+                exc,
+                delay,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            await anyio.sleep(delay)

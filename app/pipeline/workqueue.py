@@ -1,0 +1,153 @@
+"""The dispatcher's core: client-go's workqueue semantics, for anyio.
+
+- A key waiting to be processed is held once: ten adds while it waits become one piece of work.
+- A key is never handed out twice at once; one added while in flight is handed out again after done().
+- A key that failed comes back after a per-key, capped, jittered exponential delay (rate-limited requeue).
+The queue holds keys, never payloads: the worker reads the key's latest state when it gets it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import anyio
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter; `failures` is the count so far."""
+
+    base: float = 0.05
+    cap: float = 30.0
+    jitter: float = 0.2
+
+    def delay(self, failures: int) -> float:
+        raw = min(self.cap, self.base * 2.0 ** max(failures - 1, 0))
+        return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass
+class QueueStats:
+    """Counters the metrics layer reads; kept here so the queue does not depend on it."""
+
+    adds: int = 0
+    coalesced: int = 0
+    retries: int = 0
+    added_at: dict[Hashable, float] = field(default_factory=dict)
+    started_at: dict[Hashable, float] = field(default_factory=dict)
+
+
+class WorkQueue(Generic[K]):
+    def __init__(self, name: str, backoff: Backoff | None = None) -> None:
+        self.name = name
+        self.backoff = backoff or Backoff()
+        self.stats = QueueStats()
+        self._queue: deque[K] = deque()
+        self._dirty: set[K] = set()
+        self._processing: set[K] = set()
+        self._failures: dict[K, int] = {}
+        self._delayed: list[tuple[float, int, K]] = []
+        self._tiebreak = itertools.count()
+        self._ready = anyio.Event()
+        self._timer_changed = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        """Keys waiting to be handed out (the depth)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._processing)
+
+    def add(self, key: K) -> None:
+        self.stats.adds += 1
+        if key in self._dirty:
+            self.stats.coalesced += 1
+            return
+        self._dirty.add(key)
+        self.stats.added_at.setdefault(key, time.monotonic())
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        if key in self._processing:
+            return  # done() puts it back
+        self._queue.append(key)
+        self._ready.set()
+
+    async def get(self) -> K:
+        while not self._queue:
+            if self._ready.is_set():
+                self._ready = anyio.Event()
+            await self._ready.wait()
+        key = self._queue.popleft()
+        self._processing.add(key)
+        self._dirty.discard(key)
+        self.stats.started_at[key] = time.monotonic()
+        return key
+
+    def done(self, key: K) -> None:
+        self._processing.discard(key)
+        self.stats.started_at.pop(key, None)
+        if key in self._dirty:
+            self._queue.append(key)
+            self._ready.set()
+        else:
+            self.stats.added_at.pop(key, None)
+        self._check_idle()
+
+    def add_rate_limited(self, key: K) -> float:
+        """Requeues a failed key after its backoff; returns the delay."""
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        self.stats.retries += 1
+        delay = self.backoff.delay(failures)
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: K) -> None:
+        """The key succeeded: its next failure starts the backoff from the beginning."""
+        self._failures.pop(key, None)
+
+    def failures(self, key: K) -> int:
+        return self._failures.get(key, 0)
+
+    def add_after(self, key: K, delay: float) -> None:
+        if delay <= 0:
+            self.add(key)
+            return
+        heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._tiebreak), key))
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self._timer_changed.set()
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._processing and not self._delayed and not self._dirty:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns when nothing is queued, in flight or waiting for a delay (used by tests and refills)."""
+        await self._idle.wait()
+
+    async def run_timer(self) -> None:
+        """Moves delayed keys into the queue when they are due; runs for the queue's lifetime."""
+        while True:
+            now = time.monotonic()
+            while self._delayed and self._delayed[0][0] <= now:
+                _, _, key = heapq.heappop(self._delayed)
+                self.add(key)
+            self._check_idle()
+            if self._timer_changed.is_set():
+                self._timer_changed = anyio.Event()
+            timeout = self._delayed[0][0] - now if self._delayed else None
+            with anyio.move_on_after(timeout):
+                await self._timer_changed.wait()
