@@ -1,0 +1,930 @@
+"""Settings: every source, every kind of value and every mistake a user can make, without any server.
+
+The expected defaults are written out here rather than read from the table, so that changing a kube-mgmt
+default by accident fails a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import settings
+from app.settings import HelpRequested, Settings, SettingsError, help_text, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "config.example.yaml"
+
+DEFAULTS: dict[str, Any] = {
+    "kubeconfig": "",
+    "opa_url": "http://localhost:8181/v1",
+    "log_level": "info",
+    "enable_policies": True,
+    "policy_label": "openpolicyagent.org/policy",
+    "policy_value": "rego",
+    "enable_data": True,
+    "data_label": "openpolicyagent.org/data",
+    "data_value": "opa",
+    "namespaces": (),
+    "config_file": None,
+    "warnings": (),
+    "show_version": False,
+}
+
+FILE_OPTIONS = [option for option in settings.OPTIONS if option.in_file]
+ENV_OPTIONS = [option for option in settings.OPTIONS if option.env]
+
+WriteConfig = Callable[[str], str]
+
+
+def option_named(name: str) -> settings.Option[Any]:
+    return next(option for option in settings.OPTIONS if option.name == name)
+
+
+def quoted(text: str) -> str:
+    """A value as error messages show it (Go's %q style)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def load(*argv: str, env: Mapping[str, str] | None = None) -> Settings:
+    return load_settings(list(argv), env or {})
+
+
+def error(argv: Sequence[str] = (), env: Mapping[str, str] | None = None) -> str:
+    """The SettingsError message, checked to be the one line the CLI prints."""
+    with pytest.raises(SettingsError) as info:
+        load_settings(list(argv), env or {})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "Traceback" not in message
+    return message
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> WriteConfig:
+    """Writes a config file and returns its path."""
+
+    def write(text: str) -> str:
+        path = tmp_path / "kopa.yaml"
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    return write
+
+
+# --- defaults and the table ------------------------------------------------------------------------------
+
+
+def test_defaults_are_kube_mgmts() -> None:
+    assert dataclasses.asdict(load()) == DEFAULTS
+
+
+@pytest.mark.parametrize("attribute", sorted(DEFAULTS))
+def test_each_default(attribute: str) -> None:
+    assert getattr(load(), attribute) == DEFAULTS[attribute]
+
+
+def test_table_and_settings_agree() -> None:
+    """Adding an option means a table entry and a Settings field; forgetting either fails here."""
+    from_table = {option.attribute for option in settings.OPTIONS if option.name != "help"}
+    assert from_table | {"warnings"} == {f.name for f in dataclasses.fields(Settings)}
+
+
+def test_table_is_consistent() -> None:
+    names = [option.name for option in settings.OPTIONS]
+    assert len(names) == len(set(names))
+    for option in settings.OPTIONS:
+        assert option.group in settings.GROUPS, option.name
+        assert option.help.strip(), option.name
+        assert option.checked(option.default) == option.default, option.name
+
+
+def test_no_env_var_collides_with_kubernetes_service_links() -> None:
+    """A Service named kopa injects KOPA_PORT, KOPA_SERVICE_HOST, KOPA_PORT_<n>_TCP...: never ours."""
+    for option in ENV_OPTIONS:
+        var = option.env_var
+        assert var not in ("KOPA_PORT", "KOPA_SERVICE_HOST", "KOPA_SERVICE_PORT"), var
+        assert not var.startswith(("KOPA_PORT_", "KOPA_SERVICE_")), var
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load().opa_url = "x"  # type: ignore[misc]
+
+
+# --- flags -----------------------------------------------------------------------------------------------
+
+STRING_FLAGS = [
+    ("kubeconfig", "/home/me/.kube/config", "kubeconfig", "/home/me/.kube/config"),
+    ("opa-url", "https://opa.example:8443/v1", "opa_url", "https://opa.example:8443/v1"),
+    ("log-level", "debug", "log_level", "debug"),
+    ("policy-label", "example.com/policy", "policy_label", "example.com/policy"),
+    ("policy-value", "111", "policy_value", "111"),
+    ("data-label", "asdasd/data", "data_label", "asdasd/data"),
+    ("data-value", "222", "data_value", "222"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "attribute", "expected"), STRING_FLAGS)
+def test_string_flag_with_equals(name: str, text: str, attribute: str, expected: str) -> None:
+    assert getattr(load(f"--{name}={text}"), attribute) == expected
+
+
+@pytest.mark.parametrize(("name", "text", "attribute", "expected"), STRING_FLAGS)
+def test_string_flag_with_space(name: str, text: str, attribute: str, expected: str) -> None:
+    assert getattr(load(f"--{name}", text), attribute) == expected
+
+
+def test_repeated_string_flag_last_wins() -> None:
+    assert load("--data-value=a", "--data-value", "b").data_value == "b"
+
+
+def test_space_form_takes_the_next_argument_even_with_a_dash() -> None:
+    """pflag does; a value may start with '-'."""
+    assert load("--kubeconfig", "-odd-name").kubeconfig == "-odd-name"
+
+
+def test_value_may_contain_equals() -> None:
+    assert load("--kubeconfig=/a=b").kubeconfig == "/a=b"
+
+
+def test_empty_string_flag() -> None:
+    assert load("--kubeconfig=").kubeconfig == ""
+    assert load("--kubeconfig", "").kubeconfig == ""
+
+
+def test_flag_needs_an_argument_at_the_end() -> None:
+    assert error(["--opa-url"]) == "flag needs an argument: --opa-url"
+
+
+@pytest.mark.parametrize("name", ["enable-policies", "enable-data"])
+@pytest.mark.parametrize("text", ["1", "t", "T", "TRUE", "true", "True"])
+def test_bool_flag_true_spellings(name: str, text: str) -> None:
+    env = {settings.env_var(name): "false"}
+    assert getattr(load(f"--{name}={text}", env=env), name.replace("-", "_")) is True
+
+
+@pytest.mark.parametrize("name", ["enable-policies", "enable-data"])
+@pytest.mark.parametrize("text", ["0", "f", "F", "FALSE", "false", "False"])
+def test_bool_flag_false_spellings(name: str, text: str) -> None:
+    assert getattr(load(f"--{name}={text}"), name.replace("-", "_")) is False
+
+
+@pytest.mark.parametrize("name", ["enable-policies", "enable-data"])
+def test_bare_bool_flag_means_true(name: str) -> None:
+    env = {settings.env_var(name): "false"}
+    assert getattr(load(f"--{name}", env=env), name.replace("-", "_")) is True
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "", "2", "tRuE"])
+def test_bad_bool_flag(text: str) -> None:
+    assert error([f"--enable-data={text}"]) == f'invalid --enable-data "{text}": must be true or false'
+
+
+@pytest.mark.parametrize("text", ["false", "true", "0"])
+def test_bool_flag_does_not_take_the_next_argument(text: str) -> None:
+    """As pflag: `--enable-data false` is the flag, then a stray positional argument."""
+    message = error(["--enable-data", text])
+    assert message.startswith(f'unexpected argument "{text}": kopa takes no positional arguments')
+    assert f"--enable-data={text}" in message
+
+
+def test_repeated_bool_flag_last_wins() -> None:
+    assert load("--enable-data=false", "--enable-data").enable_data is True
+    assert load("--enable-data", "--enable-data=false").enable_data is False
+
+
+def test_list_flag_repeated_and_comma_separated() -> None:
+    assert load("--namespaces=a,b", "--namespaces", "c").namespaces == ("a", "b", "c")
+
+
+def test_list_flag_strips_whitespace_and_empty_items() -> None:
+    assert load("--namespaces= a , b,,c, ").namespaces == ("a", "b", "c")
+
+
+def test_list_flag_drops_repeats() -> None:
+    assert load("--namespaces=a,b", "--namespaces=a").namespaces == ("a", "b")
+
+
+@pytest.mark.parametrize("argv", [["--namespaces="], ["--namespaces", ""], ["--namespaces= , "]])
+def test_empty_list_flag(argv: list[str]) -> None:
+    assert load(*argv, env={"KOPA_NAMESPACES": "a"}).namespaces == ()
+
+
+def test_empty_list_flag_then_more() -> None:
+    assert load("--namespaces=", "--namespaces=a").namespaces == ("a",)
+
+
+def test_all_namespaces() -> None:
+    assert load("--namespaces=*").namespaces == ("*",)
+    assert load("--namespaces=*", "--namespaces=*").namespaces == ("*",)
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["-v"], ["--version=true"], ["-v=1"]])
+def test_version(argv: list[str]) -> None:
+    assert load(*argv).show_version is True
+
+
+def test_version_false() -> None:
+    assert load("--version=false").show_version is False
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["--help=true"], ["--opa-url=http://x", "-h"]])
+def test_help(argv: list[str]) -> None:
+    with pytest.raises(HelpRequested) as info:
+        load(*argv)
+    assert info.value.text == help_text()
+
+
+def test_help_wins_over_later_mistakes() -> None:
+    with pytest.raises(HelpRequested):
+        load("--help", "--no-such-flag", "positional")
+
+
+def test_help_false_is_no_help() -> None:
+    assert load("--help=false") == load()
+
+
+def test_double_dash_alone_ends_flags() -> None:
+    assert load("--enable-data=false", "--").enable_data is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["extra"], ["--enable-data=false", "extra"], ["-"], ["--", "extra"], ["--", "--opa-url=http://x"]],
+)
+def test_positional_arguments_are_errors(argv: list[str]) -> None:
+    assert "kopa takes no positional arguments" in error(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--foo"], "unknown flag --foo"),
+        (["--foo=bar"], "unknown flag --foo"),
+        (["-x"], "unknown flag -x"),
+        (["--opa"], "unknown flag --opa"),  # no abbreviations
+        (["--namespace=a"], "unknown flag --namespace (did you mean --namespaces?)"),
+        (["--opa-ulr=http://x"], "unknown flag --opa-ulr (did you mean --opa-url?)"),
+        (["-opa-url=http://x"], "unknown flag -opa-url (long flags take two dashes)"),
+        (["---opa-url=http://x"], "unknown flag ---opa-url"),
+        (["--OPA-URL=http://x"], "unknown flag --OPA-URL"),
+    ],
+)
+def test_unknown_flags(argv: list[str], expected: str) -> None:
+    assert error(argv).startswith(expected)
+
+
+def test_unknown_flag_with_odd_characters_stays_one_line() -> None:
+    assert error(["--a\nb"]) == 'unknown flag "--a\\nb"'
+
+
+# --- environment -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "text", "attribute", "expected"), STRING_FLAGS)
+def test_env_strings(name: str, text: str, attribute: str, expected: str) -> None:
+    assert getattr(load(env={settings.env_var(name): text}), attribute) == expected
+
+
+def test_env_var_names() -> None:
+    assert settings.env_var("opa-url") == "KOPA_OPA_URL"
+    assert [option.env_var for option in ENV_OPTIONS] == [
+        "KOPA_KUBECONFIG",
+        "KOPA_OPA_URL",
+        "KOPA_ENABLE_POLICIES",
+        "KOPA_POLICY_LABEL",
+        "KOPA_POLICY_VALUE",
+        "KOPA_ENABLE_DATA",
+        "KOPA_DATA_LABEL",
+        "KOPA_DATA_VALUE",
+        "KOPA_NAMESPACES",
+        "KOPA_LOG_LEVEL",
+        "KOPA_CONFIG",
+    ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [("false", False), ("0", False), ("True", True), ("t", True)])
+def test_env_bool(text: str, expected: bool) -> None:
+    loaded = load(env={"KOPA_ENABLE_POLICIES": text, "KOPA_ENABLE_DATA": text})
+    assert (loaded.enable_policies, loaded.enable_data) == (expected, expected)
+
+
+@pytest.mark.parametrize("text", ["", "yes", " true"])
+def test_env_bad_bool(text: str) -> None:
+    assert (
+        error(env={"KOPA_ENABLE_DATA": text}) == f'invalid KOPA_ENABLE_DATA "{text}": must be true or false'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("a", ("a",)), ("a, b ,c", ("a", "b", "c")), ("", ()), ("*", ("*",))]
+)
+def test_env_list(text: str, expected: tuple[str, ...]) -> None:
+    assert load(env={"KOPA_NAMESPACES": text}).namespaces == expected
+
+
+def test_env_config_names_the_file(config: WriteConfig) -> None:
+    path = config("data-value: from-file\n")
+    loaded = load(env={"KOPA_CONFIG": path})
+    assert (loaded.data_value, loaded.config_file) == ("from-file", path)
+
+
+def test_unknown_kopa_env_vars_are_ignored() -> None:
+    """Kubernetes injects service links for a Service named kopa; they must never stop kopa."""
+    env = {
+        "KOPA_PORT": "tcp://10.0.0.7:8000",
+        "KOPA_PORT_8000_TCP": "tcp://10.0.0.7:8000",
+        "KOPA_PORT_8000_TCP_ADDR": "10.0.0.7",
+        "KOPA_PORT_8000_TCP_PORT": "8000",
+        "KOPA_PORT_8000_TCP_PROTO": "tcp",
+        "KOPA_SERVICE_HOST": "10.0.0.7",
+        "KOPA_SERVICE_PORT": "8000",
+        "KOPA_SERVICE_PORT_HTTP": "8000",
+        "KOPA_SOMETHING_NEW": "???",
+        "KOPA_POLICIES": "Not A Namespace",  # flag-only alias
+        "KOPA_VERSION": "1.2.3",  # flag-only
+        "KOPA_HELP": "x",  # flag-only
+        "kopa_opa_url": "ftp://lower-case-is-not-ours",
+        "OPA_URL": "ftp://not-ours",
+    }
+    assert load(env=env) == load()
+
+
+# --- config file -----------------------------------------------------------------------------------------
+
+
+def test_file_every_kind(config: WriteConfig) -> None:
+    path = config(
+        "kubeconfig: /etc/kube.conf\n"
+        "opa-url: https://opa:8181/v1/\n"
+        "log-level: WARNING\n"
+        "enable-policies: false\n"
+        "policy-label: example.com/p\n"
+        "policy-value: '111'\n"
+        "enable-data: false\n"
+        "data-label: example.com/d\n"
+        "data-value: d\n"
+        "namespaces: [team-a, team-b]\n"
+    )
+    assert dataclasses.asdict(load(f"--config={path}")) == DEFAULTS | {
+        "kubeconfig": "/etc/kube.conf",
+        "opa_url": "https://opa:8181/v1",
+        "log_level": "warn",
+        "enable_policies": False,
+        "policy_label": "example.com/p",
+        "policy_value": "111",
+        "enable_data": False,
+        "data_label": "example.com/d",
+        "data_value": "d",
+        "namespaces": ("team-a", "team-b"),
+        "config_file": path,
+    }
+
+
+def test_file_via_space_form(config: WriteConfig) -> None:
+    path = config("data-value: x\n")
+    assert load("--config", path).data_value == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("true", True),
+        ("false", False),
+        ("'false'", False),
+        ("0", False),
+        ("t", True),
+        ("!!bool false", False),
+    ],
+)
+def test_file_bool(config: WriteConfig, text: str, expected: bool) -> None:
+    assert load(f"--config={config(f'enable-data: {text}')}").enable_data is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[a, b]", ("a", "b")),
+        ("\n  - a\n  - b\n", ("a", "b")),
+        ("a, b", ("a", "b")),
+        ("'a,b'", ("a", "b")),
+        ("[]", ()),
+        ("''", ()),
+        ("", ()),
+        ("['*']", ("*",)),
+        ("[0123, 42]", ("0123", "42")),
+    ],
+)
+def test_file_list(config: WriteConfig, text: str, expected: tuple[str, ...]) -> None:
+    assert load(f"--config={config(f'namespaces: {text}')}").namespaces == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("111", "111"), ("010", "010"), ("1e3", "1e3"), ("'12'", "12")]
+)
+def test_file_values_are_read_as_written(config: WriteConfig, text: str, expected: str) -> None:
+    """YAML would make 010 the number 8; a label value must stay the text the user wrote."""
+    assert load(f"--config={config(f'policy-value: {text}')}").policy_value == expected
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_file_sets_nothing(config: WriteConfig, text: str) -> None:
+    path = config(text)
+    assert load(f"--config={path}") == dataclasses.replace(load(), config_file=path)
+
+
+def test_empty_config_flag_means_no_file(config: WriteConfig) -> None:
+    path = config("data-value: from-file\n")
+    loaded = load("--config=", env={"KOPA_CONFIG": path})
+    assert (loaded.data_value, loaded.config_file) == ("opa", None)
+
+
+def test_config_flag_wins_over_env(config: WriteConfig, tmp_path: Path) -> None:
+    path = config("data-value: from-flag-file\n")
+    assert (
+        load(f"--config={path}", env={"KOPA_CONFIG": str(tmp_path / "nope")}).data_value == "from-flag-file"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("foo: 1", 'unknown key "foo" in config file {path}'),
+        ("opa_url: http://x", 'unknown key "opa_url" in config file {path} (did you mean opa-url?)'),
+        ("--opa-url: http://x", 'unknown key "--opa-url" in config file {path}'),
+        ("policies: [a]", 'unknown key "policies" in config file {path} (it is the deprecated name of'),
+        ("require-policy-label: true", 'unknown key "require-policy-label" in config file {path}'),
+        ("config: other.yaml", 'unknown key "config" in config file {path} (--config can only be given as'),
+        ("version: true", 'unknown key "version" in config file {path} (--version can only be given as a'),
+        ("help: true", 'unknown key "help" in config file {path}'),
+    ],
+)
+def test_file_unknown_keys(config: WriteConfig, text: str, expected: str) -> None:
+    path = config(text)
+    assert error([f"--config={path}"]).startswith(expected.format(path=path))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("opa-url: [http://x]", "invalid opa-url in {path}: must be a string, not a list"),
+        ("opa-url: {a: b}", "invalid opa-url in {path}: must be a string, not a mapping"),
+        ("kubeconfig: !!int 3", "invalid kubeconfig in {path}: must be a string, not a value of type int"),
+        ("enable-data: [true]", "invalid enable-data in {path}: must be a boolean, not a list"),
+        ("enable-data: yes", 'invalid enable-data "yes" in {path}: must be true or false'),
+        ("namespaces: {a: b}", "invalid namespaces in {path}: must be a list of strings, not a mapping"),
+        (
+            "namespaces: [[a]]",
+            "invalid namespaces in {path}: must be a list of strings, but an item is a list",
+        ),
+        (
+            "namespaces: [!!null x]",
+            "invalid namespaces in {path}: must be a list of strings, but an item is null",
+        ),
+    ],
+)
+def test_file_wrong_types(config: WriteConfig, text: str, expected: str) -> None:
+    path = config(text)
+    assert error([f"--config={path}"]) == expected.format(path=path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("opa-url: http://x\n  bad: indent\n", "invalid config file {path}: line 2: "),
+        ("a: [1, 2\n", "invalid config file {path}: line 2: "),
+        (
+            "data-value: x\ndata-value: y\n",
+            'invalid config file {path}: line 2: key "data-value" given twice',
+        ),
+        (
+            "- opa-url\n",
+            "invalid config file {path}: must be a mapping of setting names to values, not a list",
+        ),
+        ("just text\n", "invalid config file {path}: must be a mapping of setting names to values, not text"),
+        ("? [a]\n: b\n", "invalid config file {path}: line 1: "),
+        ("a: \x07\n", "invalid config file {path}: "),
+    ],
+)
+def test_file_broken(config: WriteConfig, text: str, expected: str) -> None:
+    path = config(text)
+    assert error([f"--config={path}"]).startswith(expected.format(path=path))
+
+
+def test_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"data-value: \xe9\n")
+    assert error([f"--config={path}"]).startswith(f"invalid config file {path}: ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    expected = f'invalid {{}} "{path}": cannot read the config file: No such file or directory'
+    assert error([f"--config={path}"]) == expected.format("--config")
+    assert error(env={"KOPA_CONFIG": str(path)}) == expected.format("KOPA_CONFIG")
+
+
+def test_file_is_a_directory(tmp_path: Path) -> None:
+    assert error([f"--config={tmp_path}"]).endswith("cannot read the config file: Is a directory")
+
+
+# --- precedence ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("use_file", "use_env", "use_flag", "expected"),
+    [
+        (False, False, False, "opa"),
+        (True, False, False, "file"),
+        (False, True, False, "env"),
+        (True, True, False, "env"),
+        (False, False, True, "flag"),
+        (True, False, True, "flag"),
+        (False, True, True, "flag"),
+        (True, True, True, "flag"),
+    ],
+)
+def test_precedence(
+    config: WriteConfig, use_file: bool, use_env: bool, use_flag: bool, expected: str
+) -> None:
+    argv = ["--data-value=flag"] if use_flag else []
+    env = {"KOPA_DATA_VALUE": "env"} if use_env else {}
+    if use_file:
+        argv.append(f"--config={config('data-value: file')}")
+    assert load(*argv, env=env).data_value == expected
+
+
+def test_bool_precedence(config: WriteConfig) -> None:
+    path = config("enable-data: false\n")
+    assert load(f"--config={path}").enable_data is False
+    assert load(f"--config={path}", env={"KOPA_ENABLE_DATA": "true"}).enable_data is True
+    assert load(f"--config={path}", "--enable-data=false", env={"KOPA_ENABLE_DATA": "1"}).enable_data is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        ([], {}, ("a", "b")),
+        ([], {"KOPA_NAMESPACES": "c"}, ("c",)),
+        ([], {"KOPA_NAMESPACES": ""}, ()),
+        (["--namespaces=d"], {"KOPA_NAMESPACES": "c"}, ("d",)),
+        (["--namespaces=d"], {}, ("d",)),
+        (["--namespaces="], {"KOPA_NAMESPACES": "c"}, ()),
+        (["--namespaces=*"], {"KOPA_NAMESPACES": "c"}, ("*",)),
+    ],
+)
+def test_lists_replace_lower_levels(
+    config: WriteConfig, argv: list[str], env: dict[str, str], expected: tuple[str, ...]
+) -> None:
+    path = config("namespaces: [a, b]\n")
+    assert load(f"--config={path}", *argv, env=env).namespaces == expected
+
+
+def test_star_at_one_level_and_names_at_another_is_fine(config: WriteConfig) -> None:
+    """Lists replace, they never merge: `*` in the file and a name in a flag is just that name."""
+    path = config("namespaces: ['*']\n")
+    assert load(f"--config={path}", "--namespaces=a").namespaces == ("a",)
+
+
+def test_overridden_values_are_still_validated(config: WriteConfig) -> None:
+    """A wrong value anywhere is a mistake worth stopping for, even when a flag overrides it."""
+    assert error(["--opa-url=http://x"], {"KOPA_OPA_URL": "ftp://y"}).startswith(
+        'invalid KOPA_OPA_URL "ftp://y"'
+    )
+    path = config("log-level: loud\n")
+    assert error([f"--config={path}", "--log-level=info"]).startswith(f'invalid log-level "loud" in {path}')
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://localhost:8181/v1", "http://localhost:8181/v1"),
+        ("http://localhost:8181/v1/", "http://localhost:8181/v1"),
+        ("https://opa.example//", "https://opa.example"),
+        ("HTTPS://OPA:443/v1", "HTTPS://OPA:443/v1"),
+        ("http://127.0.0.1:8181/v1", "http://127.0.0.1:8181/v1"),
+        ("http://[::1]:8181/v1", "http://[::1]:8181/v1"),
+        ("http://user:pw@opa/v1", "http://user:pw@opa/v1"),
+    ],
+)
+def test_good_urls(text: str, expected: str) -> None:
+    assert load(f"--opa-url={text}").opa_url == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "localhost:8181",
+        "opa/v1",
+        "ftp://opa/v1",
+        "file:///tmp/x",
+        "http://",
+        "http:///v1",
+        "http://:8181/v1",
+        "http://opa:notaport/v1",
+        "http://opa:99999/v1",
+        "http://opa/v1?x=1",
+        "http://opa/v1#frag",
+        "http://op a/v1",
+        "http://opa/v1\n",
+    ],
+)
+def test_bad_urls(text: str) -> None:
+    assert error([f"--opa-url={text}"]).startswith(f"invalid --opa-url {quoted(text)}: must ")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("debug", "debug"),
+        ("DEBUG", "debug"),
+        ("info", "info"),
+        ("Info", "info"),
+        ("warn", "warn"),
+        ("warning", "warn"),
+        ("WARNING", "warn"),
+        ("error", "error"),
+        ("ERROR", "error"),
+    ],
+)
+def test_log_levels(text: str, expected: str) -> None:
+    assert load(f"--log-level={text}").log_level == expected
+
+
+@pytest.mark.parametrize("text", ["", "trace", "fatal", "verbose", "critical"])
+def test_bad_log_levels(text: str) -> None:
+    assert error([f"--log-level={text}"]) == (
+        f'invalid --log-level "{text}": must be one of debug, info, warn, error'
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a",
+        "MyName",
+        "my.name",
+        "123-abc",
+        "a_b",
+        "example.com/MyName",
+        "openpolicyagent.org/policy",
+        "qweqwe/policy",
+        "x" * 63,
+        ("a" * 63 + ".") * 3 + "a" * 61 + "/n",  # prefix of 253
+    ],
+)
+@pytest.mark.parametrize("flag", ["--policy-label", "--data-label"])
+def test_good_label_keys(flag: str, text: str) -> None:
+    assert getattr(load(f"{flag}={text}"), flag[2:].replace("-", "_")) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("-foo", "name part must consist of alphanumeric characters"),
+        ("foo-", "name part must consist of alphanumeric characters"),
+        ("", "name part must be non-empty"),
+        ("x" * 64, "name part must be no more than 63 characters"),
+        ("a/b/c", "a qualified name must consist of"),
+        ("/name", "prefix part must be non-empty"),
+        ("example.com/", "name part must be non-empty"),
+        ("Example.com/name", "prefix part a lowercase RFC 1123 subdomain must consist of"),
+        ("-x.com/name", "prefix part a lowercase RFC 1123 subdomain must consist of"),
+        (("a" * 63 + ".") * 4 + "/n", "prefix part must be no more than 253 characters"),
+        ("a b", "name part must consist of"),
+        ("é", "name part must consist of"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--policy-label", "--data-label"])
+def test_bad_label_keys(flag: str, text: str, reason: str) -> None:
+    assert error([f"{flag}={text}"]).startswith(f"invalid {flag} {quoted(text)}: {reason}")
+
+
+def test_bad_label_key_has_kubernetes_wording() -> None:
+    assert error(["--policy-label=-foo"]) == (
+        'invalid --policy-label "-foo": '
+        "name part must consist of alphanumeric characters, '-', '_' or '.', "
+        "and must start and end with an alphanumeric character (e.g. 'MyName', or 'my.name', or '123-abc', "
+        "regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
+    )
+
+
+@pytest.mark.parametrize("text", ["rego", "opa", "111", "My_Value.1", "v" * 63])
+@pytest.mark.parametrize("flag", ["--policy-value", "--data-value"])
+def test_good_label_values(flag: str, text: str) -> None:
+    assert getattr(load(f"{flag}={text}"), flag[2:].replace("-", "_")) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "must not be empty"),
+        ("-x", "a valid label value must consist of alphanumeric characters"),
+        ("x_", "a valid label value must consist of alphanumeric characters"),
+        ("a/b", "a valid label value must consist of alphanumeric characters"),
+        ("v" * 64, "must be no more than 63 characters"),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--policy-value", "--data-value"])
+def test_bad_label_values(flag: str, text: str, reason: str) -> None:
+    assert error([f"{flag}={text}"]).startswith(f"invalid {flag} {quoted(text)}: {reason}")
+
+
+@pytest.mark.parametrize("text", ["default", "kube-system", "a", "0123", "n" * 63, "a-b-c"])
+def test_good_namespaces(text: str) -> None:
+    assert load(f"--namespaces={text}").namespaces == (text,)
+
+
+@pytest.mark.parametrize("text", ["Foo", "a_b", "-a", "a-", "a.b", "n" * 64, "**", "a*"])
+def test_bad_namespaces(text: str) -> None:
+    message = error([f"--namespaces=ok,{text}"])
+    assert message.startswith(f'invalid --namespaces "{text}": ')
+    assert "RFC 1123 label" in message or "no more than 63" in message
+
+
+@pytest.mark.parametrize("argv", [["--namespaces=*,a"], ["--namespaces=a", "--namespaces=*"]])
+def test_star_with_names_is_an_error(argv: list[str]) -> None:
+    assert "cannot be combined" in error(argv)
+
+
+def test_star_with_names_in_env_and_file(config: WriteConfig) -> None:
+    assert error(env={"KOPA_NAMESPACES": "*,a"}).startswith('invalid KOPA_NAMESPACES "*,a": ')
+    path = config("namespaces: ['*', a]\n")
+    assert error([f"--config={path}"]).startswith(f'invalid namespaces "*,a" in {path}: ')
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [
+        ("opa-url", "ftp://x"),
+        ("log-level", "loud"),
+        ("policy-label", "-foo"),
+        ("policy-value", "-foo"),
+        ("data-label", "-foo"),
+        ("data-value", "-foo"),
+        ("namespaces", "Foo"),
+        ("enable-policies", "maybe"),
+        ("enable-data", "maybe"),
+    ],
+)
+def test_errors_name_the_setting_as_written(config: WriteConfig, key: str, bad: str) -> None:
+    assert error([f"--{key}={bad}"]).startswith(f'invalid --{key} "{bad}": ')
+    if option_named(key).kind.takes_argument:
+        assert error([f"--{key}", bad]).startswith(f'invalid --{key} "{bad}": ')
+    assert error(env={settings.env_var(key): bad}).startswith(f'invalid {settings.env_var(key)} "{bad}": ')
+    path = config(f"{key}: '{bad}'\n")
+    assert error([f"--config={path}"]).startswith(f'invalid {key} "{bad}" in {path}: ')
+
+
+def test_error_for_short_flag_names_the_short_flag() -> None:
+    assert error(["-v=maybe"]) == 'invalid -v "maybe": must be true or false'
+
+
+def test_settings_error_is_always_one_line() -> None:
+    assert str(SettingsError("a\nb\r\nc")) == "a b c"
+
+
+def test_odd_values_are_quoted_on_one_line() -> None:
+    assert error(["--policy-value=a\nb"]).startswith('invalid --policy-value "a\\nb": ')
+
+
+# --- kube-mgmt compatibility -----------------------------------------------------------------------------
+
+
+def test_policies_is_a_deprecated_alias() -> None:
+    loaded = load("--policies=a,b", "--policies", "c")
+    assert loaded.namespaces == ("a", "b", "c")
+    assert loaded.warnings == ("--policies is deprecated: use --namespaces",)
+
+
+def test_policies_is_validated_as_namespaces() -> None:
+    assert error(["--policies=Foo"]).startswith('invalid --policies "Foo": ')
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--policies=a", "--namespaces=b"],
+        ["--namespaces=b", "--policies=a"],
+        ["--namespaces=", "--policies="],
+    ],
+)
+def test_policies_and_namespaces_together_is_an_error(argv: list[str]) -> None:
+    message = error(argv)
+    assert "--policies" in message
+    assert "--namespaces" in message
+    assert "both given" in message
+
+
+def test_policies_flag_wins_over_namespaces_env() -> None:
+    assert load("--policies=a", env={"KOPA_NAMESPACES": "b"}).namespaces == ("a",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--require-policy-label"], "--require-policy-label"),
+        (["--require-policy-label=true"], "--require-policy-label"),
+        (["--require-policy-label=false"], "--require-policy-label"),
+        (["--replicate-resync=60s"], "--replicate-resync"),
+        (["--replicate-resync", "1m"], "--replicate-resync"),
+    ],
+)
+def test_flags_without_effect_warn(argv: list[str], flag: str) -> None:
+    loaded = load(*argv)
+    assert len(loaded.warnings) == 1
+    assert loaded.warnings[0].startswith(f"{flag} has no effect")
+    assert dataclasses.replace(loaded, warnings=()) == load()
+
+
+def test_each_warning_is_given_once() -> None:
+    loaded = load("--require-policy-label", "--require-policy-label", "--policies=a", "--policies=b")
+    assert len(loaded.warnings) == 2
+
+
+def test_flag_without_effect_still_follows_bool_syntax() -> None:
+    assert "positional" in error(["--require-policy-label", "true"])
+    assert error(["--require-policy-label=maybe"]).startswith('invalid --require-policy-label "maybe"')
+    assert error(["--replicate-resync"]) == "flag needs an argument: --replicate-resync"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--opa-config=/config/opa.yaml"],
+        ["--opa-config", "/config/opa.yaml"],
+        ["--analysis-entrypoint=main/main"],
+        ["--analysis-entrypoint", "main/main"],
+        ["--opa-config="],
+    ],
+)
+def test_auto_replication_flags_are_not_supported_yet(argv: list[str]) -> None:
+    message = error(argv)
+    flag = argv[0].partition("=")[0]
+    assert message.startswith(f"{flag} is not supported yet")
+
+
+# --- documentation ---------------------------------------------------------------------------------------
+
+
+def test_config_example_is_generated_from_the_table() -> None:
+    assert EXAMPLE.read_text(encoding="utf-8") == settings.example_config(), (
+        "config.example.yaml is stale; regenerate it with: .venv/bin/python -c "
+        "\"from app.settings import example_config; print(example_config(), end='')\" > config.example.yaml"
+    )
+
+
+def test_config_example_loads_as_the_defaults() -> None:
+    loaded = load(f"--config={EXAMPLE}")
+    assert dataclasses.replace(loaded, config_file=None) == load()
+
+
+@pytest.mark.parametrize("option", FILE_OPTIONS, ids=lambda option: option.name)
+def test_config_example_documents_every_key(option: settings.Option[Any]) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    assert f"\n{option.name}: " in text
+    assert option.env_var in text
+    assert option.flag in text
+
+
+@pytest.mark.parametrize("option", settings.OPTIONS, ids=lambda option: option.name)
+def test_help_mentions_every_option(option: settings.Option[Any]) -> None:
+    text = help_text()
+    assert option.flag in text
+    if option.short:
+        assert f"-{option.short}, {option.flag}" in text
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--policies", "--require-policy-label", "--replicate-resync", "--opa-config", "--analysis-entrypoint"],
+)
+def test_help_mentions_kube_mgmt_flags(flag: str) -> None:
+    assert flag in help_text()
+
+
+def test_help_layout() -> None:
+    text = help_text()
+    assert text.startswith("Usage: kopa [OPTION]...\n\n")
+    assert all(len(line) <= 80 for line in text.splitlines())
+    positions = [text.index(f"\n{group}:\n") for group in settings.GROUPS]
+    assert positions == sorted(positions)
+    for default in (
+        "(default: http://localhost:8181/v1)",
+        "(default: info)",
+        "(default: rego)",
+        "(default: true)",
+    ):
+        assert default in " ".join(text.split())
+    assert "KOPA_" in text
+    assert "config.example.yaml" in text
