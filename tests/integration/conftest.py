@@ -1,0 +1,43 @@
+"""Fixtures that run kopa against the real servers of the session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.kopa import kopa_process
+from devstack.kube import KubeCluster
+from devstack.processes import ManagedProcess
+
+KopaFactory = Callable[..., ManagedProcess]
+
+
+@pytest.fixture
+def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
+    """Factory: run_kopa(*args) starts kopa with the admin kubeconfig plus args; stopped after the test.
+
+    A kopa that exits with an error or logs a traceback fails the test at teardown, whatever it asserted.
+    """
+    started: list[ManagedProcess] = []
+
+    def start(*args: str, kubeconfig: Path | None = None) -> ManagedProcess:
+        log = tmp_path / f"kopa-{len(started)}.log"
+        process = kopa_process(
+            [f"--kubeconfig={kubeconfig or kube.admin_kubeconfig}", "--log-level=debug", *args], log
+        )
+        started.append(process.start())
+        return process
+
+    yield start
+    problems = []
+    for process in started:
+        code = process.stop()
+        output = process.log_path.read_text(errors="replace")
+        if code not in (0, None):
+            problems.append(f"kopa exited with {code}:\n{process.tail_log(30)}")
+        if "Traceback" in output:
+            problems.append(f"kopa logged a traceback:\n{process.tail_log(60)}")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
