@@ -126,6 +126,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         anyio.run(run, settings)
     except KubeConfigError as exc:
         print(f"kopa: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     except KeyboardInterrupt:
         pass

@@ -11,8 +11,9 @@ def version_info() -> tuple[str, str]:
         _version = importlib.import_module("app._version")
     except ImportError:  # a source tree that was never installed
         return "0.0.0", "unknown"
-    commit = getattr(_version, "commit_id", None) or "unknown"
-    return str(_version.version), str(commit)
+    # setuptools-scm writes git's describe-style node ("g" + abbreviated sha); kube-mgmt prints the sha.
+    commit = str(getattr(_version, "commit_id", None) or "unknown").removeprefix("g")
+    return str(_version.version), commit
 
 
 def version_line() -> str:

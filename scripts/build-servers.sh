@@ -3,11 +3,12 @@
 # modules, because this project may not download prebuilt binaries. Each binary is cached outside the
 # repository under a directory named by its version, so a build happens once per version and machine.
 #
-# Usage: scripts/build-servers.sh [opa|kube|helm ...]   (default: all)
+# Usage: scripts/build-servers.sh [opa|kube|helm ...]   (default: opa kube; helm is built on request,
+#        for the Helm chart's tests)
 # Env:   KOPA_TOOLS_DIR   where binaries go (default: ~/.cache/kopa/tools)
 #
-# Prints one line per binary with its path. A cold build of kube-apiserver takes most of the time
-# (about 10-15 minutes on 2 cores); OPA and helm take a few minutes each.
+# Prints progress and one line per binary with its path. Measured cold on 2 cores: OPA about 2 minutes,
+# kube-apiserver + kubectl + etcd about 6 minutes, helm about 2 minutes.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -51,7 +52,7 @@ finish() { # finish <tmpdir> <destdir> <names...>
 build_opa() {
   local dest=$tools_dir/opa-$OPA_VERSION
   if [[ -x $dest/opa ]]; then say "opa $OPA_VERSION: cached at $dest/opa"; return; fi
-  say "opa $OPA_VERSION: building (a few minutes when cold)"
+  say "opa $OPA_VERSION: building (about 2 minutes when cold)"
   local tmp; tmp=$(mktemp -d); log=$tmp/build.log
   GOBIN=$tmp go_with_progress opa go install -v -trimpath -ldflags="$ldflags_strip" \
     "github.com/open-policy-agent/opa@$OPA_VERSION"
@@ -72,7 +73,7 @@ build_kube() {
     say "etcd $ETCD_VERSION: cached at $etcd_dest/etcd"
     return
   fi
-  say "kube-apiserver, kubectl $KUBERNETES_VERSION and etcd $ETCD_VERSION: building (10-15 minutes when cold)"
+  say "kube-apiserver, kubectl $KUBERNETES_VERSION and etcd $ETCD_VERSION: building (about 6 minutes when cold)"
   local mod=$tools_dir/src/kubernetes-$KUBERNETES_VERSION
   mkdir -p "$mod"
   local gomod
@@ -118,7 +119,7 @@ build_kube() {
 build_helm() {
   local dest=$tools_dir/helm-$HELM_VERSION
   if [[ -x $dest/helm ]]; then say "helm $HELM_VERSION: cached at $dest/helm"; return; fi
-  say "helm $HELM_VERSION: building (a few minutes when cold)"
+  say "helm $HELM_VERSION: building (about 2 minutes when cold)"
   local tmp; tmp=$(mktemp -d); log=$tmp/build.log
   GOBIN=$tmp go_with_progress helm go install -v -trimpath \
     -ldflags="$ldflags_strip -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
@@ -131,7 +132,7 @@ build_helm() {
 command -v go >/dev/null || { echo "build-servers: Go is required (go1.24 or newer) and was not found" >&2; exit 1; }
 mkdir -p "$tools_dir"
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(opa kube helm)
+[[ ${#targets[@]} -gt 0 ]] || targets=(opa kube)
 for t in "${targets[@]}"; do
   case $t in
     opa) build_opa ;;

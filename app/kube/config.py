@@ -60,6 +60,8 @@ async def load_connection(kubeconfig: str, environ: dict[str, str] | None = None
             source = "in-cluster service account"
         else:
             path = path or str(Path.home() / ".kube" / "config")
+            if not Path(path.split(os.pathsep)[0]).is_file():  # noqa: ASYNC240 - once, at start-up
+                raise KubeConfigError(f"cannot load the kubeconfig {path}: no such file")
             await kube_config.load_kube_config(
                 config_file=path, client_configuration=cfg, persist_config=False
             )
