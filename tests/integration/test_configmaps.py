@@ -414,3 +414,26 @@ def test_binary_data_only_is_reported(
     core_v1.create_namespaced_config_map(namespace, body)
     failed = error_of(wait_status(core_v1, namespace, "binary", lambda v: v != OK))
     assert "binaryData" in failed["message"] and "p.rego" in failed["message"]
+
+
+def test_parse_errors_wait_for_their_own_change_compile_errors_retry_on_any_change(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """No timed retries of OPA's 4xx: a module is tried again only when something could have fixed it."""
+    run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    tag = namespace.replace("-", "")
+    put_configmap(core_v1, namespace, "broken", {"b.rego": "package broken\n\nthis is not rego {\n"}, POLICY)
+    parse = error_of(wait_status(core_v1, namespace, "broken", lambda v: v != OK))
+    assert parse["errors"][0]["code"] == "rego_parse_error"
+    put_configmap(
+        core_v1, namespace, "needy", {"n.rego": f"package {tag}.n\n\nx := data.fn{tag}.f(1)\n"}, POLICY
+    )
+    error_of(wait_status(core_v1, namespace, "needy", lambda v: v != OK))
+
+    before = opa_writes(opa, "v1/policies")
+    put_configmap(core_v1, namespace, "fn", {"f.rego": f"package fn{tag}\n\nf(x) := x + 1\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "needy") == OK
+    wait_data(opa, f"{tag}/n/x", 2)
+    # fn's module and needy's retry: two writes. The module with a parse error was not tried again.
+    assert opa_writes(opa, "v1/policies") == before + 2
+    assert error_of(status_of(core_v1, namespace, "broken") or "")["errors"][0]["code"] == "rego_parse_error"

@@ -1,0 +1,46 @@
+"""A crashing component is restarted with backoff and never takes the others down."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from app.pipeline.supervisor import supervise
+from app.pipeline.workqueue import Backoff
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_crashing_component_is_restarted_until_it_succeeds() -> None:
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 4:
+            raise RuntimeError("boom")
+
+    with anyio.fail_after(5):
+        await supervise("flaky", flaky, Backoff(base=0.001, cap=0.01))
+    assert runs == 4
+
+
+async def test_a_crash_does_not_stop_its_siblings(caplog: pytest.LogCaptureFixture) -> None:
+    ticks = 0
+
+    async def always_crashes() -> None:
+        raise ValueError("bad")
+
+    async def steady() -> None:
+        nonlocal ticks
+        while ticks < 20:
+            ticks += 1
+            await anyio.sleep(0.001)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervise, "crasher", always_crashes, Backoff(base=0.001, cap=0.005))
+            await supervise("steady", steady)
+            tg.cancel_scope.cancel()
+    assert ticks == 20
+    assert "crasher crashed (ValueError: bad)" in caplog.text
