@@ -280,6 +280,8 @@ class KubeCluster:
             # The default reconciler writes the `kubernetes` Endpoints with the advertise address, which
             # validation rejects for loopback, logging an error every 10 s. Nothing here needs them.
             "--endpoint-reconciler-type=none",
+            # Open watches (kopa's) would otherwise hold a stop for the full grace period before SIGKILL.
+            "--shutdown-watch-termination-grace-period=2s",
             *self.extra_apiserver_args,
         ]
 
