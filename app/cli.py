@@ -9,11 +9,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from app.configmaps.data import DataBook
 from app.configmaps.policies import PolicyBook
@@ -23,10 +25,14 @@ from app.kube.client import KubeClient
 from app.kube.config import KubeConfigError, load_connection
 from app.logs import setup_logging
 from app.opa.client import OpaClient
+from app.pipeline.opa_watchdog import OpaWatchdog
+from app.pipeline.readiness import Readiness, SourceState
 from app.pipeline.supervisor import supervise
-from app.pipeline.watcher import Collection, ObjectKey, Store, Watcher
-from app.pipeline.worker import OpaGate, run_worker
+from app.pipeline.watcher import ALL, Collection, ObjectKey, Store, Watcher, same_resource_version
+from app.pipeline.worker import Handler, OpaGate, WorkKey, run_worker
 from app.pipeline.workqueue import WorkQueue
+from app.replication.discovery import DiscoveryError, discover
+from app.replication.replicator import ReplicatedResource, ReplicationOptions
 from app.settings import HelpRequested, Settings, SettingsError, load_settings
 from app.version import version_line
 
@@ -34,6 +40,7 @@ log = logging.getLogger("kopa")
 
 # Producers wait (back-pressure) when this many changed keys are waiting for the dispatcher.
 QUEUE_SIZE = 1024
+CONFIGMAPS = "configmaps"
 
 
 def configmap_collections(settings: Settings, namespaces: Sequence[str]) -> list[tuple[str, Collection]]:
@@ -62,6 +69,13 @@ async def _stop_on_signal(tg: TaskGroup) -> None:
             return
 
 
+def _emitter(send: MemoryObjectSendStream[WorkKey], source: str) -> Callable[[ObjectKey], Awaitable[None]]:
+    async def emit(key: ObjectKey) -> None:
+        await send.send((source, key))
+
+    return emit
+
+
 async def run(settings: Settings) -> None:
     connection = await load_connection(settings.kubeconfig)
     namespaces = list(settings.namespaces) or [connection.namespace]
@@ -76,19 +90,65 @@ async def run(settings: Settings) -> None:
         KubeClient(connection, reload=partial(load_connection, settings.kubeconfig)) as kube,
         OpaClient(settings.opa_url) as opa,
     ):
-        stores = {"data": Store("data"), "policies": Store("policies")}
-        send, receive = anyio.create_memory_object_stream[ObjectKey](max_buffer_size=QUEUE_SIZE)
+        found = await discover(kube, settings.replicate, settings.replicate_cluster)
+        send, receive = anyio.create_memory_object_stream[WorkKey](max_buffer_size=QUEUE_SIZE)
+        queue: WorkQueue[WorkKey] = WorkQueue("opa")
+        gate = OpaGate(opa.healthy)
+
+        # ConfigMaps: policies and data.
+        stores: dict[str, Store[dict[str, Any]]] = {
+            "data": Store("data", same_resource_version),
+            "policies": Store("policies", same_resource_version),
+        }
         watchers = [
-            Watcher(kube, collection, stores[source], send.send)
+            Watcher(kube, collection, stores[source], _emitter(send, CONFIGMAPS), dict)
             for source, collection in configmap_collections(settings, namespaces)
         ]
-        queue: WorkQueue[ObjectKey] = WorkQueue("configmaps")
         selected = ConfigMapStores(
             policies=stores["policies"] if settings.enable_policies else None,
             data=stores["data"] if settings.enable_data else None,
         )
-        sync = ConfigMapSync(PolicyBook(opa), DataBook(opa), StatusReporter(kube, selected.lookup), selected)
-        gate = OpaGate(opa.healthy)
+        configmaps = ConfigMapSync(
+            PolicyBook(opa), DataBook(opa), StatusReporter(kube, selected.lookup), selected
+        )
+        handlers: dict[str, Handler] = {CONFIGMAPS: configmaps}
+
+        # Replicated resources.
+        options = ReplicationOptions(
+            path=settings.replicate_path.split("/"),
+            ignore_namespaces=settings.replicate_ignore_namespaces,
+            keep_managed_fields=settings.replicate_keep_managed_fields,
+            selectors=dict(settings.replicate_selector),
+            fields=dict(settings.replicate_fields),
+        )
+        resources = [
+            ReplicatedResource(
+                kube=kube,
+                opa=opa,
+                gvr=gvr,
+                namespaced=gvr in settings.replicate,
+                info=found[gvr],
+                options=options,
+                emit_for=partial(_emitter, send),
+            )
+            for gvr in (*settings.replicate, *settings.replicate_cluster)
+        ]
+        handlers.update({resource.source: resource.sync for resource in resources})
+
+        readiness = Readiness(
+            opa,
+            pending=lambda: len(queue) + queue.in_flight + receive.statistics().current_buffer_used,
+            opa_available=lambda: gate.available,
+            sources=[SourceState(w.collection.describe(), w.synced.is_set) for w in watchers]
+            + [r.state for r in resources],
+        )
+
+        async def on_opa_restart() -> None:
+            readiness.on_opa_restart()
+            for source in handlers:
+                await send.send((source, ALL))
+
+        watchdog = OpaWatchdog(opa, settings.opa_check_interval, on_opa_restart)
 
         async def dispatch() -> None:
             async for key in receive:
@@ -98,11 +158,16 @@ async def run(settings: Settings) -> None:
             tg.start_soon(_stop_on_signal, tg)
             for watcher in watchers:
                 tg.start_soon(supervise, f"watch of {watcher.collection.describe()}", watcher.run)
+            for resource in resources:
+                tg.start_soon(supervise, f"replication of {resource.gvr}", resource.run)
             tg.start_soon(supervise, "dispatcher", dispatch)
             tg.start_soon(supervise, "retry timer", queue.run_timer)
-            tg.start_soon(supervise, "OPA writer", partial(run_worker, queue, sync.handle, gate))
-            tg.start_soon(supervise, "status writer", sync.reporter.run)
-            tg.start_soon(supervise, "status retry timer", sync.reporter.queue.run_timer)
+            tg.start_soon(
+                supervise, "OPA writer", partial(run_worker, queue, handlers, gate, readiness.after_batch)
+            )
+            tg.start_soon(supervise, "OPA watchdog", watchdog.run)
+            tg.start_soon(supervise, "status writer", configmaps.reporter.run)
+            tg.start_soon(supervise, "status retry timer", configmaps.reporter.queue.run_timer)
     log.info("stopped")
 
 
@@ -124,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("%s", warning)
     try:
         anyio.run(run, settings)
-    except KubeConfigError as exc:
+    except (KubeConfigError, DiscoveryError) as exc:
         print(f"kopa: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

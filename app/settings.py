@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from app.kube.resources import GroupVersionResource
+
 __all__ = [
     "BOOL",
     "OPTIONS",
@@ -56,6 +58,14 @@ class Settings:
     data_label: str
     data_value: str
     namespaces: tuple[str, ...]  # () = not given (kopa watches its own namespace); ("*",) = all
+    opa_check_interval: float  # seconds
+    replicate: tuple[GroupVersionResource, ...]  # namespaced resources to replicate
+    replicate_cluster: tuple[GroupVersionResource, ...]  # cluster-scoped resources to replicate
+    replicate_path: str  # slash-separated path under data/ in OPA
+    replicate_ignore_namespaces: tuple[str, ...]
+    replicate_keep_managed_fields: bool
+    replicate_selector: tuple[tuple[GroupVersionResource, str], ...]  # (resource, label selector)
+    replicate_fields: tuple[tuple[GroupVersionResource, tuple[str, ...]], ...]  # (resource, fields kept)
     config_file: str | None
     warnings: tuple[str, ...]  # logged by the CLI once logging is configured
     show_version: bool
@@ -185,9 +195,93 @@ class _StringList(Kind[tuple[str, ...]]):
         return f"={metavar}[,{metavar}...]"
 
 
+class _Duration(Kind[float]):
+    """Go's duration syntax, as kube-mgmt's flags take it (`10s`, `1m30s`, `500ms`), or plain seconds."""
+
+    noun = "a duration"
+    UNITS: ClassVar[dict[str, float]] = {
+        "ns": 1e-9,
+        "us": 1e-6,
+        "µs": 1e-6,
+        "ms": 1e-3,
+        "s": 1.0,
+        "m": 60.0,
+        "h": 3600.0,
+    }
+    PART: ClassVar[re.Pattern[str]] = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+    def parse(self, text: str) -> float:
+        value = text.strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for match in self.PART.finditer(value):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * self.UNITS[match.group(2)]
+                pos = match.end()
+            if pos != len(value) or not value:
+                raise ValueError("must be a duration such as 10s, 1m30s or 500ms") from None
+        if seconds < 0:
+            raise ValueError("must not be negative")
+        return seconds
+
+    def to_text(self, value: float) -> str:
+        return f"{value:g}s"
+
+
+class _Assignments(Kind[tuple[tuple[str, str], ...]]):
+    """Repeatable `NAME=VALUE` items whose values may hold commas (label selectors, field lists).
+
+    A flag or a config file list item is one assignment; in the environment, assignments are separated by
+    semicolons, since commas belong to the values.
+    """
+
+    noun = "a list of NAME=VALUE strings"
+    help_note = "Repeatable; in the environment, separate items with ';'."
+
+    def parse(self, text: str) -> tuple[tuple[str, str], ...]:
+        items = []
+        for part in (p.strip() for p in text.split(";")):
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise _BadItem(part, "must be RESOURCE=VALUE, e.g. v1/services=app=web")
+            items.append((name.strip(), value.strip()))
+        return tuple(items)
+
+    def to_text(self, value: tuple[tuple[str, str], ...]) -> str:
+        return ";".join(f"{name}={val}" for name, val in value)
+
+    def from_yaml(self, node: object) -> tuple[tuple[str, str], ...]:
+        if isinstance(node, list):
+            items: tuple[tuple[str, str], ...] = ()
+            for item in node:
+                if not isinstance(item, str):
+                    raise TypeError(f"must be {self.noun}, but an item is {_describe(item)}")
+                items += self.parse(item)
+            return items
+        return super().from_yaml(node)
+
+    def to_yaml(self, value: tuple[tuple[str, str], ...]) -> str:
+        return json.dumps([f"{name}={val}" for name, val in value])
+
+    def combine(
+        self, earlier: tuple[tuple[str, str], ...], later: tuple[tuple[str, str], ...]
+    ) -> tuple[tuple[str, str], ...]:
+        return earlier + later
+
+    def flag_syntax(self, metavar: str) -> str:
+        return f"={metavar}"
+
+
 STRING: Kind[str] = _String()
 BOOL: Kind[bool] = _Bool()
 STRING_LIST: Kind[tuple[str, ...]] = _StringList()
+ASSIGNMENTS: Kind[tuple[tuple[str, str], ...]] = _Assignments()
+DURATION: Kind[float] = _Duration()
 
 
 def _describe(node: object) -> str:
@@ -360,15 +454,97 @@ def _namespaces(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))  # drop repeats, keep order
 
 
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than zero")
+    return value
+
+
+def _resources(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        try:
+            GroupVersionResource.parse(item)
+        except ValueError as exc:
+            raise _BadItem(item, str(exc)) from None
+    return tuple(dict.fromkeys(value))
+
+
+def _data_path(value: str) -> str:
+    segments = value.strip("/").split("/")
+    if not value.strip("/") or any(not s or s.strip() != s for s in segments):
+        raise ValueError("must be a path of one or more non-empty segments, e.g. kubernetes or cluster/state")
+    return "/".join(segments)
+
+
+_SELECTOR_REQUIREMENT = re.compile(
+    r"\s*(!?[^\s=!,()]+)"  # key, or !key (does not exist); checked as a qualified name below
+    r"(?:\s*(==|=|!=)\s*([-A-Za-z0-9_.]*)"  # equality
+    r"|\s+(in|notin)\s*\(\s*([-A-Za-z0-9_.]*(?:\s*,\s*[-A-Za-z0-9_.]*)*)\s*\))?\s*"  # set
+)
+
+
+def _label_selector_errors(selector: str) -> str | None:
+    """Checks a label selector's grammar, so a typo stops start-up instead of failing every list call."""
+    rest = selector.strip()
+    if not rest:
+        return "must not be empty"
+    while rest:
+        match = _SELECTOR_REQUIREMENT.match(rest)
+        if not match or match.end() == 0:
+            return f"is not a valid label selector near {_shown(rest[:30])}"
+        key, op = match.group(1), match.group(2) or match.group(4)
+        if key.startswith("!") and op:
+            return f"is not a valid label selector: {key} cannot take an operator"
+        problems = _qualified_name_errors(key.lstrip("!"))
+        if problems:
+            return f"has an invalid label key {_shown(key.lstrip('!'))}: {problems[0]}"
+        rest = rest[match.end() :]
+        if rest.startswith(","):
+            rest = rest[1:]
+            if not rest.strip():
+                return "is not a valid label selector: it ends with a comma"
+        elif rest:
+            return f"is not a valid label selector near {_shown(rest[:30])}"
+    return None
+
+
+def _resource_assignments(
+    check_value: Callable[[str], str | None],
+) -> Callable[[tuple[tuple[str, str], ...]], tuple[tuple[str, str], ...]]:
+    def validate(value: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        for name, assigned in value:
+            try:
+                GroupVersionResource.parse(name)
+            except ValueError as exc:
+                raise _BadItem(f"{name}={assigned}", f"resource {exc}") from None
+            problem = check_value(assigned)
+            if problem:
+                raise _BadItem(f"{name}={assigned}", problem)
+        return value
+
+    return validate
+
+
+def _field_list_errors(fields: str) -> str | None:
+    items = [f.strip() for f in fields.split(",")]
+    if not fields.strip() or any(not f for f in items):
+        return "must list one or more fields, e.g. metadata.labels,spec.rules"
+    for item in items:
+        if any(not part for part in item.split(".")):
+            return f"has an invalid field {_shown(item)}: dotted names need a name between the dots"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The table.
 
 KUBERNETES = "Connection to Kubernetes"
 OPA = "Connection to OPA"
 POLICIES_AND_DATA = "Policies and data"
+REPLICATION = "Replication of Kubernetes resources"
 LOGGING = "Logging"
 OTHER = "Other"
-GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, LOGGING, OTHER)
+GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, LOGGING, OTHER)
 
 
 @dataclass(frozen=True)
@@ -428,6 +604,15 @@ OPTIONS: tuple[Option[Any], ...] = (
         OPA,
         metavar="URL",
         validate=_http_url,
+    ),
+    Option(
+        "opa-check-interval",
+        DURATION,
+        1.0,
+        "How often to ask OPA whether it restarted (its process id changes), to load everything again.",
+        OPA,
+        metavar="DURATION",
+        validate=_positive,
     ),
     Option(
         "enable-policies",
@@ -490,6 +675,78 @@ OPTIONS: tuple[Option[Any], ...] = (
         metavar="NS",
         validate=_namespaces,
         default_text="kopa's own namespace",
+    ),
+    Option(
+        "replicate",
+        STRING_LIST,
+        (),
+        "Namespaced resources to replicate into OPA, as [group/]version/resource (e.g. v1/services, "
+        "networking.k8s.io/v1/ingresses). Objects land at data.<path>.<resource>.<namespace>.<name>.",
+        REPLICATION,
+        metavar="GVR",
+        validate=_resources,
+        default_text="none",
+    ),
+    Option(
+        "replicate-cluster",
+        STRING_LIST,
+        (),
+        "Cluster-scoped resources to replicate into OPA (e.g. v1/namespaces), at "
+        "data.<replicate-path>.<resource>.<name>.",
+        REPLICATION,
+        metavar="GVR",
+        validate=_resources,
+        default_text="none",
+    ),
+    Option(
+        "replicate-path",
+        STRING,
+        "kubernetes",
+        "Where replicated resources go in OPA's data: a path of one or more segments.",
+        REPLICATION,
+        metavar="PATH",
+        validate=_data_path,
+    ),
+    Option(
+        "replicate-ignore-namespaces",
+        STRING_LIST,
+        (),
+        "Namespaces whose objects are not replicated (filtered by the API server; cluster-scoped "
+        "resources are not affected).",
+        REPLICATION,
+        metavar="NS",
+        validate=_namespaces,
+        default_text="none",
+    ),
+    Option(
+        "replicate-keep-managed-fields",
+        BOOL,
+        False,
+        "Keep metadata.managedFields in replicated objects (kopa drops it: it is often 40% of an object).",
+        REPLICATION,
+        metavar="BOOL",
+    ),
+    Option(
+        "replicate-selector",
+        ASSIGNMENTS,
+        (),
+        "Replicate only the objects of a resource that match a label selector, filtered by the API "
+        "server, e.g. v1/pods=app=web,tier!=cache.",
+        REPLICATION,
+        metavar="GVR=SELECTOR",
+        validate=_resource_assignments(_label_selector_errors),
+        default_text="none",
+    ),
+    Option(
+        "replicate-fields",
+        ASSIGNMENTS,
+        (),
+        "Keep only these top-level or dotted fields of a resource's objects, e.g. "
+        "v1/services=metadata.labels,spec.ports (name, namespace, kind and apiVersion are always kept).",
+        REPLICATION,
+        metavar="GVR=FIELDS",
+        validate=_resource_assignments(_field_list_errors),
+        default_text="none",
     ),
     Option(
         "log-level",
@@ -820,6 +1077,41 @@ def _file_hint(name: str) -> str:
     return _suggestion(name, [option.name for option in OPTIONS if option.in_file], "")
 
 
+def _replication(values: dict[str, Any]) -> None:
+    """Turns the replication settings into resources, and checks that they agree with each other."""
+    namespaced = tuple(GroupVersionResource.parse(v) for v in values["replicate"])
+    cluster = tuple(GroupVersionResource.parse(v) for v in values["replicate-cluster"])
+    both = set(namespaced) & set(cluster)
+    if both:
+        raise SettingsError(
+            f"invalid --replicate-cluster: {sorted(map(str, both))[0]} is also given with --replicate; "
+            "a resource is either namespaced or cluster-scoped"
+        )
+    replicated = set(namespaced) | set(cluster)
+
+    def per_resource(name: str) -> dict[GroupVersionResource, str]:
+        found: dict[GroupVersionResource, str] = {}
+        for resource_text, value in values[name]:
+            resource = GroupVersionResource.parse(resource_text)
+            if resource not in replicated:
+                raise SettingsError(
+                    f"invalid --{name} {_shown(resource_text + '=' + value)}: {resource} is not replicated "
+                    "(add it with --replicate or --replicate-cluster)"
+                )
+            if resource in found:
+                raise SettingsError(f"invalid --{name}: {resource} is given more than once")
+            found[resource] = value
+        return found
+
+    values["replicate"] = namespaced
+    values["replicate-cluster"] = cluster
+    values["replicate-selector"] = tuple(per_resource("replicate-selector").items())
+    values["replicate-fields"] = tuple(
+        (resource, tuple(f.strip() for f in fields.split(",")))
+        for resource, fields in per_resource("replicate-fields").items()
+    )
+
+
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Reads the settings from argv (without the program name), the environment and the config file.
 
@@ -837,6 +1129,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         values.update({name: given.value for name, given in layer.items()})
     values.pop("help")
     values["config"] = config_file
+    _replication(values)
     return Settings(
         **{_BY_NAME[name].attribute: value for name, value in values.items()},
         warnings=tuple(flags.warnings),

@@ -43,7 +43,10 @@ class DataBook:
     # What OPA holds per ConfigMap: key -> digest of the document written.
     loaded: dict[ObjectKey, dict[str, bytes]] = field(default_factory=dict)
     errors: dict[ObjectKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    documents: dict[ObjectKey, dict[str, bytes]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """OPA restarted and holds nothing: every document is written again on its next sync."""
+        self.loaded.clear()
 
     async def set_configmap(self, configmap: ObjectKey, texts: dict[str, str]) -> None:
         """Makes OPA hold these documents for one ConfigMap; an empty dict removes its subtree."""
@@ -62,7 +65,6 @@ class DataBook:
                 await self.opa.delete_data([ns, name])
             self.loaded.pop(configmap, None)
             self.errors.pop(configmap, None)
-            self.documents.pop(configmap, None)
             return
         for key in sorted(set(loaded) - set(texts)):
             await self.opa.delete_data([ns, name, key])
@@ -78,7 +80,6 @@ class DataBook:
                 continue
             loaded[key] = digest
         self.errors[configmap] = errors
-        self.documents[configmap] = documents
 
     def errors_of(self, configmap: ObjectKey) -> dict[str, dict[str, Any]]:
         return self.errors.get(configmap, {})

@@ -79,6 +79,26 @@ class PolicyBook:
             touched |= await self._retry_failed()
         return touched
 
+    def reset(self) -> None:
+        """OPA restarted and holds nothing."""
+        for module in self.modules.values():
+            module.loaded_text = None
+
+    async def load_all(self) -> set[ObjectKey]:
+        """Loads every module again in the order kopa first saw them, so outcomes do not flip."""
+        for module in sorted(self.modules.values(), key=lambda m: m.order):
+            await self._load(module)
+        await self._retry_failed()
+        return {m.configmap for m in self.modules.values()}
+
+    @property
+    def loaded_count(self) -> int:
+        return sum(1 for m in self.modules.values() if m.ok)
+
+    @property
+    def failed_count(self) -> int:
+        return sum(1 for m in self.modules.values() if m.error is not None)
+
     async def _load(self, module: Module) -> bool:
         """PUTs the module; True if OPA now runs its text. A failed PUT leaves OPA's old version in place."""
         try:

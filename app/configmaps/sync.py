@@ -6,13 +6,19 @@ event, so ten changes to one ConfigMap cost one sync and kopa's own annotation w
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from app.configmaps.data import DataBook, kopa_error
 from app.configmaps.policies import PolicyBook
 from app.configmaps.status import StatusReporter
-from app.pipeline.watcher import ObjectKey, Store
+from app.opa.client import OpaError
+from app.pipeline.watcher import ALL, ObjectKey, Store
+
+log = logging.getLogger(__name__)
+
 
 ACTION_POLICY = "LoadPolicy"
 ACTION_DATA = "LoadData"
@@ -36,8 +42,8 @@ def _binary_errors(configmap: dict[str, Any]) -> list[dict[str, Any]]:
 class ConfigMapStores:
     """The two selections kopa watches; either is None when that kind of loading is disabled."""
 
-    policies: Store | None
-    data: Store | None
+    policies: Store[dict[str, Any]] | None
+    data: Store[dict[str, Any]] | None
 
     def lookup(self, key: ObjectKey) -> dict[str, Any] | None:
         """The ConfigMap as kopa sees it; a data ConfigMap wins over a policy one, as in kube-mgmt."""
@@ -54,6 +60,30 @@ class ConfigMapSync:
     reporter: StatusReporter
     stores: ConfigMapStores
 
+    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+        """The writer's entry point. ALL means OPA restarted: load everything again, in order."""
+        if ALL in keys:
+            await self.refill()
+            return []
+        failures: list[tuple[ObjectKey, Exception]] = []
+        for key in keys:
+            try:
+                await self.handle(key)
+            except OpaError as exc:  # e.g. OPA refused to delete something; OpaUnavailable passes up
+                log.warning("syncing configmap %s/%s failed: %s", key[0], key[1], exc)
+                failures.append((key, exc))
+        return failures
+
+    async def refill(self) -> None:
+        self.policies.reset()
+        self.data.reset()
+        touched = await self.policies.load_all()
+        data_store = self.stores.data
+        for key in data_store.keys() if data_store else []:
+            touched.add(key)
+            await self.data.set_configmap(key, _texts(data_store.get(key) if data_store else None))
+        self._report(touched)
+
     async def handle(self, key: ObjectKey) -> None:
         data_cm = self.stores.data.get(key) if self.stores.data else None
         policy_cm = self.stores.lookup(key) if data_cm is None else None
@@ -65,16 +95,21 @@ class ConfigMapSync:
             touched |= await self.policies.set_configmap(key, {})
         if data_cm is not None:
             await self.data.set_configmap(key, _texts(data_cm))
-            errors = [e for _, e in sorted(self.data.errors_of(key).items())] + _binary_errors(data_cm)
-            self.reporter.report(key, errors, ACTION_DATA)
         if policy_cm is not None:
             touched |= await self.policies.set_configmap(key, _texts(policy_cm))
-            touched.add(key)
         if data_cm is None and policy_cm is None:
             self.reporter.forget(key)
-        for cm in sorted(touched):
-            configmap = self.stores.lookup(cm)
-            if configmap is None or (self.stores.data is not None and self.stores.data.get(cm) is not None):
+        self._report(touched | {key})
+
+    def _report(self, configmaps: set[ObjectKey]) -> None:
+        """Hands the latest status of each ConfigMap to the reporter (which writes only changes)."""
+        for cm in sorted(configmaps):
+            data_cm = self.stores.data.get(cm) if self.stores.data else None
+            if data_cm is not None:
+                errors = [e for _, e in sorted(self.data.errors_of(cm).items())]
+                self.reporter.report(cm, errors + _binary_errors(data_cm), ACTION_DATA)
                 continue
-            errors = [m.error for m in self.policies.of(cm) if m.error is not None]
-            self.reporter.report(cm, errors + _binary_errors(configmap), ACTION_POLICY)
+            policy_cm = self.stores.lookup(cm)
+            if policy_cm is not None:
+                errors = [m.error for m in self.policies.of(cm) if m.error is not None]
+                self.reporter.report(cm, errors + _binary_errors(policy_cm), ACTION_POLICY)

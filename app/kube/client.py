@@ -193,28 +193,27 @@ class KubeClient:
             "PATCH", path, body=orjson.dumps(patch), content_type="application/merge-patch+json"
         )
 
-    async def list(
+    async def list_pages(
         self, path: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 500
-    ) -> ListResult:
-        """Lists a collection in pages; if the continue token expires mid-way, starts over."""
+    ) -> AsyncIterator[ListResult]:
+        """Lists a collection in pages, so a large one never sits in memory as a whole.
+
+        Each page carries the list's resourceVersion; the last page's is the one to watch from. If the
+        continue token expires midway, KubeGone is raised and the caller lists again from the start.
+        """
+        params = {"limit": str(page_size)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         while True:
-            items: list[JSON] = []
-            params = {"limit": str(page_size)}
-            if label_selector:
-                params["labelSelector"] = label_selector
-            if field_selector:
-                params["fieldSelector"] = field_selector
-            try:
-                while True:
-                    page = await self.request("GET", path, params=params)
-                    items.extend(page.get("items") or [])
-                    meta = page.get("metadata") or {}
-                    token = meta.get("continue")
-                    if not token:
-                        return ListResult(items, str(meta.get("resourceVersion", "")))
-                    params["continue"] = token
-            except KubeGone:
-                log.debug("list of %s: continue token expired; listing again", path)
+            page = await self.request("GET", path, params=params)
+            meta = page.get("metadata") or {}
+            yield ListResult(page.get("items") or [], str(meta.get("resourceVersion", "")))
+            token = meta.get("continue")
+            if not token:
+                return
+            params["continue"] = token
 
     async def watch(
         self,

@@ -1,6 +1,6 @@
 """Producers: list, then watch, one collection (a resource in one namespace, or cluster-wide).
 
-A producer keeps its source's store current (latest object per key) and emits the key of every object that
+A producer keeps its source's store current (latest state per key) and emits the key of every object that
 changed onto the bounded queue. Whatever happens to the connection, it resumes from the last
 resourceVersion it saw; when that is too old (410 Gone) it lists again and diffs the list against the store,
 so objects deleted during the gap are removed too.
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import anyio
 
@@ -22,7 +23,9 @@ from app.pipeline.workqueue import Backoff
 log = logging.getLogger(__name__)
 
 ObjectKey = tuple[str, str]  # (namespace, name); namespace is "" for cluster-scoped objects
+ALL: ObjectKey = ("*", "")  # a work key meaning "every key of the source" (a full load or refill)
 Emit = Callable[[ObjectKey], Awaitable[None]]
+V = TypeVar("V")
 
 
 def object_key(obj: dict[str, Any]) -> ObjectKey:
@@ -34,35 +37,44 @@ def resource_version(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
-class Store:
-    """Latest state of one source, per key. Shared by the producers of that source (one per namespace)."""
+class Store(Generic[V]):
+    """Latest state of one source, per key, as the source chose to keep it (a dict, compact bytes, ...).
 
-    def __init__(self, name: str) -> None:
+    `same(old, new)` says when a new state changes nothing worth a write; the watcher then emits nothing.
+    """
+
+    def __init__(self, name: str, same: Callable[[V, V], bool]) -> None:
         self.name = name
-        self._objects: dict[ObjectKey, dict[str, Any]] = {}
+        self._same = same
+        self._entries: dict[ObjectKey, V] = {}
 
-    def get(self, key: ObjectKey) -> dict[str, Any] | None:
-        return self._objects.get(key)
+    def get(self, key: ObjectKey) -> V | None:
+        return self._entries.get(key)
 
-    def put(self, key: ObjectKey, obj: dict[str, Any]) -> bool:
-        """Stores obj; False when the stored object already had this resourceVersion (nothing changed)."""
-        old = self._objects.get(key)
-        if old is not None and resource_version(old) == resource_version(obj) != "":
-            return False
-        self._objects[key] = obj
-        return True
+    def put(self, key: ObjectKey, value: V) -> bool:
+        """Stores value; False when it changes nothing."""
+        old = self._entries.get(key)
+        self._entries[key] = value
+        return old is None or not self._same(old, value)
 
     def pop(self, key: ObjectKey) -> bool:
-        return self._objects.pop(key, None) is not None
+        return self._entries.pop(key, None) is not None
 
     def keys(self, namespace: str | None = None) -> list[ObjectKey]:
         """All keys, or those of one namespace (None means all)."""
         if namespace is None:
-            return list(self._objects)
-        return [k for k in self._objects if k[0] == namespace]
+            return list(self._entries)
+        return [k for k in self._entries if k[0] == namespace]
+
+    def items(self) -> Iterator[tuple[ObjectKey, V]]:
+        return iter(list(self._entries.items()))
 
     def __len__(self) -> int:
-        return len(self._objects)
+        return len(self._entries)
+
+
+def same_resource_version(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return resource_version(old) == resource_version(new) != ""
 
 
 @dataclass(frozen=True)
@@ -80,16 +92,33 @@ class Collection:
         return f"{self.path.rsplit('/', 1)[-1]}{sel} in {where}"
 
 
-class Watcher:
-    """One producer. run() never returns on its own; cancel it to stop."""
+@dataclass
+class WatchStats:
+    """What the metrics and readiness layers read about one producer."""
+
+    restarts: dict[str, int] = field(default_factory=lambda: {"gone": 0, "timeout": 0, "error": 0})
+    lists: int = 0
+    last_list: float | None = None  # wall-clock time of the last complete list
+    last_error: str = ""
+
+
+class Watcher(Generic[V]):
+    """One producer. run() never returns on its own; cancel it to stop.
+
+    `convert` turns an API object into what the store keeps. With `emit_initial=False` the first list
+    emits nothing per object and calls `on_synced` instead (replication loads a collection in one write).
+    """
 
     def __init__(
         self,
         client: KubeClient,
         collection: Collection,
-        store: Store,
+        store: Store[V],
         emit: Emit,
+        convert: Callable[[dict[str, Any]], V],
         *,
+        emit_initial: bool = True,
+        on_synced: Callable[[], Awaitable[None]] | None = None,
         watch_seconds: tuple[int, int] = (240, 300),
         idle_grace: float = 30.0,
         backoff: Backoff | None = None,
@@ -98,8 +127,11 @@ class Watcher:
         self.collection = collection
         self.store = store
         self.emit = emit
+        self.convert = convert
         self.synced = anyio.Event()
-        self.restarts: dict[str, int] = {"gone": 0, "timeout": 0, "error": 0}
+        self.stats = WatchStats()
+        self._emit_initial = emit_initial
+        self._on_synced = on_synced
         self._watch_seconds = watch_seconds
         self._idle_grace = idle_grace
         self._backoff = backoff or Backoff(base=0.5, cap=30.0)
@@ -114,12 +146,13 @@ class Watcher:
                 resource_version = await self._watch(resource_version)
                 failures = 0
             except KubeGone:
-                self.restarts["gone"] += 1
+                self.stats.restarts["gone"] += 1
                 log.info("watch of %s expired (410 Gone); listing again", self.collection.describe())
                 resource_version = None
             except (KubeUnavailable, KubeApiError) as exc:
                 kind = "timeout" if "Timeout" in str(exc) else "error"
-                self.restarts[kind] += 1
+                self.stats.restarts[kind] += 1
+                self.stats.last_error = str(exc)
                 failures += 1
                 delay = self._backoff.delay(failures)
                 level = logging.DEBUG if failures == 1 and kind == "timeout" else logging.WARNING
@@ -134,22 +167,31 @@ class Watcher:
 
     async def _relist(self) -> str:
         c = self.collection
-        result = await self.client.list(
-            c.path, label_selector=c.label_selector, field_selector=c.field_selector
-        )
+        initial = not self.synced.is_set()
+        emit = self.emit if self._emit_initial or not initial else None
         seen: set[ObjectKey] = set()
-        for obj in result.items:
-            key = object_key(obj)
-            seen.add(key)
-            if self.store.put(key, obj):
-                await self.emit(key)
+        resource_version = ""
+        async for page in self.client.list_pages(
+            c.path, label_selector=c.label_selector, field_selector=c.field_selector
+        ):
+            for obj in page.items:
+                key = object_key(obj)
+                seen.add(key)
+                if self.store.put(key, self.convert(obj)) and emit is not None:
+                    await emit(key)
+            resource_version = page.resource_version
         for key in self.store.keys(c.namespace):
-            if key not in seen and self.store.pop(key):
-                await self.emit(key)
-        if not self.synced.is_set():
-            log.debug("listed %s: %d objects", c.describe(), len(result.items))
+            if key not in seen and self.store.pop(key) and emit is not None:
+                await emit(key)
+        self.stats.lists += 1
+        self.stats.last_list = time.time()
+        self.stats.last_error = ""
+        if initial:
+            log.debug("listed %s: %d objects", c.describe(), len(seen))
+            if self._on_synced is not None:
+                await self._on_synced()
             self.synced.set()
-        return result.resource_version
+        return resource_version
 
     async def _watch(self, resource_version: str) -> str:
         """Watches until the server ends the stream; returns the last resourceVersion seen."""
@@ -170,6 +212,6 @@ class Watcher:
                 continue
             key = object_key(event.object)
             deleted = event.type == "DELETED"
-            if self.store.pop(key) if deleted else self.store.put(key, event.object):
+            if self.store.pop(key) if deleted else self.store.put(key, self.convert(event.object)):
                 await self.emit(key)
         return resource_version

@@ -1,24 +1,41 @@
 """The OPA writer: takes keys from the workqueue and makes OPA match each key's current state.
 
-One writer per OPA (OPA serialises writes; more writers buy nothing). When a write fails because OPA is
-unreachable, the outage is noticed once and waited out, and the key is retried when OPA is back; when OPA is
-up but the key still fails, only that key is requeued with its own backoff.
+One writer per OPA (OPA serialises writes; more writers buy nothing). It takes every key that is waiting
+at once and hands each source its keys in one call, so a source can batch them into few writes. When OPA
+is unreachable, the outage is noticed once and waited out, and the keys are retried when OPA is back; when
+OPA is up but a key still fails, only that key is requeued, with its own backoff.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Hashable
-from typing import TypeVar
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
 
 import anyio
 
 from app.opa.client import OpaUnavailable
+from app.pipeline.watcher import ObjectKey
 from app.pipeline.workqueue import Backoff, WorkQueue
 
 log = logging.getLogger(__name__)
 
-K = TypeVar("K", bound=Hashable)
+WorkKey = tuple[str, ObjectKey]  # (source, key)
+BATCH_LIMIT = 5000
+IDLE_CHECK = 0.5  # seconds
+# Under a stream of changes, the writer waits this long after the first key so that the keys changing
+# meanwhile share its write; an isolated change (nothing written for BUSY seconds) goes out at once.
+BATCH_WINDOW = 0.1
+BUSY = 1.0
+
+
+class Handler(Protocol):
+    """A source's side of the writer: makes OPA match the current state of these keys."""
+
+    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+        """Returns the keys that failed; raises OpaUnavailable when OPA cannot be reached."""
+        ...
 
 
 class OpaGate:
@@ -28,12 +45,14 @@ class OpaGate:
         self._probe = probe
         self._backoff = backoff or Backoff(base=0.2, cap=5.0)
         self.available = True
+        self.outages = 0
 
     async def wait_if_down(self, cause: Exception) -> bool:
-        """True if OPA was down (and is now back); False if OPA is up, so the failure was the key's."""
+        """True if OPA was down (and is now back); False if OPA is up, so the failure was the keys'."""
         if await self._probe():
             return False
         self.available = False
+        self.outages += 1
         log.warning("OPA is unreachable (%s); waiting for it to come back", cause)
         attempt = 0
         while not await self._probe():
@@ -44,29 +63,66 @@ class OpaGate:
         return True
 
 
-async def run_worker(queue: WorkQueue[K], handle: Callable[[K], Awaitable[None]], gate: OpaGate) -> None:
-    """Processes keys forever. Exceptions other than OPA's unavailability are the key's own failure."""
+async def run_worker(
+    queue: WorkQueue[WorkKey],
+    handlers: Mapping[str, Handler],
+    gate: OpaGate,
+    after_batch: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Processes keys forever, a batch at a time, in the order they were first queued.
+
+    `after_batch` also runs when the queue has been idle for IDLE_CHECK seconds, so a source with nothing
+    to write still gets noticed as loaded.
+    """
+    last_write = -BUSY
     while True:
-        key = await queue.get()
+        batch: list[WorkKey] = []
+        with anyio.move_on_after(IDLE_CHECK):
+            batch = await queue.get_batch(BATCH_LIMIT)
+        if not batch:
+            if after_batch is not None:
+                await after_batch()
+            continue
+        if time.monotonic() - last_write < BUSY and len(batch) < BATCH_LIMIT:
+            await anyio.sleep(BATCH_WINDOW)
+            batch += queue.take_waiting(BATCH_LIMIT - len(batch))
+        grouped: dict[str, list[ObjectKey]] = {}
+        for source, key in batch:
+            grouped.setdefault(source, []).append(key)
+        failed: dict[WorkKey, Exception] = {}
         try:
-            await handle(key)
+            for source, keys in grouped.items():
+                for key, exc in await handlers[source].apply(keys):
+                    failed[(source, key)] = exc
         except OpaUnavailable as exc:
             if await gate.wait_if_down(exc):
-                queue.add(key)
+                for work in batch:
+                    queue.add(work)
             else:
-                delay = queue.add_rate_limited(key)
-                log.warning("writing %s to OPA failed (%s); retrying in %.1fs", key, exc, delay)
+                delays = [queue.add_rate_limited(work) for work in batch]
+                log.warning(
+                    "writing %d keys to OPA failed (%s); retrying in %.1fs", len(batch), exc, min(delays)
+                )
         except Exception as exc:
-            delay = queue.add_rate_limited(key)
+            # A bug, not a bad input: requeue with backoff rather than lose the keys or spin.
+            delays = [queue.add_rate_limited(work) for work in batch]
             log.error(
-                "processing %s failed (%s: %s); retrying in %.1fs",
-                key,
+                "processing %d keys failed (%s: %s); retrying in %.1fs",
+                len(batch),
                 type(exc).__name__,
                 exc,
-                delay,
-                exc_info=log.isEnabledFor(logging.DEBUG),
+                min(delays),
+                exc_info=True,
             )
         else:
-            queue.forget(key)
+            for work in batch:
+                if work in failed:
+                    queue.add_rate_limited(work)
+                else:
+                    queue.forget(work)
         finally:
-            queue.done(key)
+            for work in batch:
+                queue.done(work)
+            last_write = time.monotonic()
+        if after_batch is not None:
+            await after_batch()

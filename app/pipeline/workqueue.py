@@ -95,6 +95,22 @@ class WorkQueue(Generic[K]):
         self.stats.started_at[key] = time.monotonic()
         return key
 
+    async def get_batch(self, limit: int) -> list[K]:
+        """Waits for one key, then also takes those already waiting, up to `limit` (for batched writes)."""
+        return [await self.get(), *self.take_waiting(limit - 1)]
+
+    def take_waiting(self, limit: int) -> list[K]:
+        """Hands out up to `limit` keys that are waiting now, without waiting for more."""
+        now = time.monotonic()
+        taken: list[K] = []
+        while self._queue and len(taken) < limit:
+            key = self._queue.popleft()
+            self._processing.add(key)
+            self._dirty.discard(key)
+            self.stats.started_at[key] = now
+            taken.append(key)
+        return taken
+
     def done(self, key: K) -> None:
         self._processing.discard(key)
         self.stats.started_at.pop(key, None)

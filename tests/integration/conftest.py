@@ -21,13 +21,16 @@ def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
     A kopa that exits with an error or logs a traceback fails the test at teardown, whatever it asserted.
     """
     started: list[ManagedProcess] = []
+    expected: dict[int, int] = {}
 
-    def start(*args: str, kubeconfig: Path | None = None) -> ManagedProcess:
+    def start(*args: str, kubeconfig: Path | None = None, expect_exit: int = 0) -> ManagedProcess:
+        """expect_exit: the exit code the test expects (2 for a start-up error); anything else fails it."""
         log = tmp_path / f"kopa-{len(started)}.log"
         process = kopa_process(
             [f"--kubeconfig={kubeconfig or kube.admin_kubeconfig}", "--log-level=debug", *args], log
         )
         started.append(process.start())
+        expected[id(process)] = expect_exit
         return process
 
     yield start
@@ -35,7 +38,7 @@ def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
     for process in started:
         code = process.stop()
         output = process.log_path.read_text(errors="replace")
-        if code not in (0, None):
+        if code not in (expected[id(process)], None):
             problems.append(f"kopa exited with {code}:\n{process.tail_log(30)}")
         if "Traceback" in output:
             problems.append(f"kopa logged a traceback:\n{process.tail_log(60)}")

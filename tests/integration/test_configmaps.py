@@ -7,104 +7,29 @@ and a test for each of kube-mgmt's ConfigMap defects that kopa fixes.
 from __future__ import annotations
 
 import json
-import re
-from typing import Any
 
 import pytest
 from kubernetes import client
 
 from devstack.opa import OpaServer
-from devstack.processes import wait_until
 from tests.integration.conftest import KopaFactory
+from tests.integration.helpers import (
+    DATA,
+    OK,
+    POLICY,
+    annotations_of,
+    data,
+    error_of,
+    opa_writes,
+    policy_ids,
+    put_configmap,
+    status_of,
+    wait_data,
+    wait_policies,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
-
-STATUS = "openpolicyagent.org/kube-mgmt-status"
-OK = '{"status":"ok"}'
-POLICY = {"openpolicyagent.org/policy": "rego"}
-DATA = {"openpolicyagent.org/data": "opa"}
-TIMEOUT = 30.0
-
-
-def put_configmap(
-    core: client.CoreV1Api, ns: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
-) -> None:
-    """Creates the ConfigMap, or replaces its data and labels (keeping other metadata)."""
-    try:
-        existing = core.read_namespaced_config_map(name, ns)
-    except client.ApiException as exc:
-        if exc.status != 404:
-            raise
-        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, labels=labels), data=data)
-        core.create_namespaced_config_map(ns, body)
-        return
-    assert existing.metadata is not None
-    existing.data = data
-    existing.metadata.labels = labels
-    core.replace_namespaced_config_map(name, ns, existing)
-
-
-def annotations_of(core: client.CoreV1Api, ns: str, name: str) -> dict[str, str]:
-    meta = core.read_namespaced_config_map(name, ns).metadata
-    return dict(meta.annotations or {}) if meta is not None else {}
-
-
-def status_of(core: client.CoreV1Api, ns: str, name: str) -> str | None:
-    return annotations_of(core, ns, name).get(STATUS)
-
-
-def wait_status(core: client.CoreV1Api, ns: str, name: str, check: Any = OK) -> str:
-    """Waits for the status annotation to equal `check` (a string) or satisfy it (a callable)."""
-
-    def current() -> str | None:
-        value = status_of(core, ns, name)
-        ok = value is not None and (check(value) if callable(check) else value == check)
-        return value if ok else None
-
-    result: str = wait_until(current, timeout=TIMEOUT, what=f"configmap {ns}/{name} status {check}")
-    return result
-
-
-def data(opa: OpaServer, path: str) -> Any:
-    """data.<path> as OPA answers it now, or None when undefined."""
-    answer = opa.http().get_json(f"/v1/data/{path}")
-    return answer.get("result") if isinstance(answer, dict) else None
-
-
-def wait_data(opa: OpaServer, path: str, expected: Any) -> None:
-    wait_until(lambda: data(opa, path) == expected, timeout=TIMEOUT, what=f"data/{path} == {expected!r}")
-
-
-def policy_ids(opa: OpaServer) -> set[str]:
-    return {p["id"] for p in opa.http().get_json("/v1/policies")["result"]}
-
-
-def wait_policies(opa: OpaServer, expected: set[str], prefix: str) -> None:
-    def match() -> bool:
-        return {i for i in policy_ids(opa) if i.startswith(prefix)} == expected
-
-    wait_until(match, timeout=TIMEOUT, what=f"policies under {prefix} == {sorted(expected)}")
-
-
-def error_of(status: str) -> Any:
-    doc = json.loads(status)
-    assert doc["status"] == "error", status
-    return doc["error"]
-
-
-def opa_writes(opa: OpaServer, handler: str) -> float:
-    """How many write requests OPA itself counted for a handler (its own /metrics)."""
-    text = opa.http().request("GET", "/metrics")[1]
-    total = 0.0
-    for line in str(text).splitlines():
-        if (
-            line.startswith("http_request_duration_seconds_count")
-            and f'handler="{handler}"' in line
-            and re.search(r'method="(put|patch|delete)"', line, re.IGNORECASE)
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
 
 INCLUDE_REGO = """package include
 

@@ -17,11 +17,7 @@ and ready.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,7 +27,20 @@ from devstack.kube import KubeCluster
 from devstack.opa import OpaServer
 from devstack.processes import ManagedProcess, wait_until
 from tests.integration.conftest import KopaFactory
-from tests.integration.test_configmaps import DATA, OK, data, put_configmap, wait_data, wait_status
+from tests.integration.helpers import (
+    DATA,
+    OK,
+    apiserver_restored,
+    configmap_key,
+    data,
+    etcd_count,
+    etcd_delete,
+    log_text,
+    put_configmap,
+    wait_data,
+    wait_log,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,55 +53,6 @@ CONFIGMAP_LIMIT = 1024 * 1024  # the API server's limit on a ConfigMap's data (k
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-
-
-def etcd_call(kube: KubeCluster, method: str, body: dict[str, Any]) -> dict[str, Any]:
-    """POSTs to etcd's JSON gateway (/v3/kv/<method>) and returns its answer."""
-    request = urllib.request.Request(
-        f"{kube.etcd_url}/v3/kv/{method}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        answer: dict[str, Any] = json.loads(response.read())
-    return answer
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def configmap_key(namespace: str, name: str) -> str:
-    """Where kube-apiserver keeps a ConfigMap in etcd (default prefix /registry)."""
-    return f"/registry/configmaps/{namespace}/{name}"
-
-
-def etcd_count(kube: KubeCluster, key: str) -> int:
-    return int(etcd_call(kube, "range", {"key": b64(key), "count_only": True}).get("count", 0))
-
-
-def etcd_delete(kube: KubeCluster, key: str) -> int:
-    """Deletes one key behind the API server's back; returns how many keys etcd deleted."""
-    return int(etcd_call(kube, "deleterange", {"key": b64(key)}).get("deleted", 0))
-
-
-@contextlib.contextmanager
-def apiserver_restored(kube: KubeCluster) -> Iterator[None]:
-    """Whatever happens inside, the session's API server is running and ready afterwards."""
-    try:
-        yield
-    finally:
-        if not kube.apiserver.running:
-            kube.start_apiserver()
-
-
-def log_text(process: ManagedProcess) -> str:
-    return process.log_path.read_text(errors="replace")
-
-
-def wait_log(process: ManagedProcess, needle: str, timeout: float = TIMEOUT) -> None:
-    wait_until(lambda: needle in log_text(process), timeout=timeout, what=f"kopa log line {needle!r}")
 
 
 def describe(namespace: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from app import settings
+from app.kube.resources import GroupVersionResource
 from app.settings import HelpRequested, Settings, SettingsError, help_text, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,14 @@ DEFAULTS: dict[str, Any] = {
     "data_label": "openpolicyagent.org/data",
     "data_value": "opa",
     "namespaces": (),
+    "opa_check_interval": 1.0,
+    "replicate": (),
+    "replicate_cluster": (),
+    "replicate_path": "kubernetes",
+    "replicate_ignore_namespaces": (),
+    "replicate_keep_managed_fields": False,
+    "replicate_selector": (),
+    "replicate_fields": (),
     "config_file": None,
     "warnings": (),
     "show_version": False,
@@ -294,19 +303,10 @@ def test_env_strings(name: str, text: str, attribute: str, expected: str) -> Non
 
 def test_env_var_names() -> None:
     assert settings.env_var("opa-url") == "KOPA_OPA_URL"
-    assert [option.env_var for option in ENV_OPTIONS] == [
-        "KOPA_KUBECONFIG",
-        "KOPA_OPA_URL",
-        "KOPA_ENABLE_POLICIES",
-        "KOPA_POLICY_LABEL",
-        "KOPA_POLICY_VALUE",
-        "KOPA_ENABLE_DATA",
-        "KOPA_DATA_LABEL",
-        "KOPA_DATA_VALUE",
-        "KOPA_NAMESPACES",
-        "KOPA_LOG_LEVEL",
-        "KOPA_CONFIG",
-    ]
+    assert settings.env_var("replicate-ignore-namespaces") == "KOPA_REPLICATE_IGNORE_NAMESPACES"
+    for option in ENV_OPTIONS:
+        assert option.env_var == "KOPA_" + option.name.upper().replace("-", "_")
+    assert {o.name for o in settings.OPTIONS} - {o.name for o in ENV_OPTIONS} == {"version", "help"}
 
 
 @pytest.mark.parametrize(("text", "expected"), [("false", False), ("0", False), ("True", True), ("t", True)])
@@ -928,3 +928,105 @@ def test_help_layout() -> None:
         assert default in " ".join(text.split())
     assert "KOPA_" in text
     assert "config.example.yaml" in text
+
+
+# --- replication -----------------------------------------------------------------------------------------
+
+GVR = GroupVersionResource
+
+
+def test_replicate_flags_parse_resources_as_kube_mgmt_writes_them() -> None:
+    loaded = load(
+        "--replicate=v1/services,networking.k8s.io/v1/Ingresses",
+        "--replicate",
+        "apps/v1/deployments",
+        "--replicate-cluster=v1/namespaces",
+        "--replicate-path=/cluster/state/",
+        "--replicate-ignore-namespaces=kube-system,ignore-me",
+        "--replicate-keep-managed-fields",
+    )
+    assert loaded.replicate == (
+        GVR("", "v1", "services"),
+        GVR("networking.k8s.io", "v1", "ingresses"),
+        GVR("apps", "v1", "deployments"),
+    )
+    assert loaded.replicate_cluster == (GVR("", "v1", "namespaces"),)
+    assert loaded.replicate_path == "cluster/state"
+    assert loaded.replicate_ignore_namespaces == ("kube-system", "ignore-me")
+    assert loaded.replicate_keep_managed_fields is True
+
+
+@pytest.mark.parametrize("text", ["services", "v1/", "/v1/services", "a/b/c/d", "v1//services"])
+def test_malformed_resources_are_rejected_with_kube_mgmts_hint(text: str) -> None:
+    message = error([f"--replicate={text}"])
+    assert message.startswith("invalid --replicate")
+    assert "format: group/version/kind" in message
+
+
+def test_a_resource_cannot_be_both_namespaced_and_cluster_scoped() -> None:
+    message = error(["--replicate=v1/pods", "--replicate-cluster=v1/pods"])
+    assert "--replicate-cluster" in message and "v1/pods" in message
+
+
+def test_selector_and_fields_keep_their_commas() -> None:
+    loaded = load(
+        "--replicate=v1/pods,networking.k8s.io/v1/ingresses",
+        "--replicate-selector=v1/pods=app=web,tier notin (cache, db),!legacy",
+        "--replicate-fields=networking.k8s.io/v1/ingresses=metadata.labels,spec.rules",
+    )
+    assert loaded.replicate_selector == ((GVR("", "v1", "pods"), "app=web,tier notin (cache, db),!legacy"),)
+    assert loaded.replicate_fields == (
+        (GVR("networking.k8s.io", "v1", "ingresses"), ("metadata.labels", "spec.rules")),
+    )
+
+
+def test_selector_and_fields_from_env_and_file(config: WriteConfig) -> None:
+    env = {
+        "KOPA_REPLICATE": "v1/pods,v1/services",
+        "KOPA_REPLICATE_SELECTOR": "v1/pods=app=web,env in (prod);v1/services=team",
+    }
+    loaded = load(env=env)
+    assert loaded.replicate_selector == (
+        (GVR("", "v1", "pods"), "app=web,env in (prod)"),
+        (GVR("", "v1", "services"), "team"),
+    )
+    path = config("replicate: [v1/pods]\nreplicate-fields: ['v1/pods=metadata.labels,spec.containers']\n")
+    assert load(f"--config={path}").replicate_fields == (
+        (GVR("", "v1", "pods"), ("metadata.labels", "spec.containers")),
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--replicate-selector=v1/pods=app=web"], "v1/pods is not replicated"),
+        (["--replicate=v1/pods", "--replicate-selector=v1/pods=app in (a"], "not a valid label selector"),
+        (["--replicate=v1/pods", "--replicate-selector=v1/pods=-bad=x"], "invalid label key"),
+        (["--replicate=v1/pods", "--replicate-selector=v1/pods"], "RESOURCE=VALUE"),
+        (["--replicate=v1/pods", "--replicate-selector=pods=a=b"], "format: group/version/kind"),
+        (["--replicate=v1/pods", "--replicate-fields=v1/pods="], "one or more fields"),
+        (["--replicate=v1/pods", "--replicate-fields=v1/pods=spec..x"], "between the dots"),
+        (
+            ["--replicate=v1/pods", "--replicate-fields=v1/pods=spec", "--replicate-fields=v1/pods=status"],
+            "more than once",
+        ),
+        (["--replicate-path="], "non-empty segments"),
+        (["--replicate-ignore-namespaces=Bad_NS"], "RFC 1123"),
+    ],
+)
+def test_bad_replication_settings(argv: list[str], expected: str) -> None:
+    assert expected in error(argv)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("500ms", 0.5), ("1m30s", 90.0), ("2", 2.0), ("1.5s", 1.5), ("1h", 3600.0)],
+)
+def test_durations_take_go_syntax(text: str, seconds: float) -> None:
+    assert load(f"--opa-check-interval={text}").opa_check_interval == seconds
+    assert load(env={"KOPA_OPA_CHECK_INTERVAL": text}).opa_check_interval == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1x", "s", "1s2", "-1s", "0s", "1 s"])
+def test_bad_durations(text: str) -> None:
+    assert error([f"--opa-check-interval={text}"]).startswith("invalid --opa-check-interval")

@@ -1,0 +1,81 @@
+"""Checks the resources to replicate against the API server's discovery, before anything starts.
+
+A resource named with the wrong scope, or two resources that would land on the same plural, stop start-up
+with a clear message. A resource whose API group is not served yet (a CRD not installed) is not fatal: it
+is reported as missing and looked up again until it appears.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from app.kube.client import KubeApiError, KubeClient
+from app.kube.resources import GroupVersionResource
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveryError(Exception):
+    """The replication settings cannot work with this cluster; str() is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    gvr: GroupVersionResource
+    namespaced: bool
+    kind: str
+
+
+async def lookup(client: KubeClient, gvr: GroupVersionResource) -> ResourceInfo | None:
+    """The resource as the API server serves it, or None when its group/version or name is not served."""
+    try:
+        listing = await client.get(gvr.api_path)
+    except KubeApiError as exc:
+        if exc.status in (404, 503):  # not installed, or an aggregated API that is not available
+            return None
+        raise
+    for entry in listing.get("resources") or []:
+        if entry.get("name") == gvr.resource:
+            return ResourceInfo(gvr, bool(entry.get("namespaced")), str(entry.get("kind", "")))
+    return None
+
+
+def check_plurals(
+    namespaced: Sequence[GroupVersionResource], cluster: Sequence[GroupVersionResource]
+) -> None:
+    """kube-mgmt's layout has no group in the path: two resources with one plural would collide."""
+    counts = Counter(g.resource for g in (*namespaced, *cluster))
+    clashes = sorted(name for name, n in counts.items() if n > 1)
+    if clashes:
+        same = [str(g) for g in (*namespaced, *cluster) if g.resource == clashes[0]]
+        raise DiscoveryError(
+            f"--replicate: {' and '.join(same)} would both be replicated at <replicate-path>/{clashes[0]}; "
+            "replicate only one of them"
+        )
+
+
+async def discover(
+    client: KubeClient, namespaced: Sequence[GroupVersionResource], cluster: Sequence[GroupVersionResource]
+) -> dict[GroupVersionResource, ResourceInfo | None]:
+    """Looks every resource up; raises DiscoveryError for a wrong scope, returns None for missing ones."""
+    check_plurals(namespaced, cluster)
+    found: dict[GroupVersionResource, ResourceInfo | None] = {}
+    for gvr, want_namespaced in [*((g, True) for g in namespaced), *((g, False) for g in cluster)]:
+        info = await lookup(client, gvr)
+        if info is not None and info.namespaced != want_namespaced:
+            scope, flag = (
+                ("namespaced", "--replicate")
+                if info.namespaced
+                else ("cluster-scoped", "--replicate-cluster")
+            )
+            given = "--replicate" if want_namespaced else "--replicate-cluster"
+            raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+        if info is None:
+            log.warning(
+                "%s is not served by the API server (is its CRD installed?); replicating it once it is", gvr
+            )
+        found[gvr] = info
+    return found

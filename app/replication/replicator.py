@@ -1,0 +1,107 @@
+"""One replicated resource, put together: its store, its producer, and its collection in OPA.
+
+A resource that the API server does not serve yet (a CRD not installed) counts as an empty, loaded
+collection; discovery is asked again until it appears, and replication starts then.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
+from app.kube.resources import GroupVersionResource
+from app.opa.client import OpaClient
+from app.pipeline.readiness import SourceState
+from app.pipeline.watcher import ALL, Collection, Emit, Store, Watcher
+from app.replication.collection import CollectionSync
+from app.replication.discovery import ResourceInfo, lookup
+from app.replication.objects import Replica, converter, same_content
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_INTERVAL = 5.0  # seconds between looks for a resource that is not served yet
+
+
+@dataclass(frozen=True)
+class ReplicationOptions:
+    path: list[str]  # --replicate-path, split into segments
+    ignore_namespaces: tuple[str, ...] = ()
+    keep_managed_fields: bool = False
+    selectors: dict[GroupVersionResource, str] = field(default_factory=dict)
+    fields: dict[GroupVersionResource, tuple[str, ...]] = field(default_factory=dict)
+
+
+class ReplicatedResource:
+    def __init__(
+        self,
+        *,
+        kube: KubeClient,
+        opa: OpaClient,
+        gvr: GroupVersionResource,
+        namespaced: bool,
+        info: ResourceInfo | None,
+        options: ReplicationOptions,
+        emit_for: Callable[[str], Emit],
+    ) -> None:
+        self.kube = kube
+        self.gvr = gvr
+        self.namespaced = namespaced
+        self.info = info
+        self.options = options
+        self.source = f"replicate:{gvr}"
+        self.emit = emit_for(self.source)
+        self.store: Store[Replica] = Store(self.source, same_content)
+        self.sync = CollectionSync(opa, [*options.path, gvr.resource], self.store, namespaced)
+        self.watcher: Watcher[Replica] | None = None
+        self.state = SourceState(self.source, self._synced, missing=info is None)
+
+    def _synced(self) -> bool:
+        return self.watcher is not None and self.watcher.synced.is_set()
+
+    def _collection(self) -> Collection:
+        field_selector = ""
+        if self.namespaced and self.options.ignore_namespaces:
+            field_selector = ",".join(f"metadata.namespace!={ns}" for ns in self.options.ignore_namespaces)
+        return Collection(
+            self.gvr.collection_path(),
+            None,
+            label_selector=self.options.selectors.get(self.gvr, ""),
+            field_selector=field_selector,
+        )
+
+    async def _load_whole(self) -> None:
+        await self.emit(ALL)
+
+    async def run(self) -> None:
+        """Replicates for as long as kopa runs; waits for the resource first if it is not served yet."""
+        if self.info is None:
+            await self._load_whole()  # an empty collection, so policies see {} rather than undefined
+            while self.info is None:
+                await anyio.sleep(DISCOVERY_INTERVAL)
+                try:
+                    self.info = await lookup(self.kube, self.gvr)
+                except (KubeUnavailable, KubeApiError) as exc:
+                    log.debug("discovery of %s failed: %s", self.gvr, exc)
+            log.info("%s is now served by the API server; replicating it", self.gvr)
+        if self.watcher is None:
+            convert = converter(
+                self.info.kind,
+                self.gvr.api_version,
+                keep_managed_fields=self.options.keep_managed_fields,
+                fields=self.options.fields.get(self.gvr, ()),
+            )
+            self.watcher = Watcher(
+                self.kube,
+                self._collection(),
+                self.store,
+                self.emit,
+                convert,
+                emit_initial=False,
+                on_synced=self._load_whole,
+            )
+            self.state.missing = False
+        await self.watcher.run()

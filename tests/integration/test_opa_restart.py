@@ -1,0 +1,64 @@
+"""kube-mgmt's most reported defect: OPA restarts empty and nothing refills it. kopa refills it."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes import client
+
+from devstack.opa import OpaServer
+from devstack.processes import wait_until
+from tests.integration.conftest import KopaFactory
+from tests.integration.helpers import (
+    DATA,
+    OK,
+    POLICY,
+    data,
+    policy_ids,
+    put_configmap,
+    wait_data,
+    wait_log,
+    wait_status,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_opa_killed_and_restarted_is_refilled_from_kopas_copy(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    tag = namespace.replace("-", "")
+    kopa = run_kopa(
+        f"--opa-url={opa.api_url}",
+        f"--namespaces={namespace}",
+        "--replicate=v1/services",
+        "--opa-check-interval=200ms",
+    )
+    lib = f"package lib{tag}\n\ntwice(x) := x * 2\n"
+    user = f"package use{tag}\n\nimport data.lib{tag}\n\nfour := lib{tag}.twice(2)\n"
+    put_configmap(core_v1, namespace, "user", {"user.rego": user}, POLICY)  # depends on lib, loaded later
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": lib}, POLICY)
+    put_configmap(core_v1, namespace, "doc", {"d.json": '{"x": 1}'}, DATA)
+    core_v1.create_namespaced_service(
+        namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="svc"),
+            spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=80)]),
+        ),
+    )
+    assert wait_status(core_v1, namespace, "user") == OK
+    wait_data(opa, f"use{tag}/four", 4)
+    wait_data(opa, "system/kopa/ready", True)
+    wait_until(
+        lambda: data(opa, f"kubernetes/services/{namespace}/svc"), timeout=30, what="service replicated"
+    )
+    before = {i for i in policy_ids(opa) if i.startswith(namespace)}
+
+    for round_ in range(3):
+        opa.kill()
+        opa.start()
+        wait_data(opa, "system/kopa/ready", True)
+        assert {i for i in policy_ids(opa) if i.startswith(namespace)} == before, f"round {round_}"
+        assert data(opa, f"use{tag}/four") == 4
+        assert data(opa, f"{namespace}/doc/d.json") == {"x": 1}
+        assert data(opa, f"kubernetes/services/{namespace}/svc")["kind"] == "Service"
+    wait_log(kopa, "OPA restarted")
