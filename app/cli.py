@@ -25,6 +25,7 @@ from app.kube.client import KubeClient
 from app.kube.config import KubeConfigError, load_connection
 from app.logs import setup_logging
 from app.opa.client import OpaClient
+from app.opa.credentials import CredentialsError, StaticToken, TokenFile, ssl_context
 from app.pipeline.opa_watchdog import OpaWatchdog
 from app.pipeline.readiness import Readiness, SourceState
 from app.pipeline.supervisor import supervise
@@ -76,7 +77,25 @@ def _emitter(send: MemoryObjectSendStream[WorkKey], source: str) -> Callable[[Ob
     return emit
 
 
+def opa_client(settings: Settings) -> OpaClient:
+    """The OPA client with the token and TLS settings; raises CredentialsError for unusable ones."""
+
+    token: Callable[[], str | None] = StaticToken(settings.opa_auth_token)
+    if settings.opa_auth_token_file:
+        token_file = TokenFile(settings.opa_auth_token_file)
+        token_file.load()
+        token = token_file
+    context = ssl_context(
+        ca_file=settings.opa_ca_file,
+        allow_insecure=settings.opa_allow_insecure,
+        cert_file=settings.opa_client_cert_file,
+        key_file=settings.opa_client_key_file,
+    )
+    return OpaClient(settings.opa_url, token=token, ssl_context=context)
+
+
 async def run(settings: Settings) -> None:
+    opa_connection = opa_client(settings)
     connection = await load_connection(settings.kubeconfig)
     namespaces = list(settings.namespaces) or [connection.namespace]
     log.info(
@@ -88,7 +107,7 @@ async def run(settings: Settings) -> None:
     )
     async with (
         KubeClient(connection, reload=partial(load_connection, settings.kubeconfig)) as kube,
-        OpaClient(settings.opa_url) as opa,
+        opa_connection as opa,
     ):
         found = await discover(kube, settings.replicate, settings.replicate_cluster)
         send, receive = anyio.create_memory_object_stream[WorkKey](max_buffer_size=QUEUE_SIZE)
@@ -148,7 +167,7 @@ async def run(settings: Settings) -> None:
             for source in handlers:
                 await send.send((source, ALL))
 
-        watchdog = OpaWatchdog(opa, settings.opa_check_interval, on_opa_restart)
+        watchdog = OpaWatchdog(opa, gate, settings.opa_check_interval, on_opa_restart)
 
         async def dispatch() -> None:
             async for key in receive:
@@ -189,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("%s", warning)
     try:
         anyio.run(run, settings)
-    except (KubeConfigError, DiscoveryError) as exc:
+    except (KubeConfigError, DiscoveryError, CredentialsError) as exc:
         print(f"kopa: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

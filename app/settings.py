@@ -59,6 +59,12 @@ class Settings:
     data_value: str
     namespaces: tuple[str, ...]  # () = not given (kopa watches its own namespace); ("*",) = all
     opa_check_interval: float  # seconds
+    opa_auth_token: str = field(repr=False)  # never logged: repr leaves it out
+    opa_auth_token_file: str
+    opa_ca_file: str
+    opa_allow_insecure: bool
+    opa_client_cert_file: str
+    opa_client_key_file: str
     replicate: tuple[GroupVersionResource, ...]  # namespaced resources to replicate
     replicate_cluster: tuple[GroupVersionResource, ...]  # cluster-scoped resources to replicate
     replicate_path: str  # slash-separated path under data/ in OPA
@@ -563,6 +569,7 @@ class Option(Generic[T]):
     in_file: bool = True  # settable as a key of the config file
     default_text: str | None = None  # words for the default where the value says little; "" hides it
     field_name: str = ""  # its Settings attribute, when not the name in snake case
+    secret: bool = False  # never quoted back in an error message
 
     @property
     def flag(self) -> str:
@@ -604,6 +611,60 @@ OPTIONS: tuple[Option[Any], ...] = (
         OPA,
         metavar="URL",
         validate=_http_url,
+    ),
+    Option(
+        "opa-auth-token",
+        STRING,
+        "",
+        "Bearer token for OPA's API. Prefer opa-auth-token-file: a flag shows in the process list.",
+        OPA,
+        metavar="TOKEN",
+        default_text="none",
+        secret=True,
+    ),
+    Option(
+        "opa-auth-token-file",
+        STRING,
+        "",
+        "File whose first line is the bearer token for OPA's API; re-read when it changes.",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-ca-file",
+        STRING,
+        "",
+        "PEM file of CA certificates that OPA's certificate may chain to, besides the system's.",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-allow-insecure",
+        BOOL,
+        False,
+        "Do not verify OPA's TLS certificate (for testing only).",
+        OPA,
+        metavar="BOOL",
+    ),
+    Option(
+        "opa-client-cert-file",
+        STRING,
+        "",
+        "PEM client certificate for mutual TLS with OPA (with opa-client-key-file).",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-client-key-file",
+        STRING,
+        "",
+        "PEM private key of opa-client-cert-file.",
+        OPA,
+        metavar="PATH",
+        default_text="none",
     ),
     Option(
         "opa-check-interval",
@@ -868,7 +929,8 @@ def _checked(option: Option[Any], given: _Given) -> Any:
     except _BadItem as exc:
         raise given.where.error(str(exc), exc.item) from None
     except ValueError as exc:
-        raise given.where.error(str(exc), option.kind.to_text(given.value)) from None
+        shown = None if option.secret else option.kind.to_text(given.value)
+        raise given.where.error(str(exc), shown) from None
 
 
 def _parse(kind: Kind[Any], text: str, where: _Where) -> Any:
@@ -1077,6 +1139,19 @@ def _file_hint(name: str) -> str:
     return _suggestion(name, [option.name for option in OPTIONS if option.in_file], "")
 
 
+def _opa_connection(values: dict[str, Any]) -> None:
+    """Settings that exclude or need each other, as kube-mgmt defines them (plus mutual TLS)."""
+    pairs = [("opa-auth-token", "opa-auth-token-file"), ("opa-ca-file", "opa-allow-insecure")]
+    for one, other in pairs:
+        if values[one] and values[other]:
+            raise SettingsError(f"invalid --{other}: cannot be combined with --{one}; give one of them")
+    cert, key = values["opa-client-cert-file"], values["opa-client-key-file"]
+    if bool(cert) != bool(key):
+        missing = "--opa-client-key-file" if cert else "--opa-client-cert-file"
+        given = "--opa-client-cert-file" if cert else "--opa-client-key-file"
+        raise SettingsError(f"invalid {given}: mutual TLS needs {missing} too")
+
+
 def _replication(values: dict[str, Any]) -> None:
     """Turns the replication settings into resources, and checks that they agree with each other."""
     namespaced = tuple(GroupVersionResource.parse(v) for v in values["replicate"])
@@ -1130,6 +1205,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     values.pop("help")
     values["config"] = config_file
     _replication(values)
+    _opa_connection(values)
     return Settings(
         **{_BY_NAME[name].attribute: value for name, value in values.items()},
         warnings=tuple(flags.warnings),

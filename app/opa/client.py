@@ -34,6 +34,13 @@ class OpaUnavailable(Exception):
     """OPA could not be reached, timed out, or answered 5xx/429 even after brief retries."""
 
 
+class OpaUnauthorized(OpaUnavailable):
+    """OPA refused kopa's credentials (401/403): no write can succeed until the token is right again.
+
+    Not an error of the policy or data being written, so it is never reported on a ConfigMap.
+    """
+
+
 @dataclass
 class OpaError(Exception):
     """OPA refused the request (4xx). `body` is OPA's error object, kept for status annotations."""
@@ -117,8 +124,8 @@ class OpaClient:
             async with self._session_for_use().request(method, url, data=body, headers=headers) as resp:
                 payload = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # The message names the error type only: never the headers, which carry the token.
-            raise _Transient(f"{method} {url}: {type(exc).__name__}") from exc
+            # Connection errors describe the connection (host, TLS), never the request's headers and token.
+            raise _Transient(f"{method} {url}: {type(exc).__name__}: {exc}"[:500]) from exc
         if resp.status >= 500 or resp.status == 429:
             raise _Transient(f"{method} {url}: HTTP {resp.status}")
         return resp.status, payload
@@ -141,6 +148,8 @@ class OpaClient:
             raise OpaUnavailable(str(exc)) from None
         if status < 300 or status == 404:
             return status, payload
+        if status in (401, 403):
+            raise OpaUnauthorized(f"{method} {url}: HTTP {status}: {_opa_error(status, payload).message}")
         raise _opa_error(status, payload)
 
     async def put_policy(self, policy_id: str, text: str) -> None:

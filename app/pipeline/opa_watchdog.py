@@ -12,13 +12,17 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from app.opa.client import OpaClient, OpaError, OpaUnavailable
+from app.pipeline.worker import OpaGate
 
 log = logging.getLogger(__name__)
 
 
 class OpaWatchdog:
-    def __init__(self, opa: OpaClient, interval: float, on_restart: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, opa: OpaClient, gate: OpaGate, interval: float, on_restart: Callable[[], Awaitable[None]]
+    ) -> None:
         self.opa = opa
+        self.gate = gate
         self.interval = interval
         self.on_restart = on_restart
         self.process_id: str | None = None
@@ -27,9 +31,10 @@ class OpaWatchdog:
     async def check(self) -> None:
         try:
             config = await self.opa.config()
-        except (OpaUnavailable, OpaError) as exc:
-            log.debug("cannot read OPA's config: %s", exc)
+        except (OpaUnavailable, OpaError) as exc:  # OpaUnauthorized too: kopa cannot work with this OPA
+            self.gate.mark_down(exc)
             return
+        self.gate.mark_up()
         process_id = str((config.get("labels") or {}).get("id") or "")
         if not process_id:
             return

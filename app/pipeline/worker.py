@@ -39,7 +39,10 @@ class Handler(Protocol):
 
 
 class OpaGate:
-    """Tells a broken OPA from a failing key, and waits out an outage with capped backoff."""
+    """Whether OPA answers; tells a broken OPA from a failing key, and waits out an outage.
+
+    The writer and the watchdog both report what they see; each change is logged once.
+    """
 
     def __init__(self, probe: Callable[[], Awaitable[bool]], backoff: Backoff | None = None) -> None:
         self._probe = probe
@@ -47,19 +50,27 @@ class OpaGate:
         self.available = True
         self.outages = 0
 
+    def mark_down(self, cause: object) -> None:
+        if self.available:
+            self.available = False
+            self.outages += 1
+            log.warning("OPA is unreachable (%s); waiting for it to come back", cause)
+
+    def mark_up(self) -> None:
+        if not self.available:
+            self.available = True
+            log.info("OPA is reachable again")
+
     async def wait_if_down(self, cause: Exception) -> bool:
         """True if OPA was down (and is now back); False if OPA is up, so the failure was the keys'."""
         if await self._probe():
             return False
-        self.available = False
-        self.outages += 1
-        log.warning("OPA is unreachable (%s); waiting for it to come back", cause)
+        self.mark_down(cause)
         attempt = 0
         while not await self._probe():
             attempt += 1
             await anyio.sleep(self._backoff.delay(attempt))
-        self.available = True
-        log.info("OPA is reachable again")
+        self.mark_up()
         return True
 
 

@@ -33,6 +33,12 @@ DEFAULTS: dict[str, Any] = {
     "data_value": "opa",
     "namespaces": (),
     "opa_check_interval": 1.0,
+    "opa_auth_token": "",
+    "opa_auth_token_file": "",
+    "opa_ca_file": "",
+    "opa_allow_insecure": False,
+    "opa_client_cert_file": "",
+    "opa_client_key_file": "",
     "replicate": (),
     "replicate_cluster": (),
     "replicate_path": "kubernetes",
@@ -1030,3 +1036,27 @@ def test_durations_take_go_syntax(text: str, seconds: float) -> None:
 @pytest.mark.parametrize("text", ["", "1x", "s", "1s2", "-1s", "0s", "1 s"])
 def test_bad_durations(text: str) -> None:
     assert error([f"--opa-check-interval={text}"]).startswith("invalid --opa-check-interval")
+
+
+# --- the link to OPA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--opa-auth-token=t", "--opa-auth-token-file=/f"], "cannot be combined with --opa-auth-token"),
+        (["--opa-ca-file=/ca", "--opa-allow-insecure"], "cannot be combined with --opa-ca-file"),
+        (["--opa-client-cert-file=/c"], "needs --opa-client-key-file too"),
+        (["--opa-client-key-file=/k"], "needs --opa-client-cert-file too"),
+    ],
+)
+def test_opa_connection_settings_that_exclude_or_need_each_other(argv: list[str], expected: str) -> None:
+    assert expected in error(argv)
+
+
+def test_the_token_is_never_shown() -> None:
+    secret = "s3cr3t-token-value"
+    loaded = load(f"--opa-auth-token={secret}")
+    assert loaded.opa_auth_token == secret
+    assert secret not in repr(loaded)
+    assert secret not in error([f"--opa-auth-token={secret}", "--opa-auth-token-file=/f"])

@@ -1,0 +1,152 @@
+"""The link to OPA in its production shape: TLS verified by default, a bearer token (rotatable), mutual TLS.
+
+The token must never show up in anything kopa prints.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from devstack.binaries import tool_path
+from devstack.certs import TestCA
+from devstack.opa import OpaServer
+from devstack.processes import HOST, ManagedProcess, free_port, wait_until
+from tests.integration.conftest import KopaFactory
+from tests.integration.helpers import (
+    OK,
+    POLICY,
+    annotations_of,
+    put_configmap,
+    wait_data,
+    wait_log,
+    wait_status,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def secure_args(opa: OpaServer, namespace: str) -> list[str]:
+    return [
+        f"--opa-url={opa.api_url}",
+        f"--opa-auth-token-file={opa.token_file}",
+        f"--opa-ca-file={opa.ca_file}",
+        f"--namespaces={namespace}",
+    ]
+
+
+def test_production_shape_opa_loads_and_the_token_never_shows(
+    run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    kopa = run_kopa(*secure_args(secure_opa, namespace), "--replicate=v1/services")
+    put_configmap(core_v1, namespace, "p", {"p.rego": "package securetest\n\nx := 1\n"}, POLICY)
+    put_configmap(core_v1, namespace, "bad", {"b.rego": "package broken\n\nnot rego at all {\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "p") == OK
+    wait_status(core_v1, namespace, "bad", lambda v: v != OK)
+    wait_data(secure_opa, "securetest/x", 1)
+    wait_data(secure_opa, "system/kopa/ready", True)
+    assert secure_opa.token
+    assert secure_opa.token not in kopa.log_path.read_text(), "the token leaked into kopa's output"
+    assert secure_opa.token not in json.dumps(annotations_of(core_v1, namespace, "bad"))
+
+
+def test_a_rotated_token_file_is_picked_up(
+    run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    assert secure_opa.token and secure_opa.token_file
+    token_file = tmp_path / "token"
+    token_file.write_text(secure_opa.token + "\n")
+    args = secure_args(secure_opa, namespace)
+    args[1] = f"--opa-auth-token-file={token_file}"
+    kopa = run_kopa(*args)
+    put_configmap(core_v1, namespace, "before", {"b.rego": "package rotate.before\n\nx := 1\n"}, POLICY)
+    wait_data(secure_opa, "rotate/before/x", 1)
+
+    # OPA now accepts only a new token (its authz policy is replaced), and the Secret is rotated.
+    new_token = "rotated-" + secure_opa.token[::-1]
+    authz = (
+        (secure_opa.authz_file or Path())
+        .read_text()
+        .replace(json.dumps(secure_opa.token), json.dumps(new_token))
+    )
+    secure_opa.http().put("/v1/policies/authz.rego", authz)
+    token_file.write_text(new_token + "\n")
+    put_configmap(core_v1, namespace, "after", {"a.rego": "package rotate.after\n\nx := 2\n"}, POLICY)
+    wait_until(
+        lambda: secure_opa.http(token=new_token).get_json("/v1/data/rotate/after/x").get("result") == 2,
+        timeout=30,
+        what="a policy loaded with the rotated token",
+    )
+    assert new_token not in kopa.log_path.read_text()
+
+
+def test_tls_is_verified_by_default(run_kopa: KopaFactory, secure_opa: OpaServer, namespace: str) -> None:
+    args = [a for a in secure_args(secure_opa, namespace) if not a.startswith("--opa-ca-file")]
+    kopa = run_kopa(*args)
+    wait_log(kopa, "OPA is unreachable")
+    assert (
+        "CERTIFICATE_VERIFY_FAILED" in kopa.log_path.read_text() or "certificate" in kopa.log_path.read_text()
+    )
+
+
+def test_allow_insecure_skips_verification(
+    run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    args = [a for a in secure_args(secure_opa, namespace) if not a.startswith("--opa-ca-file")]
+    run_kopa(*args, "--opa-allow-insecure")
+    put_configmap(core_v1, namespace, "p", {"p.rego": "package insecure\n\nx := 1\n"}, POLICY)
+    wait_data(secure_opa, "insecure/x", 1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--opa-ca-file=/does/not/exist.pem"], "invalid --opa-ca-file /does/not/exist.pem"),
+        (["--opa-auth-token-file=/does/not/exist"], "invalid --opa-auth-token-file /does/not/exist"),
+        (["--opa-client-cert-file=/x.crt"], "mutual TLS needs --opa-client-key-file too"),
+        (["--opa-auth-token=abc", "--opa-auth-token-file=/x"], "cannot be combined with --opa-auth-token"),
+    ],
+)
+def test_unusable_connection_settings_stop_start_up(
+    run_kopa: KopaFactory, opa: OpaServer, namespace: str, extra: list[str], expected: str
+) -> None:
+    kopa = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", *extra, expect_exit=2)
+    assert kopa.wait(timeout=30) == 2
+    lines = [line for line in kopa.tail_log(10).splitlines() if line.startswith("kopa: ")]
+    assert len(lines) == 1 and expected in lines[0], kopa.tail_log(10)
+    assert "abc" not in lines[0], "a token given as a flag is never quoted back"
+
+
+def test_mutual_tls(run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path) -> None:
+    """An OPA that accepts only clients with a certificate from its CA (kube-mgmt cannot talk to it)."""
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("opa")
+    client_cert, client_key = ca.issue("kopa", ips=(), dns=())
+    port = free_port()
+    opa = ManagedProcess(
+        "opa-mtls",
+        [
+            tool_path("opa"),
+            "run",
+            "--server",
+            "--skip-version-check",
+            f"--addr={HOST}:{port}",
+            f"--tls-cert-file={cert}",
+            f"--tls-private-key-file={key}",
+            f"--tls-ca-cert-file={ca.ca_file}",
+            "--authentication=tls",
+        ],
+        tmp_path / "opa.log",
+    )
+    with opa.start():
+        url = f"https://{HOST}:{port}"
+        base = [f"--opa-url={url}/v1", f"--opa-ca-file={ca.ca_file}", f"--namespaces={namespace}"]
+        refused = run_kopa(*base)
+        wait_log(refused, "OPA is unreachable")
+        refused.stop()
+        run_kopa(*base, f"--opa-client-cert-file={client_cert}", f"--opa-client-key-file={client_key}")
+        put_configmap(core_v1, namespace, "p", {"p.rego": "package mtls\n\nx := 1\n"}, POLICY)
+        assert wait_status(core_v1, namespace, "p") == OK
