@@ -59,6 +59,9 @@ class Settings:
     data_value: str
     namespaces: tuple[str, ...]  # () = not given (kopa watches its own namespace); ("*",) = all
     opa_check_interval: float  # seconds
+    health_endpoint: str  # "host:port" of the probe and metrics server; "" = off
+    log_format: str  # "text" | "json"
+    shutdown_timeout: float  # seconds
     opa_auth_token: str = field(repr=False)  # never logged: repr leaves it out
     opa_auth_token_file: str
     opa_ca_file: str
@@ -460,6 +463,24 @@ def _namespaces(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))  # drop repeats, keep order
 
 
+def _address(value: str) -> str:
+    """host:port, :port or [v6]:port; empty turns the server off."""
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT or :PORT with a port from 1 to 65535, or empty to turn it off")
+    if host.startswith("[") != host.endswith("]") or any(c.isspace() or c in "/?#" for c in host):
+        raise ValueError("has an invalid host; use an IP address or a name, e.g. 0.0.0.0:8000")
+    return value
+
+
+def _log_format(value: str) -> str:
+    if value.strip().lower() not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value.strip().lower()
+
+
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError("must be more than zero")
@@ -817,6 +838,34 @@ OPTIONS: tuple[Option[Any], ...] = (
         LOGGING,
         metavar="LEVEL",
         validate=_log_level,
+    ),
+    Option(
+        "log-format",
+        STRING,
+        "text",
+        "text: readable lines; json: one JSON object per line, for log pipelines.",
+        LOGGING,
+        metavar="FORMAT",
+        validate=_log_format,
+    ),
+    Option(
+        "health-endpoint",
+        STRING,
+        "0.0.0.0:8000",
+        "Address of the HTTP server for /healthz (liveness), /readyz and /health (readiness) and "
+        "/metrics (Prometheus). Empty turns it off.",
+        OTHER,
+        metavar="ADDR",
+        validate=_address,
+    ),
+    Option(
+        "shutdown-timeout",
+        DURATION,
+        10.0,
+        "On SIGTERM or SIGINT, exit within this time, abandoning writes still in flight.",
+        OTHER,
+        metavar="DURATION",
+        validate=_positive,
     ),
     Option(
         "config",

@@ -6,13 +6,29 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from devstack.processes import ManagedProcess
+from devstack.processes import HOST, ManagedProcess, free_port
+
+
+class KopaProcess(ManagedProcess):
+    """kopa with its probe and metrics server on a free loopback port (never kopa's 0.0.0.0 default)."""
+
+    def __init__(
+        self, args: Sequence[str | Path], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        argv = [str(a) for a in args]
+        given = [a for a in argv if a.startswith("--health-endpoint")]
+        if given:
+            address = given[-1].partition("=")[2]
+        else:
+            address = f"{HOST}:{free_port()}"
+            argv.append(f"--health-endpoint={address}")
+        self.health_url = f"http://{address}" if address else ""
+        env = {"PYTHONUNBUFFERED": "1", **(env or {})}
+        super().__init__("kopa", [sys.executable, "-m", "app", *argv], log_path, env=env)
 
 
 def kopa_process(
     args: Sequence[str | Path], log_path: Path, env: Mapping[str, str] | None = None
-) -> ManagedProcess:
+) -> KopaProcess:
     """A not yet started kopa with these command-line arguments; its stdout and stderr go to log_path."""
-    return ManagedProcess(
-        "kopa", [sys.executable, "-m", "app", *args], log_path, env={"PYTHONUNBUFFERED": "1", **(env or {})}
-    )
+    return KopaProcess(args, log_path, env)

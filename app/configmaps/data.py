@@ -81,5 +81,8 @@ class DataBook:
             loaded[key] = digest
         self.errors[configmap] = errors
 
+    def document_count(self) -> int:
+        return sum(len(keys) for keys in self.loaded.values())
+
     def errors_of(self, configmap: ObjectKey) -> dict[str, dict[str, Any]]:
         return self.errors.get(configmap, {})

@@ -21,7 +21,7 @@ import orjson
 
 from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
 from app.pipeline.watcher import ObjectKey
-from app.pipeline.workqueue import WorkQueue
+from app.pipeline.workqueue import QueueObserver, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ def _summary(value: str) -> str:
 class StatusReporter:
     """Keeps each ConfigMap's annotation equal to its latest status; records Events on transitions."""
 
-    def __init__(self, kube: KubeClient, lookup: Lookup) -> None:
+    def __init__(self, kube: KubeClient, lookup: Lookup, observer: QueueObserver | None = None) -> None:
         self.kube = kube
         self.lookup = lookup
-        self.queue: WorkQueue[ObjectKey] = WorkQueue("status")
+        self.queue: WorkQueue[ObjectKey] = WorkQueue("status", observer=observer)
         self._wanted: dict[ObjectKey, tuple[str, str]] = {}  # key -> (status, action)
         # What kopa last wrote: the store may not have seen kopa's own patch yet.
         self._written: dict[ObjectKey, str] = {}

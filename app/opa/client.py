@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # Large collection PUTs take OPA seconds to apply; a wedged OPA must still not hang kopa forever.
 REQUEST_TIMEOUT = 120.0
+
+
+# (endpoint, method, status code or "error", seconds): what the metrics layer records per request.
+Observe = Callable[[str, str, str, float], None]
 
 
 class OpaUnavailable(Exception):
@@ -88,8 +93,10 @@ class OpaClient:
         ssl_context: ssl.SSLContext | bool | None = None,
         attempts: int = 3,
         retry_budget: float = 2.0,
+        observe: Observe | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
+        self._observe = observe
         self._token = token
         self._ssl = ssl_context
         self._attempts = attempts
@@ -120,15 +127,24 @@ class OpaClient:
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        started = time.monotonic()
         try:
             async with self._session_for_use().request(method, url, data=body, headers=headers) as resp:
                 payload = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._record(url, method, "error", started)
             # Connection errors describe the connection (host, TLS), never the request's headers and token.
             raise _Transient(f"{method} {url}: {type(exc).__name__}: {exc}"[:500]) from exc
+        self._record(url, method, str(resp.status), started)
         if resp.status >= 500 or resp.status == 429:
             raise _Transient(f"{method} {url}: HTTP {resp.status}")
         return resp.status, payload
+
+    def _record(self, url: str, method: str, code: str, started: float) -> None:
+        if self._observe is not None:
+            # The endpoint is the API's first segment (policies, data, config, health): few label values.
+            rest = url[len(self.api_url) + 1 :] if url.startswith(self.api_url) else url.rsplit("/", 1)[-1]
+            self._observe(rest.split("/", 1)[0] or "root", method, code, time.monotonic() - started)
 
     async def request(
         self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"

@@ -20,9 +20,15 @@ HEALTHY_RUN = 60.0
 
 
 async def supervise(
-    name: str, component: Callable[[], Awaitable[None]], backoff: Backoff | None = None
+    name: str,
+    component: Callable[[], Awaitable[None]],
+    backoff: Backoff | None = None,
+    on_crash: Callable[[str, bool], None] | None = None,
 ) -> None:
-    """Runs component until it returns; restarts it after each crash. Cancellation passes through."""
+    """Runs component until it returns; restarts it after each crash. Cancellation passes through.
+
+    on_crash(name, healthy_run) lets liveness notice a component that keeps crashing.
+    """
     backoff = backoff or Backoff(base=0.5, cap=30.0)
     crashes = 0
     while True:
@@ -31,9 +37,12 @@ async def supervise(
             await component()
             return
         except Exception as exc:
-            if time.monotonic() - started > HEALTHY_RUN:
+            healthy_run = time.monotonic() - started > HEALTHY_RUN
+            if healthy_run:
                 crashes = 0
             crashes += 1
+            if on_crash is not None:
+                on_crash(name, healthy_run)
             delay = backoff.delay(crashes)
             log.error(
                 "%s crashed (%s: %s); restarting in %.1fs",

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 
@@ -35,6 +35,14 @@ class Backoff:
         return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
+class QueueObserver(Protocol):
+    """Told how long keys wait and how long they take; the metrics layer implements it."""
+
+    def queued(self, seconds: float) -> None: ...
+
+    def worked(self, seconds: float) -> None: ...
+
+
 @dataclass
 class QueueStats:
     """Counters the metrics layer reads; kept here so the queue does not depend on it."""
@@ -47,9 +55,12 @@ class QueueStats:
 
 
 class WorkQueue(Generic[K]):
-    def __init__(self, name: str, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self, name: str, backoff: Backoff | None = None, observer: QueueObserver | None = None
+    ) -> None:
         self.name = name
         self.backoff = backoff or Backoff()
+        self.observer = observer
         self.stats = QueueStats()
         self._queue: deque[K] = deque()
         self._dirty: set[K] = set()
@@ -89,10 +100,15 @@ class WorkQueue(Generic[K]):
             if self._ready.is_set():
                 self._ready = anyio.Event()
             await self._ready.wait()
-        key = self._queue.popleft()
+        return self._start(self._queue.popleft(), time.monotonic())
+
+    def _start(self, key: K, now: float) -> K:
         self._processing.add(key)
         self._dirty.discard(key)
-        self.stats.started_at[key] = time.monotonic()
+        self.stats.started_at[key] = now
+        added = self.stats.added_at.pop(key, None)
+        if self.observer is not None and added is not None:
+            self.observer.queued(now - added)
         return key
 
     async def get_batch(self, limit: int) -> list[K]:
@@ -104,21 +120,17 @@ class WorkQueue(Generic[K]):
         now = time.monotonic()
         taken: list[K] = []
         while self._queue and len(taken) < limit:
-            key = self._queue.popleft()
-            self._processing.add(key)
-            self._dirty.discard(key)
-            self.stats.started_at[key] = now
-            taken.append(key)
+            taken.append(self._start(self._queue.popleft(), now))
         return taken
 
     def done(self, key: K) -> None:
         self._processing.discard(key)
-        self.stats.started_at.pop(key, None)
+        started = self.stats.started_at.pop(key, None)
+        if self.observer is not None and started is not None:
+            self.observer.worked(time.monotonic() - started)
         if key in self._dirty:
             self._queue.append(key)
             self._ready.set()
-        else:
-            self.stats.added_at.pop(key, None)
         self._check_idle()
 
     def add_rate_limited(self, key: K) -> float:

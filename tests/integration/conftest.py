@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from devstack.kopa import kopa_process
+from devstack.kopa import KopaProcess, kopa_process
 from devstack.kube import KubeCluster
-from devstack.processes import ManagedProcess
 
-KopaFactory = Callable[..., ManagedProcess]
+KopaFactory = Callable[..., KopaProcess]
 
 
 @pytest.fixture
@@ -20,10 +19,10 @@ def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
 
     A kopa that exits with an error or logs a traceback fails the test at teardown, whatever it asserted.
     """
-    started: list[ManagedProcess] = []
+    started: list[KopaProcess] = []
     expected: dict[int, int] = {}
 
-    def start(*args: str, kubeconfig: Path | None = None, expect_exit: int = 0) -> ManagedProcess:
+    def start(*args: str, kubeconfig: Path | None = None, expect_exit: int = 0) -> KopaProcess:
         """expect_exit: the exit code the test expects (2 for a start-up error); anything else fails it."""
         log = tmp_path / f"kopa-{len(started)}.log"
         process = kopa_process(

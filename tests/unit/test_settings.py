@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "data_value": "opa",
     "namespaces": (),
     "opa_check_interval": 1.0,
+    "health_endpoint": "0.0.0.0:8000",
+    "log_format": "text",
+    "shutdown_timeout": 10.0,
     "opa_auth_token": "",
     "opa_auth_token_file": "",
     "opa_ca_file": "",
@@ -1060,3 +1063,23 @@ def test_the_token_is_never_shown() -> None:
     assert loaded.opa_auth_token == secret
     assert secret not in repr(loaded)
     assert secret not in error([f"--opa-auth-token={secret}", "--opa-auth-token-file=/f"])
+
+
+# --- operations --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0:8000", ":8000", "127.0.0.1:1", "[::]:9000", "localhost:65535", ""])
+def test_health_endpoint_addresses(text: str) -> None:
+    assert load(f"--health-endpoint={text}").health_endpoint == text
+
+
+@pytest.mark.parametrize("text", ["8000", "host:0", "host:65536", "host:port", "a b:80", "[::1:80"])
+def test_bad_health_endpoints(text: str) -> None:
+    assert error([f"--health-endpoint={text}"]).startswith("invalid --health-endpoint")
+
+
+def test_log_format_and_shutdown_timeout() -> None:
+    loaded = load("--log-format=JSON", "--shutdown-timeout=2s500ms")
+    assert loaded.log_format == "json"
+    assert loaded.shutdown_timeout == 2.5
+    assert "must be text or json" in error(["--log-format=xml"])

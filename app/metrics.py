@@ -1,0 +1,187 @@
+"""Prometheus metrics: the workqueue names Kubernetes operators already chart, and kopa's own.
+
+Counters and gauges are read from the components when Prometheus scrapes (the components keep plain
+numbers and know nothing of Prometheus); only latencies are observed as they happen, into histograms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.pipeline.watcher import WatchStats
+from app.pipeline.workqueue import WorkQueue
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class MetricSources:
+    """What the collector reads at scrape time; the CLI fills it in as it builds the components."""
+
+    queues: list[WorkQueue[Any]] = field(default_factory=list)
+    watches: Callable[[], list[tuple[str, WatchStats]]] = list  # (source, stats), asked at each scrape
+    replicated: list[tuple[str, Callable[[], int]]] = field(default_factory=list)  # (resource, count)
+    policies_loaded: Callable[[], int] = lambda: 0
+    policies_failed: Callable[[], int] = lambda: 0
+    data_documents: Callable[[], int] = lambda: 0
+    opa_restarts: Callable[[], int] = lambda: 0
+    ready: Callable[[], bool] = lambda: False
+    opa_up: Callable[[], bool] = lambda: False
+
+
+class _QueueLatency:
+    """The WorkQueue observer for one queue: feeds its two histograms."""
+
+    def __init__(self, queued: Histogram, worked: Histogram, name: str) -> None:
+        self._queued = queued.labels(name=name)
+        self._worked = worked.labels(name=name)
+
+    def queued(self, seconds: float) -> None:
+        self._queued.observe(seconds)
+
+    def worked(self, seconds: float) -> None:
+        self._worked.observe(seconds)
+
+
+class Metrics(Collector):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.sources = MetricSources()
+        self._queue_duration = Histogram(
+            "workqueue_queue_duration_seconds",
+            "How long a key waits in the workqueue before it is processed.",
+            ["name"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._work_duration = Histogram(
+            "workqueue_work_duration_seconds",
+            "How long processing a key takes.",
+            ["name"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._opa_duration = Histogram(
+            "kopa_opa_request_duration_seconds",
+            "Latency of requests to OPA's REST API.",
+            ["endpoint", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._opa_requests: dict[tuple[str, str, str], int] = {}
+        self.registry.register(self)
+
+    def queue_observer(self, name: str) -> _QueueLatency:
+        return _QueueLatency(self._queue_duration, self._work_duration, name)
+
+    def observe_opa(self, endpoint: str, method: str, code: str, seconds: float) -> None:
+        key = (endpoint, method, code)
+        self._opa_requests[key] = self._opa_requests.get(key, 0) + 1
+        self._opa_duration.labels(endpoint=endpoint, method=method).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected freshly each scrape; nothing to declare up front
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.sources
+        now = time.monotonic()
+        yield from self._queue_metrics(s.queues, now)
+
+        requests = CounterMetricFamily(
+            "kopa_opa_requests",
+            "Requests to OPA's REST API, by endpoint, method and status code.",
+            labels=["endpoint", "method", "code"],
+        )
+        for (endpoint, method, code), count in sorted(self._opa_requests.items()):
+            requests.add_metric([endpoint, method, code], count)
+        yield requests
+
+        restarts = CounterMetricFamily(
+            "kopa_watch_restarts",
+            "Watches that ended and were started again, by reason (gone: 410, "
+            "resourceVersion too old; timeout; error).",
+            labels=["source", "reason"],
+        )
+        full_syncs = CounterMetricFamily(
+            "kopa_full_syncs", "Complete lists of a source from the API server.", labels=["source"]
+        )
+        last_sync = GaugeMetricFamily(
+            "kopa_last_full_sync_timestamp_seconds",
+            "When a source was last listed completely (Unix time).",
+            labels=["source"],
+        )
+        for source, stats in s.watches():
+            for reason, count in sorted(stats.restarts.items()):
+                restarts.add_metric([source, reason], count)
+            full_syncs.add_metric([source], stats.lists)
+            if stats.last_list is not None:
+                last_sync.add_metric([source], stats.last_list)
+        yield from (restarts, full_syncs, last_sync)
+
+        replicated = GaugeMetricFamily(
+            "kopa_replicated_objects", "Objects kopa holds of each replicated resource.", labels=["resource"]
+        )
+        for resource, size in s.replicated:
+            replicated.add_metric([resource], size())
+        yield replicated
+        yield GaugeMetricFamily(
+            "kopa_policies_loaded", "Rego modules loaded in OPA.", value=s.policies_loaded()
+        )
+        yield GaugeMetricFamily(
+            "kopa_policies_failed",
+            "Rego modules that OPA refused (see their ConfigMap's status).",
+            value=s.policies_failed(),
+        )
+        yield GaugeMetricFamily(
+            "kopa_data_documents_loaded",
+            "JSON documents from data ConfigMaps loaded in OPA.",
+            value=s.data_documents(),
+        )
+        yield CounterMetricFamily(
+            "kopa_opa_restarts", "New OPA processes detected (each one is refilled).", value=s.opa_restarts()
+        )
+        yield GaugeMetricFamily(
+            "kopa_ready", "1 when OPA holds everything kopa should have put there.", value=float(s.ready())
+        )
+        yield GaugeMetricFamily("kopa_opa_up", "1 when OPA answers kopa.", value=float(s.opa_up()))
+
+    @staticmethod
+    def _queue_metrics(queues: Sequence[WorkQueue[Any]], now: float) -> Iterable[Metric]:
+        depth = GaugeMetricFamily("workqueue_depth", "Keys waiting in the workqueue.", labels=["name"])
+        adds = CounterMetricFamily("workqueue_adds", "Keys added to the workqueue.", labels=["name"])
+        retries = CounterMetricFamily("workqueue_retries", "Keys requeued after a failure.", labels=["name"])
+        coalesced = CounterMetricFamily(
+            "kopa_updates_coalesced",
+            "Adds of a key that was already waiting: updates that cost no extra write.",
+            labels=["name"],
+        )
+        unfinished = GaugeMetricFamily(
+            "workqueue_unfinished_work_seconds",
+            "Seconds of work in progress that has not finished.",
+            labels=["name"],
+        )
+        longest = GaugeMetricFamily(
+            "workqueue_longest_running_processor_seconds",
+            "How long the longest running key has been in work.",
+            labels=["name"],
+        )
+        for queue in queues:
+            stats = queue.stats
+            running = [now - started for started in list(stats.started_at.values())]
+            depth.add_metric([queue.name], len(queue))
+            adds.add_metric([queue.name], stats.adds)
+            retries.add_metric([queue.name], stats.retries)
+            coalesced.add_metric([queue.name], stats.coalesced)
+            unfinished.add_metric([queue.name], sum(running))
+            longest.add_metric([queue.name], max(running, default=0.0))
+        yield from (depth, adds, retries, coalesced, unfinished, longest)

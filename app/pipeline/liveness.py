@@ -1,0 +1,53 @@
+"""Whether kopa is wedged, which only a restart can fix: the kubelet's liveness probe asks this.
+
+Three signs, none of which depends on OPA or the API server being up (restarting kopa would not help):
+- the event loop is blocked: its ticker has not run for LOOP_BLOCKED seconds (read from another thread);
+- a component keeps crashing: CRASH_LOOP crashes in a row without a healthy run in between;
+- a component stopped making progress: its heartbeat is older than its own bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+LOOP_BLOCKED = 5.0  # seconds without a tick of the event loop
+TICK = 0.25
+CRASH_LOOP = 5
+
+
+@dataclass
+class Liveness:
+    last_tick: float = field(default_factory=time.monotonic)
+    crashes: dict[str, int] = field(default_factory=dict)  # consecutive crashes per component
+    beats: dict[str, tuple[float, float]] = field(default_factory=dict)  # component -> (last beat, bound)
+
+    async def run_ticker(self) -> None:
+        while True:
+            self.last_tick = time.monotonic()
+            await anyio.sleep(TICK)
+
+    def beat(self, component: str, bound: float) -> None:
+        """The component made progress; without another beat within `bound` seconds it counts as stuck."""
+        self.beats[component] = (time.monotonic(), bound)
+
+    def crashed(self, component: str, healthy_run: bool) -> None:
+        self.crashes[component] = 1 if healthy_run else self.crashes.get(component, 0) + 1
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        """(alive, details). Safe to call from another thread: it only reads numbers."""
+        now = time.monotonic()
+        problems = []
+        blocked = now - self.last_tick
+        if blocked > LOOP_BLOCKED:
+            problems.append(f"event loop blocked for {blocked:.1f}s")
+        for component, count in list(self.crashes.items()):
+            if count >= CRASH_LOOP:
+                problems.append(f"{component} crashed {count} times in a row")
+        for component, (last, bound) in list(self.beats.items()):
+            if now - last > bound:
+                problems.append(f"{component} made no progress for {now - last:.0f}s")
+        return not problems, {"alive": not problems, "problems": problems}
