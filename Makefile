@@ -14,9 +14,10 @@ test: $(STAMP) servers lint
 demo: $(STAMP) servers
 	$(PY) -m devstack.demo $(DEMO_ARGS)
 
-# Builds (once per version, cached in ~/.cache/kopa/tools) the real servers the tests and the demo run.
+# Builds (once per version, cached in ~/.cache/kopa/tools) the real servers the tests and the demo run,
+# and helm for the chart's tests.
 servers:
-	scripts/build-servers.sh
+	scripts/build-servers.sh opa kube helm
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests devstack
