@@ -355,19 +355,23 @@ def _regex_error(message: str, fmt: str, *examples: str) -> str:
     return f"{message} (e.g. {shown}, regex used for validation is '{fmt}')"
 
 
+_NAME_PART_RULE = _regex_error(
+    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric "
+    "character",
+    _QUALIFIED_NAME_FMT,
+    "MyName",
+    "my.name",
+    "123-abc",
+)
+
+
 def _qualified_name_errors(value: str) -> list[str]:
+    """Kubernetes' validation of a label key (a qualified name), with its own wording."""
     parts = value.split("/")
     if len(parts) > 2:
         return [
             "a qualified name "
-            + _regex_error(
-                "must consist of alphanumeric characters, '-', '_' or '.', "
-                "and must start and end with an alphanumeric character",
-                _QUALIFIED_NAME_FMT,
-                "MyName",
-                "my.name",
-                "123-abc",
-            )
+            + _NAME_PART_RULE
             + " with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')"
         ]
     errors: list[str] = []
@@ -394,17 +398,7 @@ def _qualified_name_errors(value: str) -> list[str]:
     elif len(name) > 63:
         errors.append("name part must be no more than 63 characters")
     if not re.fullmatch(_QUALIFIED_NAME_FMT, name):
-        errors.append(
-            "name part "
-            + _regex_error(
-                "must consist of alphanumeric characters, '-', '_' or '.', "
-                "and must start and end with an alphanumeric character",
-                _QUALIFIED_NAME_FMT,
-                "MyName",
-                "my.name",
-                "123-abc",
-            )
-        )
+        errors.append("name part " + _NAME_PART_RULE)
     return errors
 
 

@@ -164,3 +164,21 @@ def log_text(process: ManagedProcess) -> str:
 
 def wait_log(process: ManagedProcess, needle: str, timeout: float = TIMEOUT) -> None:
     wait_until(lambda: needle in log_text(process), timeout=timeout, what=f"kopa log line {needle!r}")
+
+
+def secure_args(opa: OpaServer, namespace: str) -> list[str]:
+    """kopa's arguments for the production-shape OPA: its token file and its CA."""
+    return [
+        f"--opa-url={opa.api_url}",
+        f"--opa-auth-token-file={opa.token_file}",
+        f"--opa-ca-file={opa.ca_file}",
+        f"--namespaces={namespace}",
+    ]
+
+
+def start_up_error(kopa: ManagedProcess) -> str:
+    """Waits for kopa to stop at start-up (exit 2) and returns the one line it printed about why."""
+    assert kopa.wait(timeout=30) == 2
+    lines = [line for line in kopa.tail_log(20).splitlines() if line.startswith("kopa: ")]
+    assert len(lines) == 1, kopa.tail_log(20)
+    return lines[0]

@@ -21,21 +21,14 @@ from tests.integration.helpers import (
     POLICY,
     annotations_of,
     put_configmap,
+    secure_args,
+    start_up_error,
     wait_data,
     wait_log,
     wait_status,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def secure_args(opa: OpaServer, namespace: str) -> list[str]:
-    return [
-        f"--opa-url={opa.api_url}",
-        f"--opa-auth-token-file={opa.token_file}",
-        f"--opa-ca-file={opa.ca_file}",
-        f"--namespaces={namespace}",
-    ]
 
 
 def test_production_shape_opa_loads_and_the_token_never_shows(
@@ -114,10 +107,9 @@ def test_unusable_connection_settings_stop_start_up(
     run_kopa: KopaFactory, opa: OpaServer, namespace: str, extra: list[str], expected: str
 ) -> None:
     kopa = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", *extra, expect_exit=2)
-    assert kopa.wait(timeout=30) == 2
-    lines = [line for line in kopa.tail_log(10).splitlines() if line.startswith("kopa: ")]
-    assert len(lines) == 1 and expected in lines[0], kopa.tail_log(10)
-    assert "abc" not in lines[0], "a token given as a flag is never quoted back"
+    line = start_up_error(kopa)
+    assert expected in line
+    assert "abc" not in line, "a token given as a flag is never quoted back"
 
 
 def test_mutual_tls(run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from devstack.kopa import KopaProcess
 from devstack.opa import OpaServer
 from devstack.processes import free_port, wait_until
 from tests.integration.conftest import KopaFactory
-from tests.integration.helpers import DATA, POLICY, put_configmap, wait_data
+from tests.integration.helpers import DATA, POLICY, data, put_configmap, secure_args, wait_data
 
 pytestmark = pytest.mark.integration
 
@@ -108,17 +108,13 @@ def test_readiness_follows_the_first_load_and_opa(
     assert body["ready"] is True
     assert all(source["ready"] for source in body["sources"].values())
     assert wait_probe(kopa, "/health", 200)["ready"] is True
-    assert data_of(opa, f"{namespace}/d/x.json") == {"a": 1}
+    assert data(opa, f"{namespace}/d/x.json") == {"a": 1}
     opa.stop()
     body = wait_probe(kopa, "/readyz", 503)
     assert "OPA is unreachable" in body["reasons"]
     assert wait_probe(kopa, "/healthz", 200)["alive"] is True, "liveness does not depend on OPA"
     opa.start()
     wait_probe(kopa, "/readyz", 200)
-
-
-def data_of(opa: OpaServer, path: str) -> Any:
-    return opa.http().get_json(f"/v1/data/{path}").get("result")
 
 
 def test_every_metric_is_present_and_moves_with_activity(
@@ -175,7 +171,7 @@ def test_every_metric_is_present_and_moves_with_activity(
                 )
             )
         wait_until(
-            lambda: len(data_of(opa, f"kubernetes/configmaps/{namespace}") or {}) == 800,
+            lambda: len(data(opa, f"kubernetes/configmaps/{namespace}") or {}) == 800,
             timeout=60,
             what="burst replicated",
         )
@@ -201,12 +197,9 @@ def test_retries_count_when_opa_refuses_kopa(
     """A wrong token: OPA is up (its /health answers) but refuses every write, so keys are retried."""
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token\n")
-    kopa = run_kopa(
-        f"--opa-url={secure_opa.api_url}",
-        f"--opa-auth-token-file={wrong}",
-        f"--opa-ca-file={secure_opa.ca_file}",
-        f"--namespaces={namespace}",
-    )
+    args = secure_args(secure_opa, namespace)
+    args[1] = f"--opa-auth-token-file={wrong}"
+    kopa = run_kopa(*args)
     put_configmap(core_v1, namespace, "d", {"x.json": "{}"}, DATA)
     wait_until(
         lambda: metric(scrape(kopa), "workqueue_retries_total", name="opa") >= 2, timeout=30, what="retries"
@@ -226,13 +219,9 @@ def test_healthz_fails_while_the_event_loop_is_blocked(
     read that kopa does on its event loop blocks it. /healthz, served from its own thread, says so."""
     token_file = tmp_path / "token"
     token_file.write_text(f"{secure_opa.token}\n")
-    kopa = run_kopa(
-        f"--opa-url={secure_opa.api_url}",
-        f"--opa-auth-token-file={token_file}",
-        f"--opa-ca-file={secure_opa.ca_file}",
-        f"--namespaces={namespace}",
-        "--opa-check-interval=200ms",
-    )
+    args = secure_args(secure_opa, namespace)
+    args[1] = f"--opa-auth-token-file={token_file}"
+    kopa = run_kopa(*args, "--opa-check-interval=200ms")
     assert wait_probe(kopa, "/healthz", 200)["alive"] is True
     fifo, same_fifo, healthy = tmp_path / "hung", tmp_path / "hung-too", tmp_path / "token-again"
     os.mkfifo(fifo)
@@ -251,13 +240,7 @@ def test_healthz_fails_while_the_event_loop_is_blocked(
 def test_json_logs_parse_and_never_contain_the_token(
     run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
-    kopa = run_kopa(
-        f"--opa-url={secure_opa.api_url}",
-        f"--opa-auth-token-file={secure_opa.token_file}",
-        f"--opa-ca-file={secure_opa.ca_file}",
-        f"--namespaces={namespace}",
-        "--log-format=json",
-    )
+    kopa = run_kopa(*secure_args(secure_opa, namespace), "--log-format=json")
     put_configmap(core_v1, namespace, "bad", {"b.rego": "package x\n\nnot rego {\n"}, POLICY)
     put_configmap(core_v1, namespace, "good", {"g.rego": "package jsonlogs\n\nx := 1\n"}, POLICY)
     wait_data(secure_opa, "jsonlogs/x", 1)

@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     etcd_count,
     etcd_delete,
     opa_writes,
+    start_up_error,
     wait_log,
 )
 
@@ -133,9 +134,7 @@ def test_wrong_scope_or_a_shared_plural_stops_start_up(
     run_kopa: KopaFactory, opa: OpaServer, namespace: str, args: list[str], expected: str
 ) -> None:
     kopa = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", *args, expect_exit=2)
-    assert kopa.wait(timeout=30) == 2
-    lines = [line for line in kopa.tail_log(20).splitlines() if line.startswith("kopa: ")]
-    assert len(lines) == 1 and expected in lines[0], kopa.tail_log(20)
+    assert expected in start_up_error(kopa)
 
 
 def crd(group: str, plural: str, kind: str) -> Any:
