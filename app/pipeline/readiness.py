@@ -36,7 +36,10 @@ class SourceState:
             return {"ready": True, "reason": "not served by the API server yet (CRD missing?); empty"}
         if self.synced():
             return {"ready": True}
-        return {"ready": False, "reason": "first list from the API server not complete"}
+        return {
+            "ready": False,
+            "reason": "first list from the API server, or its load into OPA, not complete",
+        }
 
 
 @dataclass

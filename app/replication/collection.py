@@ -50,7 +50,11 @@ class CollectionSync:
 
     async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
         if not self.loaded or ALL in keys:
-            await self.put_collection()
+            try:
+                await self.put_collection()
+            except OpaError as exc:  # e.g. a policy owns this path: only this collection waits
+                log.warning("loading %s into OPA failed: %s", "/".join(self.path), exc)
+                return [(key, exc) for key in keys]
             return []
         failures: list[tuple[ObjectKey, Exception]] = []
         for start in range(0, len(keys), MAX_OPS):

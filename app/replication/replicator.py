@@ -60,7 +60,8 @@ class ReplicatedResource:
         self.state = SourceState(self.source, self._synced, missing=info is None)
 
     def _synced(self) -> bool:
-        return self.watcher is not None and self.watcher.synced.is_set()
+        """Listed, and the collection is in OPA (a failing PUT keeps kopa not ready)."""
+        return self.watcher is not None and self.watcher.synced.is_set() and self.sync.loaded
 
     def _collection(self) -> Collection:
         field_selector = ""

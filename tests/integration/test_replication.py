@@ -7,6 +7,7 @@ kind and apiVersion. OPA's write counts come from OPA's own /metrics, never from
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -322,3 +323,29 @@ def test_watch_expiry_removes_objects_deleted_during_the_gap(
         kube.start_apiserver()
     wait_for(opa, f"kubernetes/configmaps/{namespace}", lambda ns: ns and set(ns) == {"keep"}, "relisted")
     wait_log(kopa, "expired (410 Gone); listing again", timeout=TIMEOUT)
+
+
+def test_a_failing_collection_backs_off_and_never_blocks_the_others(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """kube-mgmt computes a backoff and never applies it: a tight loop while the write fails."""
+    # A policy owns data.kubernetes.services, so OPA refuses to write the replicated collection there.
+    opa.http().put("/v1/policies/squatter", 'package kubernetes\n\nservices := {"taken": true}\n')
+    core_v1.create_namespaced_service(namespace, service("web"))
+    kopa = run_kopa(
+        f"--opa-url={opa.api_url}",
+        f"--namespaces={namespace}",
+        "--replicate=v1/services",
+        "--replicate-cluster=v1/namespaces",
+    )
+    wait_for(opa, f"kubernetes/namespaces/{namespace}", bool, "the other collection loads")
+    wait_log(kopa, "loading kubernetes/services into OPA failed")
+    attempts = opa_writes(opa, "v1/data")
+    wait_until(lambda: opa_writes(opa, "v1/data") >= attempts + 3, timeout=30, what="retries go on")
+    started = time.monotonic()
+    first = opa_writes(opa, "v1/data")
+    wait_until(lambda: time.monotonic() - started > 3, timeout=10, what="three seconds of retries")
+    assert opa_writes(opa, "v1/data") - first <= 10, "retries must back off, not spin"
+    # The policy goes: the next retry succeeds.
+    opa.http().delete("/v1/policies/squatter")
+    wait_for(opa, f"kubernetes/services/{namespace}/web", bool, "services replicated after the conflict")
