@@ -349,3 +349,33 @@ def test_a_failing_collection_backs_off_and_never_blocks_the_others(
     # The policy goes: the next retry succeeds.
     opa.http().delete("/v1/policies/squatter")
     wait_for(opa, f"kubernetes/services/{namespace}/web", bool, "services replicated after the conflict")
+
+
+def test_updates_that_change_nothing_write_nothing(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """A new field manager applying the same values changes only managedFields and resourceVersion."""
+    labels = {"noop": namespace}
+    meta = client.V1ObjectMeta(name="same", labels=labels)
+    core_v1.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=meta, data={"k": "v"}))
+    run_kopa(
+        f"--opa-url={opa.api_url}",
+        f"--namespaces={namespace}",
+        "--replicate=v1/configmaps",
+        f"--replicate-selector=v1/configmaps=noop={namespace}",
+    )
+    before_rv = wait_for(opa, f"kubernetes/configmaps/{namespace}/same", bool, "replicated")["metadata"]
+    wait_for(opa, "system/kopa/ready", lambda v: v is True, "ready")
+    writes = opa_writes(opa, "v1/data")
+    apply = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "same", "labels": labels}}
+    apply["data"] = {"k": "v"}
+    after = core_v1.patch_namespaced_config_map(
+        "same", namespace, apply, field_manager="someone-else", _content_type="application/apply-patch+yaml"
+    )
+    assert after.metadata and after.metadata.resource_version != before_rv["resourceVersion"], "no update"
+    # A change that does matter, made after the no-op one, proves the no-op one has been through kopa.
+    core_v1.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="marker", labels=labels))
+    )
+    wait_for(opa, f"kubernetes/configmaps/{namespace}/marker", bool, "marker replicated")
+    assert opa_writes(opa, "v1/data") == writes + 1, "only the marker may have been written"
