@@ -1310,7 +1310,9 @@ def help_text() -> str:
             "kopa keeps an Open Policy Agent (OPA) in sync with a Kubernetes cluster: it loads the Rego "
             "policies and JSON data kept in labelled ConfigMaps into OPA through its REST API, keeps them "
             "up to date as the ConfigMaps change, and writes the outcome back to each ConfigMap as an "
-            "annotation. It is a drop-in successor to kube-mgmt and takes the same flags."
+            "annotation. It also replicates chosen Kubernetes resources into OPA's data, refills OPA when it "
+            "restarts, and serves health, readiness and Prometheus metrics. It is a drop-in successor to "
+            "kube-mgmt and takes the same flags."
         ),
     ]
     for group in GROUPS:
