@@ -113,6 +113,7 @@ def _namespaced_collections(k8s: client.ApiClient) -> list[tuple[str, Callable[.
         ("rolebindings", rbac.delete_collection_namespaced_role_binding),
         ("roles", rbac.delete_collection_namespaced_role),
         ("leases", coordination.delete_collection_namespaced_lease),
+        ("ingresses", client.NetworkingV1Api(k8s).delete_collection_namespaced_ingress),
     ]
 
 

@@ -143,20 +143,19 @@ def test_authz_policy_locks_opa_but_lets_the_webhook_and_probes_in(
 
 
 def test_authz_policy_follows_the_webhook_path_and_keeps_metrics_private(helm: Helm, tmp_path: Path) -> None:
-    values = {"admissionController": {"path": "/v1/data/kubernetes/admission"}}
+    values = {"admissionController": {"path": "/v0/data/kubernetes/admission/main"}}
     pod = LocalPod(helm.template(values), tmp_path / "pod")
     opa = start_opa(pod)
     try:
         anonymous = opa_client(pod, None)
         admin = opa_client(pod, pod.token())
-        rule = 'package kubernetes.admission\n\nallowed := input.request.uid != ""\n'
+        rule = 'package kubernetes.admission\n\nmain := {"allowed": input.request.uid != ""}\n'
         assert admin.request("PUT", "/v1/policies/admission", rule)[0] == 200
 
-        status, answer = anonymous.request(
-            "POST", "/v1/data/kubernetes/admission", {"input": ADMISSION_REVIEW}
-        )
+        # The v0 API takes the AdmissionReview as it is and answers with the document, as a webhook needs.
+        status, answer = anonymous.request("POST", "/v0/data/kubernetes/admission/main", ADMISSION_REVIEW)
         assert status == 200, answer
-        assert answer["result"] == {"allowed": True}
+        assert answer == {"allowed": True}
         assert anonymous.request("POST", "/", ADMISSION_REVIEW)[0] == 401
         assert anonymous.request("GET", "/v1/data/kubernetes/admission")[0] == 401
         assert anonymous.request("POST", "/v1/data/kubernetes", {"input": {}})[0] == 401

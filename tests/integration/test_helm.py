@@ -110,7 +110,7 @@ def case_values(case: str, namespace: str, user_tls: dict[str, str]) -> dict[str
             "admissionController": {
                 "enabled": True,
                 "url": "https://127.0.0.1:9443",
-                "path": "/v1/data/kubernetes/admission",
+                "path": "/v0/data/kubernetes/admission/main",
                 "kind": "MutatingWebhookConfiguration",
                 "failurePolicy": "Fail",
             }
@@ -423,10 +423,10 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert 'input.path == [""]' in bootstrap["authz.rego.tmpl"]
     elif case == "webhook-url":
         (webhook,) = r.one("MutatingWebhookConfiguration")["webhooks"]
-        assert webhook["clientConfig"]["url"] == "https://127.0.0.1:9443/v1/data/kubernetes/admission"
+        assert webhook["clientConfig"]["url"] == "https://127.0.0.1:9443/v0/data/kubernetes/admission/main"
         assert "service" not in webhook["clientConfig"]
         assert webhook["failurePolicy"] == "Fail"
-        assert 'input.path == ["v1","data","kubernetes","admission"]' in bootstrap["authz.rego.tmpl"]
+        assert 'input.path == ["v0","data","kubernetes","admission","main"]' in bootstrap["authz.rego.tmpl"]
     elif case == "cert-manager":
         assert not r.of_kind("Secret"), "cert-manager writes the TLS Secret"
         serving = r.one("Certificate", "kopa-cert")["spec"]
