@@ -9,26 +9,25 @@ Two modes, both followed by kopa's log until Ctrl-C, which tears everything down
 
 The admission mode's pieces are also what the admission tests run (`admission_stack`, `admission_demo`):
 helm/kopa is rendered with `helm template` and docs/admission/values.yaml, and its pod runs on this machine
-(`ChartPod`): the chart's init script writes the management token and completes the chart's `system.authz`
-policy, OPA runs with the chart's arguments (TLS from a throwaway CA, token authentication), kopa with the
-chart's arguments as the chart's ServiceAccount holding only the chart's RBAC, and the API server gets the
-chart's webhook configuration, pointed at OPA's loopback URL (admissionController.url), never at a Service.
+(devstack/chart.py's `LocalPod`, with the chart's own ports): the chart's init script writes the management
+token and completes the chart's `system.authz` policy, OPA runs with the chart's arguments (TLS from a
+throwaway CA, token authentication), kopa with the chart's arguments as the chart's ServiceAccount holding
+only the chart's RBAC, and the API server gets the chart's webhook configuration, pointed at OPA's loopback
+URL (admissionController.url), never at a Service.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import EllipsisType
@@ -38,6 +37,7 @@ import yaml
 
 from devstack.binaries import MissingBinary, repo_root, tool_path
 from devstack.certs import TestCA
+from devstack.chart import RBAC_KINDS, Helm, LocalPod, Obj, flag_values
 from devstack.kopa import KopaProcess, kopa_process
 from devstack.kube import DEFAULT_SERVICE_ACCOUNTS, KubeCluster, service_account_user
 from devstack.opa import OpaHttp, OpaServer
@@ -59,10 +59,8 @@ data:
     example := "Hello, Kubernetes!"
 """
 
-CHART = repo_root() / "helm" / "kopa"
 ADMISSION_DIR = repo_root() / "docs" / "admission"
 WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
-RBAC_KINDS = ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 STATUS = "openpolicyagent.org/kube-mgmt-status"
 TIMEOUT = 60.0
 
@@ -71,7 +69,6 @@ TIMEOUT = 60.0
 REJECTED = "kubectl run web --image=nginx:1.27 --dry-run=server"
 ADMITTED = "kubectl run web --image=registry.k8s.io/pause:3.10 --dry-run=server"
 
-Obj = dict[str, Any]
 Say = Callable[[str], None]
 
 
@@ -79,15 +76,31 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
+def run_kubectl(
+    kubeconfig: Path,
+    *args: str,
+    stdin: str | None = None,
+    timeout: float = 60,
+    cwd: Path | None = None,
+    merge_output: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """kubectl of scripts/versions.env as `kubeconfig`'s user, whatever its exit code; with `merge_output`,
+    stderr goes into stdout as a terminal would show it."""
+    return subprocess.run(
         [str(tool_path("kubectl")), f"--kubeconfig={kubeconfig}", *args],
         input=stdin,
-        capture_output=True,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    """kubectl's output; raises RuntimeError if it fails."""
+    result = run_kubectl(kubeconfig, *args, stdin=stdin)
     if result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -158,131 +171,6 @@ def run(work_dir: Path) -> None:
                 say()
                 say("Following kopa's log; press Ctrl-C to stop everything.")
                 follow(kopa)
-
-
-# --- the chart, rendered with helm and its pod run here ----------------------------------------------------
-
-
-def helm_template(home: Path, release: str, namespace: str, values: Sequence[Path]) -> list[Obj]:
-    """`helm template` of helm/kopa with these values files (later ones win); the objects it renders.
-
-    helm gets directories of its own under `home`, so nothing of the user's helm setup is read or written.
-    """
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-    }
-    env.pop("KUBECONFIG", None)
-    argv = [str(tool_path("helm")), "template", release, str(CHART), f"--namespace={namespace}"]
-    argv += [f"--values={path}" for path in values]
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"helm template failed: {result.stderr.strip()}")
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-class ChartPod:
-    """The rendered Deployment's pod, run on this machine as a kubelet would run it.
-
-    Each volume becomes a directory under `root`, filled from the rendered ConfigMap or Secret it names (or
-    left empty: emptyDir). A container's arguments and environment are used as rendered, with two rewrites:
-    mount paths become those directories, and 0.0.0.0 listen addresses become 127.0.0.1. The chart's ports
-    are used as they are, so the values must give free ones.
-    """
-
-    def __init__(self, objects: Sequence[Obj], root: Path) -> None:
-        self.objects = list(objects)
-        self.root = root
-        (deployment,) = self.of_kind("Deployment")
-        self.spec: Obj = deployment["spec"]["template"]["spec"]
-        self.volumes = {volume["name"]: self._materialize(volume) for volume in self.spec.get("volumes", [])}
-
-    def of_kind(self, *kinds: str) -> list[Obj]:
-        return [obj for obj in self.objects if obj["kind"] in kinds]
-
-    def find(self, kind: str, name: str) -> Obj:
-        for obj in self.of_kind(kind):
-            if obj["metadata"]["name"] == name:
-                return obj
-        raise RuntimeError(f"the chart rendered no {kind} {name}")
-
-    def container(self, name: str) -> Obj:
-        for item in [*self.spec.get("initContainers", []), *self.spec["containers"]]:
-            if item["name"] == name:
-                found: Obj = item
-                return found
-        raise RuntimeError(f"the chart's pod has no container {name}")
-
-    def _materialize(self, volume: Mapping[str, Any]) -> Path:
-        path = self.root / "volumes" / str(volume["name"])
-        path.mkdir(parents=True, exist_ok=True)
-        if "emptyDir" in volume:
-            return path
-        files: dict[str, bytes]
-        if "configMap" in volume:
-            source = self.find("ConfigMap", volume["configMap"]["name"])
-            files = {key: str(value).encode() for key, value in (source.get("data") or {}).items()}
-            items = volume["configMap"].get("items")
-        elif "secret" in volume:
-            source = self.find("Secret", volume["secret"]["secretName"])
-            files = {key: base64.b64decode(value) for key, value in (source.get("data") or {}).items()}
-            files.update(
-                {key: str(value).encode() for key, value in (source.get("stringData") or {}).items()}
-            )
-            items = volume["secret"].get("items")
-        else:
-            raise RuntimeError(f"ChartPod cannot make volume {volume['name']}: {sorted(volume)}")
-        if items:
-            files = {item["path"]: files[item["key"]] for item in items}
-        for key, content in files.items():
-            target = path / key
-            target.write_bytes(content)
-            target.chmod(0o600)
-        return path
-
-    def localize(self, container: str, text: str) -> str:
-        """One argument or environment value as it must read here."""
-        mounts = {
-            m["mountPath"]: self.volumes[m["name"]] for m in self.container(container).get("volumeMounts", [])
-        }
-        if mounts:
-            # One pass, longest mount path first, so a rewritten path is never rewritten again.
-            paths = sorted(mounts, key=len, reverse=True)
-            pattern = re.compile(rf"(^|=)({'|'.join(re.escape(p) for p in paths)})(?=/|$)")
-            text = pattern.sub(lambda m: m.group(1) + str(mounts[m.group(2)]), text)
-        return re.sub(r"\b0\.0\.0\.0:(?=\d)", f"{HOST}:", text)
-
-    def args(self, container: str) -> list[str]:
-        return [self.localize(container, str(arg)) for arg in self.container(container).get("args", [])]
-
-    def env(self, container: str) -> dict[str, str]:
-        values = {}
-        for var in self.container(container).get("env", []):
-            if "value" not in var:
-                raise RuntimeError(f"ChartPod supports literal env values only, not {var}")
-            values[var["name"]] = self.localize(container, str(var["value"]))
-        return values
-
-    def run_init(self) -> None:
-        """Runs the init container's own script (`/bin/sh -c ...`) with its environment."""
-        command = [self.localize("init", str(part)) for part in self.container("init")["command"]]
-        result = subprocess.run(
-            command,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **self.env("init")},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"the chart's init script failed:\n{result.stdout}{result.stderr}")
-
-
-def flag_values(args: Sequence[str], flag: str) -> list[str]:
-    prefix = f"--{flag}="
-    return [arg.removeprefix(prefix) for arg in args if arg.startswith(prefix)]
 
 
 # --- OPA as the API server's admission webhook --------------------------------------------------------------
@@ -445,7 +333,7 @@ def admission_stack(
     if namespace_selector is not None:
         admission["namespaceSelector"] = dict(namespace_selector)
     local = {
-        # OPA's port and kopa's health port, free here; the chart listens on 0.0.0.0, ChartPod on loopback.
+        # OPA's port and kopa's health port, free here; the chart listens on 0.0.0.0, LocalPod on loopback.
         "port": port,
         "generateCerts": False,
         "CA": ca.ca_file.read_text(encoding="utf-8"),
@@ -455,14 +343,14 @@ def admission_stack(
         "mgmt": {"namespaces": [namespace], "healthPort": health_port, "logFormat": "text"},
         "admissionController": admission,
     }
-    local_values = work_dir / "values-local.yaml"
-    local_values.write_text(yaml.safe_dump(local, sort_keys=False), encoding="utf-8")
-    objects = helm_template(work_dir / "helm", release, release_namespace, [values, local_values])
-    pod = ChartPod(objects, work_dir / "pod")
-    (webhook,) = pod.of_kind(*WEBHOOK_KINDS)
+    rendered = Helm(work_dir / "helm").template(
+        local, release=release, namespace=release_namespace, values_files=[values]
+    )
+    pod = LocalPod(rendered, work_dir / "pod", keep_ports=True)
+    (webhook,) = rendered.of_kind(*WEBHOOK_KINDS)
     if not webhook_is_loopback(webhook):
         raise RuntimeError(f"refusing to create a webhook that does not call {HOST}: {webhook['webhooks']}")
-    rbac = pod.of_kind(*RBAC_KINDS)
+    rbac = rendered.of_kind(*RBAC_KINDS)
     admin = cluster.admin_kubeconfig
     identity = service_account_user(f"{release_namespace}:{service_account}")
     kopa_kubeconfig = cluster.write_kubeconfig(
@@ -478,7 +366,7 @@ def admission_stack(
         )
         kubectl(admin, "create", "-f=-", stdin=manifest)
         pod.run_init()
-        token_file = pod.volumes["mgmt-token"] / "mgmt-token"
+        token_file = pod.file("mgmt-token", "mgmt-token")
         opa = ManagedProcess("opa", [tool_path("opa"), *pod.args("opa")], work_dir / "opa.log", cwd=work_dir)
         cleanup.enter_context(opa.start())
         opa_url = f"https://{HOST}:{port}"
@@ -519,7 +407,7 @@ def admission_stack(
             ca_file=ca.ca_file,
             token_file=token_file,
             kopa_kubeconfig=kopa_kubeconfig,
-            objects=objects,
+            objects=rendered.objects,
             webhook=webhook,
             opa=opa,
             kopa=kopa,
@@ -534,16 +422,9 @@ def _allowed(kubeconfig: Path, user: str, role: Mapping[str, Any]) -> bool:
             for resource in rule.get("resources", []):
                 target = f"{resource}.{group}" if group else resource
                 where = [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
-                result = subprocess.run(
-                    [
-                        str(tool_path("kubectl")),
-                        f"--kubeconfig={kubeconfig}",
-                        *("auth", "can-i", rule["verbs"][0], target, *where, f"--as={user}"),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    check=False,
+                verb = rule["verbs"][0]
+                result = run_kubectl(
+                    kubeconfig, "auth", "can-i", verb, target, *where, f"--as={user}", timeout=30
                 )
                 if result.stdout.strip() != "yes":
                     return False

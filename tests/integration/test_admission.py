@@ -23,7 +23,6 @@ import json
 import re
 import secrets
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from devstack.binaries import repo_root, tool_path
+from devstack.binaries import repo_root
 from devstack.demo import (
     ADMISSION_DIR,
     REJECTED,
@@ -39,6 +38,7 @@ from devstack.demo import (
     AdmissionStack,
     admission_demo,
     admission_stack,
+    run_kubectl,
     shell,
 )
 from devstack.kube import KubeCluster
@@ -104,16 +104,7 @@ def teams(
 def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> tuple[int, str]:
     """kubectl as admin, from the repository's root: (exit code, stdout and stderr merged, as a terminal
     shows them)."""
-    result = subprocess.run(
-        [str(tool_path("kubectl")), f"--kubeconfig={kube.admin_kubeconfig}", *args],
-        input=stdin,
-        cwd=repo_root(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_kubectl(kube.admin_kubeconfig, *args, stdin=stdin, cwd=repo_root(), merge_output=True)
     return result.returncode, result.stdout
 
 

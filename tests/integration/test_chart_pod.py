@@ -1,4 +1,4 @@
-"""The chart's pod, run on this machine (tests/integration/chart.py's LocalPod does a kubelet's part): the
+"""The chart's pod, run on this machine (devstack/chart.py's LocalPod does a kubelet's part): the
 init container's script, OPA with the chart's arguments and authz policy, and kopa with the chart's
 arguments, as the chart's ServiceAccount holding only the chart's RBAC.
 
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from devstack.binaries import tool_path
+from devstack.demo import run_kubectl
 from devstack.kube import KOPA_USER, KubeCluster, api_client
 from devstack.opa import OpaHttp, OpaServer
 from devstack.processes import HOST, ManagedProcess, free_port, http_status, wait_until
@@ -176,14 +176,7 @@ def chart_rbac(kube: KubeCluster, k8s: client.ApiClient) -> Iterator[Callable[[R
     created: list[tuple[str, str]] = []
 
     def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(tool_path("kubectl")), f"--kubeconfig={kube.admin_kubeconfig}", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return run_kubectl(kube.admin_kubeconfig, *args, stdin=stdin)
 
     def apply(rendered: Rendered, namespace: str) -> None:
         objects = rbac_objects(rendered)

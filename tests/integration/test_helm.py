@@ -22,8 +22,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from devstack.binaries import tool_path
 from devstack.certs import TestCA
+from devstack.demo import run_kubectl
 from devstack.kube import KubeCluster
 from devstack.processes import free_port
 from tests.conftest import require_binaries
@@ -152,14 +152,7 @@ def user_tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     require_binaries("kubectl")
-    return subprocess.run(
-        [str(tool_path("kubectl")), f"--kubeconfig={kube.admin_kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_kubectl(kube.admin_kubeconfig, *args, stdin=stdin, timeout=120)
 
 
 # --- lint and schema ---------------------------------------------------------------------------------------
