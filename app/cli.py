@@ -195,11 +195,25 @@ async def run(settings: Settings) -> None:
         )
 
         async def on_opa_restart() -> None:
+            configmaps.refill_pending = True
             readiness.on_opa_restart()
             for source in handlers:
                 await send.send((source, ALL))
 
         watchdog = OpaWatchdog(opa, gate, settings.opa_check_interval, on_opa_restart)
+
+        async def same_opa() -> bool:
+            await watchdog.check()
+            return not configmaps.refill_pending
+
+        configmaps.policies.same_opa = same_opa
+
+        async def opa_not_restarted() -> bool:
+            before = watchdog.restarts
+            await watchdog.check()
+            return watchdog.restarts == before
+
+        readiness.same_opa = opa_not_restarted
 
         metrics.sources = MetricSources(
             queues=[queue, reporter.queue],

@@ -32,7 +32,9 @@ def parse_document(key: str, text: str) -> tuple[bytes | None, dict[str, Any] | 
     except orjson.JSONDecodeError as exc:
         return None, kopa_error("invalid_data", f"key {key}: not valid JSON: {exc}")
     if not isinstance(value, dict):
-        kind = "an array" if isinstance(value, list) else f"a {type(value).__name__}"
+        # JSON's names for JSON's types.
+        names = {list: "an array", bool: "a boolean", str: "a string", type(None): "null"}
+        kind = names.get(type(value), "a number")
         return None, kopa_error("invalid_data", f"key {key}: must be a JSON object, got {kind}")
     return orjson.dumps(value), None
 
@@ -46,7 +48,11 @@ class DataBook:
 
     def reset(self) -> None:
         """OPA restarted and holds nothing: every document is written again on its next sync."""
-        self.loaded.clear()
+        # keep the keys (kopa may have written them into the new OPA before it noticed the
+        # restart), with a digest that matches nothing, so they are written again, or deleted when removed.
+        for docs in self.loaded.values():
+            for key in docs:
+                docs[key] = b""
 
     async def set_configmap(self, configmap: ObjectKey, texts: dict[str, str]) -> None:
         """Makes OPA hold these documents for one ConfigMap; an empty dict removes its subtree."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.opa.client import OpaClient, OpaError
+from app.opa.client import OpaClient, OpaError, OpaUnavailable
 from app.pipeline.watcher import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Module:
 class PolicyBook:
     opa: OpaClient
     modules: dict[str, Module] = field(default_factory=dict)
+    # asked before a compile error is believed; False when OPA turned out to have restarted.
+    same_opa: Callable[[], Awaitable[bool]] | None = None
     _order: itertools.count[int] = field(default_factory=itertools.count)
 
     def of(self, configmap: ObjectKey) -> list[Module]:
@@ -104,6 +107,8 @@ class PolicyBook:
         try:
             await self.opa.put_policy(module.id, module.text)
         except OpaError as exc:
+            if PARSE_ERROR not in exc.error_codes and self.same_opa is not None and not await self.same_opa():
+                raise OpaUnavailable("OPA restarted; the module is loaded again after the refill") from None
             module.error = exc.body or {"code": exc.code, "message": exc.message}
             module.parse_error = PARSE_ERROR in exc.error_codes
             log.debug("policy %s failed to load: %s", module.id, exc)

@@ -39,12 +39,21 @@ REPORTING_CONTROLLER = "openpolicyagent.org/kopa"
 Lookup = Callable[[ObjectKey], dict[str, Any] | None]
 
 
+def _trim_detail(detail: Any) -> Any:
+    """OPA quotes the offending line in a parse error; a long one is cut, not the error."""
+    if isinstance(detail, dict) and isinstance(detail.get("details"), dict):
+        line = detail["details"].get("line")
+        if isinstance(line, str) and len(line) > 200:
+            return {**detail, "details": {**detail["details"], "line": line[:200] + "... (truncated)"}}
+    return detail
+
+
 def _bounded(error: dict[str, Any]) -> dict[str, Any]:
     """Trims an oversized error object (OPA lists up to ten detailed errors) to fit the budget."""
     if len(orjson.dumps(error)) <= MAX_ERROR_BYTES:
         return error
     trimmed = {k: v for k, v in error.items() if k != "errors"}
-    details = list(error.get("errors") or [])
+    details = [_trim_detail(d) for d in error.get("errors") or []]
     kept: list[Any] = []
     for detail in details:
         if len(orjson.dumps({**trimmed, "errors": [*kept, detail]})) > MAX_ERROR_BYTES:
@@ -100,7 +109,7 @@ class StatusReporter:
         self.queue: WorkQueue[ObjectKey] = WorkQueue("status", observer=observer)
         self._wanted: dict[ObjectKey, tuple[str, str]] = {}  # key -> (status, action)
         # What kopa last wrote: the store may not have seen kopa's own patch yet.
-        self._written: dict[ObjectKey, str] = {}
+        self._written: dict[ObjectKey, tuple[str | None, str]] = {}
         self._instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     def report(self, configmap: ObjectKey, errors: list[dict[str, Any]], action: str) -> None:
@@ -138,7 +147,11 @@ class StatusReporter:
             return  # gone or no longer selected: nothing to tell
         value, action = wanted
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        current = self._written.get(key, annotations.get(STATUS_ANNOTATION))
+        # what kopa wrote counts only for the same object (a recreated one has a new uid).
+        uid = (obj.get("metadata") or {}).get("uid")
+        written = self._written.get(key)
+        same_object = written is not None and written[0] == uid
+        current = written[1] if written is not None and same_object else annotations.get(STATUS_ANNOTATION)
         if current == value:
             return
         ns, name = key
@@ -149,7 +162,7 @@ class StatusReporter:
             if exc.status == 404:
                 return
             raise
-        self._written[key] = value
+        self._written[key] = (uid, value)
         if value != OK:
             log.warning("configmap %s/%s: %s failed: %s", ns, name, action, _summary(value))
             await self._event(obj, "Warning", REASON_FAILED, action, _summary(value))

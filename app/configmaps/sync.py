@@ -59,12 +59,13 @@ class ConfigMapSync:
     data: DataBook
     reporter: StatusReporter
     stores: ConfigMapStores
+    refill_pending: bool = False  # OPA restarted and the refill has not started yet
 
     async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
         """The writer's entry point. ALL means OPA restarted: load everything again, in order."""
         if ALL in keys:
             await self.refill()
-            return []
+            keys = [key for key in keys if key != ALL]  # changes queued with the refill
         failures: list[tuple[ObjectKey, Exception]] = []
         for key in keys:
             try:
@@ -75,11 +76,13 @@ class ConfigMapSync:
         return failures
 
     async def refill(self) -> None:
+        self.refill_pending = False
         self.policies.reset()
         self.data.reset()
         touched = await self.policies.load_all()
         data_store = self.stores.data
-        for key in data_store.keys() if data_store else []:
+        # also the ConfigMaps kopa wrote but that are gone from the store.
+        for key in sorted(set(data_store.keys() if data_store else []) | set(self.data.loaded)):
             touched.add(key)
             await self.data.set_configmap(key, _texts(data_store.get(key) if data_store else None))
         self._report(touched)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +51,8 @@ class Readiness:
     loaded: bool = False  # everything was loaded since start or since the last OPA restart
     refilling: bool = False
     loaded_at: float | None = None
+    # asked right before the marker is written; False when OPA turned out to have restarted.
+    same_opa: Callable[[], Awaitable[bool]] | None = None
 
     def on_opa_restart(self) -> None:
         self.loaded = False
@@ -64,6 +66,8 @@ class Readiness:
         """Called by the writer after each batch: is everything in OPA now?"""
         if self.loaded or self.pending() or not all(s.missing or s.synced() for s in self.sources):
             return
+        if self.same_opa is not None and not await self.same_opa():
+            return  # a new OPA, which the refill the watchdog queued will load
         marker = {"ready": True, "loadedAt": datetime.now(UTC).isoformat(timespec="seconds")}
         try:
             await self.opa.put_data(MARKER_PATH, orjson.dumps(marker))
