@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: test demo servers lint unit integration clean
+.PHONY: test demo servers lint unit integration bench clean
 
 # Runs the whole suite: lint, types, unit and integration tests against real OPA, etcd and kube-apiserver.
 test: $(STAMP) servers lint
@@ -20,8 +21,8 @@ servers:
 	scripts/build-servers.sh opa kube helm
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app tests devstack
-	$(VENV)/bin/ruff format --check app tests devstack
+	$(VENV)/bin/ruff check app tests devstack bench
+	$(VENV)/bin/ruff format --check app tests devstack bench
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
@@ -30,10 +31,20 @@ unit: $(STAMP)
 integration: $(STAMP) servers
 	$(PY) -m pytest tests/integration
 
+# The benchmarks (docs/benchmarks.md) against local etcd, kube-apiserver and OPA: about 6 minutes on 2 cores.
+# Writes docs/benchmarks.json, docs/benchmarks/*.png and the figures in docs/benchmarks.md.
+# BENCH_ARGS passes options (see `python -m bench --help`); BENCH_ARGS=--quick is a 1-minute smoke run.
+bench: $(BENCH_STAMP) servers
+	$(PY) -m bench $(BENCH_ARGS)
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

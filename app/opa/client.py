@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +33,9 @@ REQUEST_TIMEOUT = 120.0
 
 # (endpoint, method, status code or "error", seconds): what the metrics layer records per request.
 Observe = Callable[[str, str, str, float], None]
+# A request body sent in pieces as it is produced (chunked), never held whole: each call starts it afresh,
+# so a retried request sends it again.
+Chunks = Callable[[], AsyncIterator[bytes]]
 
 
 class OpaUnavailable(Exception):
@@ -122,14 +125,17 @@ class OpaClient:
             )
         return self._session
 
-    async def _once(self, method: str, url: str, body: bytes | None, content_type: str) -> tuple[int, bytes]:
+    async def _once(
+        self, method: str, url: str, body: bytes | Chunks | None, content_type: str
+    ) -> tuple[int, bytes]:
         headers = {"Content-Type": content_type} if body is not None else {}
+        data = body() if callable(body) else body
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         started = time.monotonic()
         try:
-            async with self._session_for_use().request(method, url, data=body, headers=headers) as resp:
+            async with self._session_for_use().request(method, url, data=data, headers=headers) as resp:
                 payload = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._record(url, method, "error", started)
@@ -147,7 +153,11 @@ class OpaClient:
             self._observe(rest.split("/", 1)[0] or "root", method, code, time.monotonic() - started)
 
     async def request(
-        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: bytes | Chunks | None = None,
+        content_type: str = "application/json",
     ) -> tuple[int, bytes]:
         """Returns (status, body) for 2xx and 404; raises OpaError for other 4xx, OpaUnavailable."""
         url = f"{self.api_url}/{path}"
@@ -182,8 +192,8 @@ class OpaClient:
         _, payload = await self.request("GET", "policies")
         return list(orjson.loads(payload).get("result") or [])
 
-    async def put_data(self, path: Sequence[str], document: bytes) -> None:
-        """Writes a JSON document (already serialized), creating missing parents."""
+    async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:
+        """Writes a JSON document (serialized, or produced in pieces), creating missing parents."""
         await self.request("PUT", f"data/{encode_path(path)}", document)
 
     async def delete_data(self, path: Sequence[str]) -> bool:

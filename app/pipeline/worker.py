@@ -16,7 +16,7 @@ from typing import Protocol
 import anyio
 
 from app.opa.client import OpaUnavailable
-from app.pipeline.watcher import ObjectKey
+from app.pipeline.watcher import ALL, ObjectKey
 from app.pipeline.workqueue import Backoff, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 WorkKey = tuple[str, ObjectKey]  # (source, key)
 BATCH_LIMIT = 5000
 IDLE_CHECK = 0.5  # seconds
-# Under a stream of changes, the writer waits this long after the first key so that the keys changing
-# meanwhile share its write; an isolated change (nothing written for BUSY seconds) goes out at once.
+# Under a stream of changes, the writer waits after the first key so that the keys changing meanwhile
+# share its write: until BATCH_TARGET keys are waiting, for at most BATCH_WINDOW seconds. A slow stream
+# waits the whole window (few writes); a fast one fills its batch sooner (short lag, and still at most one
+# write per BATCH_TARGET keys). An isolated change (nothing written for BUSY seconds) goes out at once,
+# and so does a load of a whole source (ALL): nothing arriving later could share its write.
 BATCH_WINDOW = 0.1
+BATCH_TARGET = 20
 BUSY = 1.0
 
 
@@ -94,8 +98,13 @@ async def run_worker(
             if after_batch is not None:
                 await after_batch()
             continue
-        if time.monotonic() - last_write < BUSY and len(batch) < BATCH_LIMIT:
-            await anyio.sleep(BATCH_WINDOW)
+        if (
+            time.monotonic() - last_write < BUSY
+            and len(batch) < BATCH_TARGET
+            and not any(key == ALL for _, key in batch)
+        ):
+            with anyio.move_on_after(BATCH_WINDOW):
+                await queue.wait_waiting(BATCH_TARGET - len(batch))
             batch += queue.take_waiting(BATCH_LIMIT - len(batch))
         grouped: dict[str, list[ObjectKey]] = {}
         for source, key in batch:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -24,6 +25,27 @@ from app.replication.objects import Replica
 log = logging.getLogger(__name__)
 
 MAX_OPS = 1000  # per JSON Patch, to keep one write's size and OPA's lock time bounded
+CHUNK = 256 * 1024  # bytes per piece of a collection's PUT
+
+
+async def _document(groups: dict[str, dict[str, bytes]], namespaced: bool) -> AsyncIterator[bytes]:
+    """The collection as one JSON document, {ns: {name: object}} or {name: object}, in CHUNK-sized pieces.
+
+    The objects are the stored bytes, copied into the pieces as they are: nothing is parsed or re-encoded.
+    """
+    piece = bytearray(b"{")
+    for i, (ns, objects) in enumerate(groups.items()):
+        if namespaced:
+            piece += b"%s%s:{" % (b"," if i else b"", orjson.dumps(ns))
+        for j, (name, body) in enumerate(objects.items()):
+            piece += b"%s%s:%s" % (b"," if j else b"", orjson.dumps(name), body)
+            if len(piece) >= CHUNK:
+                yield bytes(piece)
+                piece.clear()
+        if namespaced:
+            piece += b"}"
+    piece += b"}"
+    yield bytes(piece)
 
 
 def _pointer(*segments: str) -> str:
@@ -62,14 +84,14 @@ class CollectionSync:
         return failures
 
     async def put_collection(self) -> None:
-        tree: dict[str, Any] = {}
+        """One PUT of the whole collection, streamed from the stored bytes (never held whole in memory)."""
+        groups: dict[str, dict[str, bytes]] = {}  # namespace ("" when cluster-scoped) -> name -> object
         digests: dict[ObjectKey, bytes] = {}
         for key, replica in self.store.items():
             ns, name = key
-            where = tree.setdefault(ns, {}) if self.namespaced else tree
-            where[name] = orjson.Fragment(replica.body)
+            groups.setdefault(ns if self.namespaced else "", {})[name] = replica.body
             digests[key] = replica.digest
-        await self.opa.put_data(self.path, orjson.dumps(tree))
+        await self.opa.put_data(self.path, partial(_document, groups, self.namespaced))
         self.writes += 1
         self.full_syncs += 1
         self.applied = digests

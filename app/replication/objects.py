@@ -24,6 +24,15 @@ class Replica:
     digest: bytes  # of the content without metadata.resourceVersion: equal digests need no write
 
 
+def right_sized(data: bytes) -> bytes:
+    """A copy of orjson's output that owns only its length.
+
+    orjson returns bytes whose allocation is rounded far up (16 KiB for a 2 KB object) and never shrunk;
+    kept for an object's lifetime, that is 8x the JSON. Copying costs one memcpy.
+    """
+    return bytes(memoryview(data))
+
+
 def same_content(old: Replica, new: Replica) -> bool:
     return old.digest == new.digest
 
@@ -65,6 +74,6 @@ def converter(
         digest = hashlib.blake2b(orjson.dumps(obj), digest_size=16).digest()
         if version is not None:
             meta["resourceVersion"] = version
-        return Replica(orjson.dumps(obj), digest)
+        return Replica(right_sized(orjson.dumps(obj)), digest)
 
     return convert

@@ -1,0 +1,320 @@
+"""`python -m bench`: every benchmark of issue 9, against a local etcd + kube-apiserver + OPA, in order:
+
+  0. kopa with nothing to replicate (its baseline memory);
+  1. initial load of N = 1,000, then 10,000 ConfigMaps, kopa against the floor (and 4: peak RSS);
+  2. churn at each rate, with decisions asked of OPA meanwhile;
+  3. policy propagation;
+  5. refill after OPA is killed and restarted (and 4: peak RSS after all of it).
+
+Results go to <out>/benchmarks.json, <out>/benchmarks/*.png and the generated part of <out>/benchmarks.md.
+`--quick` is a short smoke run (N = 1,000 only, short churn, few trials) that writes to the work directory
+instead, so it never replaces the published figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import churn, dataset, load, propagation, refill, report
+from bench.common import load_average, poll_until, proc_memory
+from bench.stack import Stack, py_spy
+from devstack.binaries import read_versions, repo_root
+
+STARTED = time.monotonic()
+MB = 2**20
+PHASES = ("load", "churn", "propagation", "refill")
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": f"{platform.system()} {platform.release()}",
+    }
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=repo_root(), capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def meta() -> dict[str, Any]:
+    versions = read_versions()
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "kopa": {
+            "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "app")),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "aiohttp": importlib.metadata.version("aiohttp"),
+            "orjson": importlib.metadata.version("orjson"),
+            "anyio": importlib.metadata.version("anyio"),
+            "opa": versions.get("OPA_VERSION", "?"),
+            "kubernetes": versions.get("KUBERNETES_VERSION", "?"),
+            "etcd": versions.get("ETCD_VERSION", "?"),
+        },
+    }
+
+
+async def create_objects(stack: Stack, start: int, stop: int) -> None:
+    began = time.monotonic()
+    async with stack.api() as api:
+        for ns in sorted({dataset.namespace_of(i) for i in range(start, stop)}):
+            await api.ensure_namespace(ns)
+        objects = [dataset.configmap(i) for i in range(start, stop)]
+        await api.create_all(objects, dataset.path_of)
+    log(f"created ConfigMaps {start:,}..{stop - 1:,} in {time.monotonic() - began:.1f} s")
+
+
+async def json_size(stack: Stack) -> dict[str, int]:
+    async with stack.api() as api:
+        items = await api.list_all("/api/v1/configmaps", dataset.FIELD_SELECTOR)
+    return dataset.json_size(items)
+
+
+async def idle_memory(stack: Stack) -> int:
+    """Peak RSS of a kopa that replicates an empty collection (its baseline)."""
+    kopa = stack.kopa("idle")
+    kopa.start()
+    try:
+        async with stack.opa_client() as opa:
+
+            async def marker() -> Any:
+                return await opa.data("system/kopa/ready")
+
+            await poll_until(marker, lambda v: v is True, interval=0.05, within=60, what="idle kopa ready")
+        await asyncio.sleep(1.0)
+        assert kopa.pid is not None
+        return proc_memory(kopa.pid)["VmHWM"]
+    finally:
+        stack.stop_kopa(kopa)
+
+
+async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    phases = set(opts.only)
+    options = {k: v for k, v in vars(opts).items() if k not in ("out", "work", "profile")}
+    results: dict[str, Any] = {"meta": meta(), "options": options}
+    results["load_average"] = {"start": load_average()}
+    sizes: list[int] = opts.sizes
+    async with stack.api() as api:
+        await api.ensure_namespace(dataset.POLICY_NAMESPACE)
+    if stack.profile_dir is None and "load" in phases:
+        results["kopa_idle_rss_bytes"] = await idle_memory(stack)
+        log(f"idle kopa: peak RSS {results['kopa_idle_rss_bytes'] / 2**20:.0f} MB")
+
+    results["initial_load"] = []
+    results["memory"] = []
+    created = 0
+    for n in sizes if "load" in phases else sizes[-1:]:
+        await create_objects(stack, created, n)
+        created = n
+        if "load" not in phases:
+            break
+        size = await json_size(stack)
+        log(f"N={n}: replicated JSON {size['collection_bytes'] / MB:.1f} MB; initial load runs")
+        result = await load.initial_load(stack, n, opts.repeats, log)
+        result["json"] = size
+        results["initial_load"].append(result)
+        if result["kopa_peak_rss_bytes"]:
+            results["memory"].append(
+                memory_entry(
+                    n,
+                    size,
+                    result["kopa_peak_rss_bytes"],
+                    max(r["vmrss_bytes"] for r in result["kopa_runs"]),
+                    "after its initial load",
+                )
+            )
+        log(
+            f"N={n}: kopa {result['kopa_seconds']:.2f} s, floor {result['floor_seconds']:.2f} s,"
+            f" ratio {result['ratio']:.2f}"
+        )
+
+    if phases & {"churn", "propagation", "refill"}:
+        await long_running(opts, stack, sizes[-1], results)
+    results["load_average"]["end"] = load_average()
+    results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
+    return results
+
+
+def memory_entry(n: int, size: dict[str, int], peak: int, rss: int, when: str) -> dict[str, Any]:
+    return {
+        "n": n,
+        "json_bytes": size["collection_bytes"],
+        "peak_rss_bytes": peak,
+        "rss_bytes": rss,
+        "budget_bytes": int(1.5 * size["collection_bytes"] + 50 * MB),
+        "when": when,
+    }
+
+
+async def long_running(opts: argparse.Namespace, stack: Stack, n: int, results: dict[str, Any]) -> None:
+    """Churn, propagation and refill, against one kopa that holds all N objects."""
+    phases = set(opts.only)
+    stack.fresh_opa()
+    kopa = stack.kopa("main")
+    kopa.start()
+    async with stack.opa_client() as opa:
+
+        async def loaded() -> Any:
+            return await opa.data("system/kopa/ready") and await opa.query(dataset.COUNT_QUERY) == n
+
+        await poll_until(loaded, bool, interval=0.05, within=300, what="main kopa loaded")
+    if "churn" in phases:
+        namespace, names = churn.churn_objects(n, opts.churn_objects)
+        async with stack.opa_client() as opa:
+            await churn.install_policies(opa, namespace, names)
+        results["decisions_idle"] = await churn.idle_decisions(stack, namespace, names, 5.0)
+        log(f"decisions with no churn: p99 {results['decisions_idle']['decisions']['p99']:.2f} ms")
+        results["churn"] = []
+        pids = {
+            "kopa": kopa.pid,
+            "OPA": stack.opa.pid,
+            "kube-apiserver": stack.kube.apiserver.pid,
+            "etcd": stack.kube.etcd.pid,
+        }
+        for rate in opts.rates:
+            log(f"churn at {rate:g} updates/s for {opts.churn_seconds:g} s over {opts.churn_objects} objects")
+            run = await churn.churn_run(
+                stack,
+                n=n,
+                rate=rate,
+                seconds=opts.churn_seconds,
+                objects=opts.churn_objects,
+                pids={k: v for k, v in pids.items() if v is not None},
+                log=log,
+            )
+            results["churn"].append(run)
+
+    if "propagation" in phases:
+        log(f"policy propagation, {opts.trials} trials")
+        results["propagation"] = await propagation.propagation(stack, opts.trials, log)
+    elif "refill" in phases:
+        await propagation.create_policies(stack, opts.trials)
+
+    if "refill" in phases:
+        log(f"refill: OPA killed and restarted {opts.refills} times")
+        results["refill"] = await refill.refill(
+            stack, kopa, n=n, policies=opts.trials, rounds=opts.refills, log=log
+        )
+    if kopa.pid is not None and stack.profile_dir is None:
+        memory = proc_memory(kopa.pid)
+        size = await json_size(stack)
+        done = ", ".join(p for p in ("churn", "propagation", "refill") if p in phases)
+        results["memory"].append(memory_entry(n, size, memory["VmHWM"], memory["VmRSS"], f"after {done}"))
+    stack.stop_kopa(kopa)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument(
+        "--quick", action="store_true", help="a short smoke run; writes to the work directory"
+    )
+    parser.add_argument("--sizes", type=ints, default=None, help="initial-load sizes (default 1000,10000)")
+    parser.add_argument("--repeats", type=int, default=None, help="initial-load runs per size and side (3)")
+    parser.add_argument("--rates", type=floats, default=None, help="churn rates, updates/s (100,500)")
+    parser.add_argument("--churn-seconds", type=float, default=None, help="seconds per churn rate (30)")
+    parser.add_argument("--churn-objects", type=int, default=300, help="objects the churn updates (300)")
+    parser.add_argument("--trials", type=int, default=None, help="policy propagation trials (100)")
+    parser.add_argument("--refills", type=int, default=None, help="OPA kill/restart rounds (3)")
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=list(PHASES),
+        help=f"phases to run ({','.join(PHASES)})",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="where benchmarks.{json,md} go (docs/)")
+    parser.add_argument("--work", type=Path, default=None, help="work directory (a new temp dir)")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="only write the plots and the doc again from this JSON"
+    )
+    parser.add_argument("--profile", type=Path, default=None, help="run kopa under py-spy; flame graphs here")
+    opts = parser.parse_args(argv)
+    quick = opts.quick
+    defaults: dict[str, Any] = {
+        "sizes": [1000] if quick else [1000, 10000],
+        "repeats": 1 if quick else 3,
+        "rates": [100.0, 500.0],
+        "churn_seconds": 8.0 if quick else 30.0,
+        "trials": 20 if quick else 100,
+        "refills": 2 if quick else 3,
+    }
+    for key, value in defaults.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    opts.sizes = sorted(opts.sizes)
+    unknown = set(opts.only) - set(PHASES)
+    if unknown:
+        parser.error(f"--only: unknown phases {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
+    return opts
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    report.write_json(results, out / "benchmarks.json")
+    images = report.plots(results, out / "benchmarks")
+    report.write_markdown(out / "benchmarks.md", report.generated_markdown(results, images, "benchmarks"))
+    for v in report.verdicts(results):
+        log(f"{'met   ' if v['met'] else 'MISSED'} {v['target']}: {v['measured']}")
+    log(f"wrote {out / 'benchmarks.json'}, {out / 'benchmarks.md'} and {len(images)} plots")
+
+
+def main() -> None:
+    opts = parse(sys.argv[1:])
+    if opts.report is not None:
+        write(orjson.loads(opts.report.read_bytes()), opts.out or opts.report.parent)
+        return
+    work = opts.work or Path(tempfile.mkdtemp(prefix="kopa-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out: Path = opts.out or (work if opts.quick else repo_root() / "docs")
+    if opts.profile is not None and not py_spy():
+        sys.exit("--profile needs py-spy (pip install py-spy into the venv; it is not a dependency)")
+    log(f"work directory {work}; results to {out}")
+    stack = Stack(work, profile_dir=opts.profile)
+    stack.start()
+    try:
+        results = asyncio.run(run(opts, stack))
+    finally:
+        stack.stop()
+    write(results, out)
+
+
+if __name__ == "__main__":
+    main()
