@@ -394,9 +394,24 @@ async def churn_run(
         "equality": equal,
         # CPU used during the updates (cores: CPU seconds per second of the run), per process.
         "cpu_cores": {name: round(used / window, 3) for name, used in cpu.items()},
-        # For the plots: (seconds since start, lag ms) of every update, and the lags sorted.
-        "lag_series": [
-            [round(u[3] - start, 3), round(x * 1000, 1)] for u, x in _paired(updates, names, samples)
+        # For the plots, kept small (the JSON is committed): the lag's quantiles, and per second of the
+        # run its median and maximum.
+        **lag_profile([(u[3] - start, x * 1000) for u, x in _paired(updates, names, samples)]),
+    }
+
+
+def lag_profile(series: list[tuple[float, float]]) -> dict[str, Any]:
+    """Quantiles of the lags (ms): every 1% up to p99, every 0.1% above; and [second, p50, max] per second."""
+    lags = [lag for _, lag in series]
+    steps = [q / 10 for q in range(0, 990, 10)] + [q / 10 for q in range(990, 1001)]
+    per_second: dict[int, list[float]] = {}
+    for at, lag in series:
+        per_second.setdefault(int(at), []).append(lag)
+    return {
+        "lag_quantiles_ms": [[q, round(percentile(lags, q), 1)] for q in steps] if lags else [],
+        "lag_per_second_ms": [
+            [second, round(percentile(lags_then, 50), 1), round(max(lags_then), 1)]
+            for second, lags_then in sorted(per_second.items())
         ],
     }
 
