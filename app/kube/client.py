@@ -17,6 +17,7 @@ import anyio
 import orjson
 
 from app.kube.config import KubeConnection
+from app.session import OwnedSession
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _retry_after(headers: Mapping[str, str], attempt: int) -> float:
         return min(0.5 * 2.0**attempt, 30.0) * random.uniform(0.8, 1.2)
 
 
-class KubeClient:
+class KubeClient(OwnedSession):
     """One session per API server. Reloads credentials (rotated tokens) after a 401."""
 
     def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
@@ -97,27 +98,11 @@ class KubeClient:
     def default_namespace(self) -> str:
         return self._conn.namespace
 
-    async def __aenter__(self) -> KubeClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _session_for_use(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=32)
-            self._session = aiohttp.ClientSession(
-                base_url=None,
-                connector=connector,
-                json_serialize=lambda obj: orjson.dumps(obj).decode(),
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
-            )
-        return self._session
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=32),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+        )
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # identity: the API server gzips responses over 128 KiB (every page of a large list) when asked to,

@@ -24,6 +24,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from app.session import OwnedSession
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
@@ -85,7 +87,7 @@ def encode_path(segments: Sequence[str]) -> str:
     return "/".join(quote(s, safe="") for s in segments)
 
 
-class OpaClient:
+class OpaClient(OwnedSession):
     """One session for one OPA. `token` is asked for each request, so a rotated token file takes effect."""
 
     def __init__(
@@ -106,24 +108,11 @@ class OpaClient:
         self._retry_budget = retry_budget
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> OpaClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _session_for_use(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=8),
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
-            )
-        return self._session
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=8),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+        )
 
     async def _once(
         self, method: str, url: str, body: bytes | Chunks | None, content_type: str
