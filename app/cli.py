@@ -28,12 +28,12 @@ from app.logs import setup_logging
 from app.metrics import Metrics, MetricSources
 from app.opa.client import Observe, OpaClient
 from app.opa.credentials import CredentialsError, StaticToken, TokenFile, ssl_context
-from app.pipeline.liveness import Liveness
-from app.pipeline.opa_watchdog import OpaWatchdog
+from app.pipeline.liveness import Liveness, report_progress
+from app.pipeline.opa_process import OpaProcess
 from app.pipeline.readiness import Readiness, SourceState
 from app.pipeline.supervisor import supervise
-from app.pipeline.watcher import ALL, Collection, ObjectKey, Store, Watcher, same_resource_version
-from app.pipeline.worker import Handler, OpaGate, WorkKey, run_worker
+from app.pipeline.watcher import ALL, CHECK, Collection, ObjectKey, Store, Watcher, same_resource_version
+from app.pipeline.worker import Handler, WorkKey, run_worker
 from app.pipeline.workqueue import WorkQueue
 from app.replication.discovery import DiscoveryError, discover
 from app.replication.replicator import ReplicatedResource, ReplicationOptions
@@ -107,6 +107,26 @@ def _emitter(send: MemoryObjectSendStream[WorkKey], source: str) -> Callable[[Ob
     return emit
 
 
+def owned_policy_id(namespaces: Sequence[str]) -> Callable[[str], bool]:
+    """Policy ids of kopa's own form, `<namespace>/<configmap>/<key>` in a namespace it watches: the only
+    ids the drift check removes when no ConfigMap has them (never the chart's bootstrap policies)."""
+    every = list(namespaces) == ["*"]
+
+    def owns(policy_id: str) -> bool:
+        parts = policy_id.split("/")
+        return len(parts) == 3 and all(parts) and (every or parts[0] in namespaces)
+
+    return owns
+
+
+async def check_drift(send: MemoryObjectSendStream[WorkKey], sources: Sequence[str], interval: float) -> None:
+    """Asks each source, through the writer (so no write races it), to compare OPA with its copy."""
+    while True:
+        await anyio.sleep(interval)
+        for source in sources:
+            await send.send((source, CHECK))
+
+
 def opa_client(settings: Settings, observe: Observe | None = None) -> OpaClient:
     """The OPA client with the token and TLS settings; raises CredentialsError for unusable ones."""
 
@@ -127,7 +147,12 @@ def opa_client(settings: Settings, observe: Observe | None = None) -> OpaClient:
 async def run(settings: Settings) -> None:
     metrics = Metrics()
     liveness = Liveness()
-    opa_connection = opa_client(settings, metrics.observe_opa)
+
+    def observe_opa(endpoint: str, method: str, code: str, seconds: float) -> None:
+        metrics.observe_opa(endpoint, method, code, seconds)
+        report_progress()  # an OPA request completed: progress for whichever component made it
+
+    opa_connection = opa_client(settings, observe_opa)
     connection = await load_connection(settings.kubeconfig)
     namespaces = list(settings.namespaces) or [connection.namespace]
     log.info(
@@ -144,7 +169,7 @@ async def run(settings: Settings) -> None:
         found = await discover(kube, settings.replicate, settings.replicate_cluster)
         send, receive = anyio.create_memory_object_stream[WorkKey](max_buffer_size=QUEUE_SIZE)
         queue: WorkQueue[WorkKey] = WorkQueue("opa", observer=metrics.queue_observer("opa"))
-        gate = OpaGate(opa.healthy)
+        process = OpaProcess(opa, settings.opa_check_interval)
 
         # ConfigMaps: policies and data.
         stores: dict[str, Store[dict[str, Any]]] = {
@@ -161,7 +186,8 @@ async def run(settings: Settings) -> None:
             data=stores["data"] if settings.enable_data else None,
         )
         reporter = StatusReporter(kube, selected.lookup, observer=metrics.queue_observer("status"))
-        configmaps = ConfigMapSync(PolicyBook(opa), DataBook(opa), reporter, selected)
+        policies = PolicyBook(opa, process, owns=owned_policy_id(namespaces))
+        configmaps = ConfigMapSync(policies, DataBook(opa), reporter, selected, process)
         handlers: dict[str, Handler] = {CONFIGMAPS: configmaps}
 
         # Replicated resources.
@@ -176,6 +202,7 @@ async def run(settings: Settings) -> None:
             ReplicatedResource(
                 kube=kube,
                 opa=opa,
+                process=process,
                 gvr=gvr,
                 namespaced=gvr in settings.replicate,
                 info=found[gvr],
@@ -188,32 +215,18 @@ async def run(settings: Settings) -> None:
 
         readiness = Readiness(
             opa,
-            pending=lambda: len(queue) + queue.in_flight + receive.statistics().current_buffer_used,
-            opa_available=lambda: gate.available,
+            process,
+            pending=lambda: queue.pending + receive.statistics().current_buffer_used,
+            retrying=lambda: queue.failing,
             sources=[SourceState(w.collection.describe(), w.synced.is_set) for w in watchers]
             + [r.state for r in resources],
         )
 
-        async def on_opa_restart() -> None:
-            configmaps.refill_pending = True
-            readiness.on_opa_restart()
+        async def refill() -> None:
             for source in handlers:
                 await send.send((source, ALL))
 
-        watchdog = OpaWatchdog(opa, gate, settings.opa_check_interval, on_opa_restart)
-
-        async def same_opa() -> bool:
-            await watchdog.check()
-            return not configmaps.refill_pending
-
-        configmaps.policies.same_opa = same_opa
-
-        async def opa_not_restarted() -> bool:
-            before = watchdog.restarts
-            await watchdog.check()
-            return watchdog.restarts == before
-
-        readiness.same_opa = opa_not_restarted
+        process.on_restart(refill)
 
         metrics.sources = MetricSources(
             queues=[queue, reporter.queue],
@@ -228,23 +241,29 @@ async def run(settings: Settings) -> None:
             policies_loaded=lambda: configmaps.policies.loaded_count,
             policies_failed=lambda: configmaps.policies.failed_count,
             data_documents=configmaps.data.document_count,
-            opa_restarts=lambda: watchdog.restarts,
+            opa_restarts=lambda: process.restarts,
+            opa_refusals=lambda: process.refusals,
+            drift_repaired=lambda: {
+                "policy": configmaps.policies.repairs,
+                "data": configmaps.data.repairs,
+                "replicated": sum(r.sync.repairs for r in resources),
+            },
             ready=lambda: readiness.ready,
-            opa_up=lambda: gate.available,
+            opa_up=lambda: process.available,
         )
 
         async def dispatch() -> None:
             async for key in receive:
                 queue.add(key)
 
-        async def after_batch() -> None:
+        def writer_progress() -> None:
             liveness.beat("OPA writer", PROGRESS_BOUND)
-            await readiness.after_batch()
 
         server = health_server(settings, liveness, readiness, metrics) if settings.health_endpoint else None
         if server is not None:
             server.start()
         watch = partial(supervise, on_crash=liveness.crashed)
+        writer = partial(run_worker, queue, handlers, process, readiness.after_batch, writer_progress)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg, settings.shutdown_timeout)
             tg.start_soon(liveness.run_ticker)
@@ -256,8 +275,11 @@ async def run(settings: Settings) -> None:
                 tg.start_soon(watch, f"replication of {resource.gvr}", resource.run)
             tg.start_soon(watch, "dispatcher", dispatch)
             tg.start_soon(watch, "retry timer", queue.run_timer)
-            tg.start_soon(watch, "OPA writer", partial(run_worker, queue, handlers, gate, after_batch))
-            tg.start_soon(watch, "OPA watchdog", watchdog.run)
+            tg.start_soon(watch, "OPA writer", writer)
+            tg.start_soon(watch, "OPA process check", process.run)
+            if settings.drift_check_interval > 0:
+                drift = partial(check_drift, send, list(handlers), settings.drift_check_interval)
+                tg.start_soon(watch, "drift check", drift)
             tg.start_soon(watch, "status writer", reporter.run)
             tg.start_soon(watch, "status retry timer", reporter.queue.run_timer)
     log.info("stopped")

@@ -32,6 +32,8 @@ class MetricSources:
     policies_failed: Callable[[], int] = lambda: 0
     data_documents: Callable[[], int] = lambda: 0
     opa_restarts: Callable[[], int] = lambda: 0
+    opa_refusals: Callable[[], int] = lambda: 0
+    drift_repaired: Callable[[], dict[str, int]] = dict  # kind -> repairs
     ready: Callable[[], bool] = lambda: False
     opa_up: Callable[[], bool] = lambda: False
 
@@ -150,6 +152,20 @@ class Metrics(Collector):
         yield CounterMetricFamily(
             "kopa_opa_restarts", "New OPA processes detected (each one is refilled).", value=s.opa_restarts()
         )
+        yield CounterMetricFamily(
+            "kopa_opa_credentials_refused",
+            "Times OPA started refusing kopa's credentials (401/403); each is waited out like an outage.",
+            value=s.opa_refusals(),
+        )
+        drift = CounterMetricFamily(
+            "kopa_drift_repaired",
+            "Differences between OPA and kopa's copy found by the drift check and repaired, by kind "
+            "(policy, data, replicated).",
+            labels=["kind"],
+        )
+        for kind, count in sorted(s.drift_repaired().items()):
+            drift.add_metric([kind], count)
+        yield drift
         yield GaugeMetricFamily(
             "kopa_ready", "1 when OPA holds everything kopa should have put there.", value=float(s.ready())
         )

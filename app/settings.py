@@ -59,6 +59,7 @@ class Settings:
     data_value: str
     namespaces: tuple[str, ...]  # () = not given (kopa watches its own namespace); ("*",) = all
     opa_check_interval: float  # seconds
+    drift_check_interval: float  # seconds; 0 = off
     health_endpoint: str  # "host:port" of the probe and metrics server; "" = off
     log_format: str  # "text" | "json"
     shutdown_timeout: float  # seconds
@@ -481,6 +482,12 @@ def _positive(value: float) -> float:
     return value
 
 
+def _not_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
 def _resources(value: tuple[str, ...]) -> tuple[str, ...]:
     for item in value:
         try:
@@ -689,6 +696,17 @@ OPTIONS: tuple[Option[Any], ...] = (
         OPA,
         metavar="DURATION",
         validate=_positive,
+    ),
+    Option(
+        "drift-check-interval",
+        DURATION,
+        60.0,
+        "How often to compare what OPA holds with kopa's copy and repair what differs (changes made "
+        "behind kopa's back): every policy and data document, and one namespace of each replicated "
+        "resource, in rotation. 0 turns it off.",
+        OPA,
+        metavar="DURATION",
+        validate=_not_negative,
     ),
     Option(
         "enable-policies",
@@ -916,7 +934,7 @@ class _Legacy:
 _LEGACY: tuple[_Legacy, ...] = (
     _Legacy("policies", STRING_LIST, alias_of="namespaces"),
     _Legacy("require-policy-label", BOOL, no_effect="kopa always selects policies by their label"),
-    _Legacy("replicate-resync", STRING, no_effect="kopa does not resync replicated resources periodically"),
+    _Legacy("replicate-resync", DURATION, alias_of="drift-check-interval"),
     _Legacy("opa-config", STRING, unsupported="automatic replication from bundle analysis"),
     _Legacy("analysis-entrypoint", STRING, unsupported="automatic replication from bundle analysis"),
 )

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from app.opa.client import OpaClient, OpaError
+from app.opa.client import Chunks, OpaError
 from app.pipeline.watcher import ObjectKey
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,27 @@ def parse_document(key: str, text: str) -> tuple[bytes | None, dict[str, Any] | 
     return orjson.dumps(value), None
 
 
+class DataApi(Protocol):
+    """What the book needs of OPA."""
+
+    async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None: ...
+
+    async def delete_data(self, path: Sequence[str]) -> bool: ...
+
+    async def get_data(self, path: Sequence[str]) -> Any: ...
+
+
+def _digest(doc: bytes) -> bytes:
+    return hashlib.blake2b(doc, digest_size=16).digest()
+
+
 @dataclass
 class DataBook:
-    opa: OpaClient
+    opa: DataApi
     # What OPA holds per ConfigMap: key -> digest of the document written.
     loaded: dict[ObjectKey, dict[str, bytes]] = field(default_factory=dict)
     errors: dict[ObjectKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    repairs: int = 0
 
     def reset(self) -> None:
         """OPA restarted and holds nothing: every document is written again on its next sync."""
@@ -76,7 +92,7 @@ class DataBook:
             await self.opa.delete_data([ns, name, key])
             del loaded[key]
         for key, doc in sorted(documents.items()):
-            digest = hashlib.blake2b(doc, digest_size=16).digest()
+            digest = _digest(doc)
             if loaded.get(key) == digest:
                 continue
             try:
@@ -86,6 +102,34 @@ class DataBook:
                 continue
             loaded[key] = digest
         self.errors[configmap] = errors
+
+    async def check(self, texts_of: Callable[[ObjectKey], dict[str, str]]) -> int:
+        """Compares each document kopa wrote with OPA's (anti-entropy) and writes again what differs.
+
+        Each document is read at its own path: a GET of a prefix would evaluate any rules under it. A
+        document whose ConfigMap changed since it was written is left to the sync already queued for it.
+        Returns the number of repairs.
+        """
+        repairs = 0
+        for configmap, docs in sorted(self.loaded.items()):
+            texts = texts_of(configmap)
+            for key, digest in sorted(docs.items()):
+                doc, _ = parse_document(key, texts.get(key, ""))
+                if doc is None or _digest(doc) != digest:
+                    continue
+                held = await self.opa.get_data([*configmap, key])
+                if held == orjson.loads(doc):
+                    continue
+                repairs += 1
+                where = "/".join([*configmap, key])
+                state = "is missing" if held is None else "differs"
+                log.warning("drift: data %s in OPA %s; writing it again", where, state)
+                try:
+                    await self.opa.put_data([*configmap, key], doc)
+                except OpaError as exc:
+                    log.warning("drift: could not write data %s again: %s", where, exc)
+        self.repairs += repairs
+        return repairs
 
     def document_count(self) -> int:
         return sum(len(keys) for keys in self.loaded.values())

@@ -1,25 +1,62 @@
 """The set of Rego modules kopa keeps in OPA, and how dependencies between them resolve themselves.
 
-Each module is `<namespace>/<configmap>/<key>`. A module that fails to compile because something it uses is
-not loaded yet is tried again whenever the set of loaded modules changes, with no cap on attempts; a module
-with a parse error waits until its own text changes. Modules keep the order in which kopa first saw them
-(`Module.order`), so that retries, and a refill after an OPA restart, go in the same order.
+Each module is `<namespace>/<configmap>/<key>`. A module that fails to compile (not a parse error) is tried
+again when a module it could depend on, or conflict with, is loaded or removed: one whose package lies on a
+`data.` path the failing module mentions, or shares its package. Every PUT makes OPA compile every module
+it holds, so retrying every failed module after every change would cost a compile per failed module per
+change; this costs one only when something relevant changed. A module with a parse error waits until its
+own text changes. Modules keep the order in which kopa first saw them (`Module.order`), so that retries,
+and a refill after an OPA restart, go in the same order.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from app.opa.client import OpaClient, OpaError, OpaUnavailable
+from app.opa.client import OpaError
+from app.pipeline.opa_process import OpaProcess, OpaRestarted
 from app.pipeline.watcher import ObjectKey
 
 log = logging.getLogger(__name__)
 
 PARSE_ERROR = "rego_parse_error"
+
+_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
+_DATA_REF = re.compile(r"(?<![.\w])data((?:\.[A-Za-z_]\w*)*)")
+
+Path = tuple[str, ...]
+
+
+class PolicyApi(Protocol):
+    """What the book needs of OPA."""
+
+    async def put_policy(self, policy_id: str, text: str) -> None: ...
+
+    async def delete_policy(self, policy_id: str) -> bool: ...
+
+    async def list_policies(self) -> list[dict[str, Any]]: ...
+
+
+def package_of(text: str) -> Path:
+    found = _PACKAGE.search(text)
+    return tuple(found.group(1).split(".")) if found else ()
+
+
+def data_refs(text: str) -> list[Path]:
+    """Every `data.a.b` path the text mentions (comments too: erring on the side of a retry). A dynamic
+    reference (`data[x]`, `data.a[x]`) is cut where it becomes dynamic: anything below may be meant."""
+    return [tuple(m.group(1).split(".")[1:]) for m in _DATA_REF.finditer(text)]
+
+
+def _related(a: Path, b: Path) -> bool:
+    """One path lies under the other (or they are equal)."""
+    shorter = min(len(a), len(b))
+    return a[:shorter] == b[:shorter]
 
 
 @dataclass
@@ -41,13 +78,22 @@ class Module:
         """Worth another try when other modules change: failed, but not for its own syntax."""
         return self.error is not None and not self.parse_error
 
+    def may_need(self, package: Path) -> bool:
+        """Whether a change to a module of `package` could change this module's compile outcome."""
+        own = package_of(self.text)
+        if own and _related(own, package):
+            return True
+        return any(_related(ref, package) for ref in data_refs(self.text))
+
 
 @dataclass
 class PolicyBook:
-    opa: OpaClient
+    opa: PolicyApi
+    process: OpaProcess
+    owns: Callable[[str], bool] = lambda policy_id: False  # ids kopa may delete when it does not know them
     modules: dict[str, Module] = field(default_factory=dict)
-    # asked before a compile error is believed; False when OPA turned out to have restarted.
-    same_opa: Callable[[], Awaitable[bool]] | None = None
+    epoch: int = 0  # the OPA process (OpaProcess.epoch) that loaded_text describes
+    repairs: int = 0
     _order: itertools.count[int] = field(default_factory=itertools.count)
 
     def of(self, configmap: ObjectKey) -> list[Module]:
@@ -63,11 +109,13 @@ class PolicyBook:
         ns, name = configmap
         desired = {f"{ns}/{name}/{key}": text for key, text in texts.items()}
         touched: set[ObjectKey] = {configmap}
-        set_changed = False
+        changed: list[Path] = []  # packages whose modules were loaded or removed
         for module in self.of(configmap):
             if module.id not in desired:
+                held = module.loaded_text
                 touched |= await self._remove(module)
-                set_changed = True
+                if held is not None:
+                    changed.append(package_of(held))
         for module_id in sorted(desired):
             text = desired[module_id]
             known = self.modules.get(module_id)
@@ -75,23 +123,27 @@ class PolicyBook:
                 continue  # unchanged: loaded, or failed and waiting for a change elsewhere
             module = known or Module(module_id, configmap, text, next(self._order))
             self.modules[module_id] = module
+            before = module.loaded_text
             module.text = text
             if await self._load(module):
-                set_changed = True
-        if set_changed:
-            touched |= await self._retry_failed()
+                changed += [package_of(text)] + ([package_of(before)] if before is not None else [])
+        if changed:
+            touched |= await self._retry_failed(changed)
         return touched
 
-    def reset(self) -> None:
-        """OPA restarted and holds nothing."""
+    def reset(self, epoch: int) -> None:
+        """OPA restarted (a new epoch) and holds nothing."""
+        self.epoch = epoch
         for module in self.modules.values():
             module.loaded_text = None
 
     async def load_all(self) -> set[ObjectKey]:
         """Loads every module again in the order kopa first saw them, so outcomes do not flip."""
+        changed = []
         for module in sorted(self.modules.values(), key=lambda m: m.order):
-            await self._load(module)
-        await self._retry_failed()
+            if await self._load(module):
+                changed.append(package_of(module.text))
+        await self._retry_failed(changed)
         return {m.configmap for m in self.modules.values()}
 
     @property
@@ -107,8 +159,11 @@ class PolicyBook:
         try:
             await self.opa.put_policy(module.id, module.text)
         except OpaError as exc:
-            if PARSE_ERROR not in exc.error_codes and self.same_opa is not None and not await self.same_opa():
-                raise OpaUnavailable("OPA restarted; the module is loaded again after the refill") from None
+            if PARSE_ERROR not in exc.error_codes:
+                # A compile error may only mean that OPA restarted and lost a module this one needs.
+                await self.process.check()
+                if self.process.epoch != self.epoch:
+                    raise OpaRestarted("OPA restarted; the module is loaded again after the refill") from None
             module.error = exc.body or {"code": exc.code, "message": exc.message}
             module.parse_error = PARSE_ERROR in exc.error_codes
             log.debug("policy %s failed to load: %s", module.id, exc)
@@ -118,18 +173,62 @@ class PolicyBook:
         module.parse_error = False
         return True
 
-    async def _retry_failed(self) -> set[ObjectKey]:
-        """Tries failed modules again until a round loads none of them (a fixpoint)."""
+    async def _retry_failed(self, changed: list[Path]) -> set[ObjectKey]:
+        """Tries the failed modules that the changed packages concern; a module that loads then concerns
+        others in turn, until no retry loads anything."""
         touched: set[ObjectKey] = set()
-        progress = True
-        while progress:
-            progress = False
+        while changed:
+            package = changed.pop()
             for module in sorted(self.modules.values(), key=lambda m: m.order):
-                if module.retry_on_change and await self._load(module):
+                if module.retry_on_change and module.may_need(package) and await self._load(module):
                     log.info("policy %s loaded after a module it needs appeared", module.id)
                     touched.add(module.configmap)
-                    progress = True
+                    changed.append(package_of(module.text))
         return touched
+
+    async def check(self) -> int:
+        """Compares the modules OPA holds with kopa's book and repairs the differences (anti-entropy).
+
+        Only ids kopa owns are touched: those in the book, and unknown ones for which `owns` says so.
+        Returns the number of repairs.
+        """
+        held = {str(p.get("id")): str(p.get("raw", "")) for p in await self.opa.list_policies()}
+        repairs = 0
+        for module in sorted(self.modules.values(), key=lambda m: m.order):
+            have = held.get(module.id)
+            if have == module.loaded_text:
+                continue
+            repairs += 1
+            if module.loaded_text is None:
+                log.warning("drift: OPA holds policy %s, which kopa did not load; removing it", module.id)
+                await self._delete_quietly(module.id)
+                continue
+            log.warning(
+                "drift: policy %s in OPA %s; loading it again",
+                module.id,
+                "is missing" if have is None else "differs from its ConfigMap",
+            )
+            wanted = module.loaded_text
+            try:
+                await self.opa.put_policy(module.id, wanted)
+            except OpaError as exc:
+                log.warning("drift: could not load policy %s again: %s", module.id, exc)
+                if have is None:
+                    module.loaded_text = None
+                    module.error = exc.body or {"code": exc.code, "message": exc.message}
+        for policy_id in sorted(set(held) - set(self.modules)):
+            if self.owns(policy_id):
+                repairs += 1
+                log.warning("drift: OPA holds policy %s, which no ConfigMap has; removing it", policy_id)
+                await self._delete_quietly(policy_id)
+        self.repairs += repairs
+        return repairs
+
+    async def _delete_quietly(self, policy_id: str) -> None:
+        try:
+            await self.opa.delete_policy(policy_id)
+        except OpaError as exc:  # e.g. another module depends on it: say so, try again next time
+            log.warning("drift: could not remove policy %s: %s", policy_id, exc)
 
     async def _remove(self, module: Module) -> set[ObjectKey]:
         touched = await self._unload(module, reason=None)

@@ -15,7 +15,8 @@ from app.configmaps.data import DataBook, kopa_error
 from app.configmaps.policies import PolicyBook
 from app.configmaps.status import StatusReporter
 from app.opa.client import OpaError
-from app.pipeline.watcher import ALL, ObjectKey, Store
+from app.pipeline.opa_process import OpaProcess
+from app.pipeline.watcher import ALL, CHECK, ObjectKey, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,17 @@ class ConfigMapSync:
     data: DataBook
     reporter: StatusReporter
     stores: ConfigMapStores
-    refill_pending: bool = False  # OPA restarted and the refill has not started yet
+    process: OpaProcess
+    filled_epoch: int = 0  # the OPA process (OpaProcess.epoch) that the books describe
 
     async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
-        """The writer's entry point. ALL means OPA restarted: load everything again, in order."""
-        if ALL in keys:
+        """The writer's entry point. A new OPA process (ALL is queued for it) is first loaded with
+        everything again, in order; CHECK compares OPA with the books and repairs what differs."""
+        if self.filled_epoch != self.process.epoch:
             await self.refill()
-            keys = [key for key in keys if key != ALL]  # changes queued with the refill
+        if CHECK in keys:
+            await self.check()
+        keys = [key for key in keys if key not in (ALL, CHECK)]
         failures: list[tuple[ObjectKey, Exception]] = []
         for key in keys:
             try:
@@ -76,8 +81,8 @@ class ConfigMapSync:
         return failures
 
     async def refill(self) -> None:
-        self.refill_pending = False
-        self.policies.reset()
+        self.filled_epoch = self.process.epoch
+        self.policies.reset(self.filled_epoch)
         self.data.reset()
         touched = await self.policies.load_all()
         data_store = self.stores.data
@@ -86,6 +91,13 @@ class ConfigMapSync:
             touched.add(key)
             await self.data.set_configmap(key, _texts(data_store.get(key) if data_store else None))
         self._report(touched)
+
+    async def check(self) -> int:
+        """Anti-entropy: policies and data documents as OPA holds them, against the books."""
+        data_store = self.stores.data
+        repairs = await self.policies.check()
+        repairs += await self.data.check(lambda key: _texts(data_store.get(key) if data_store else None))
+        return repairs
 
     async def handle(self, key: ObjectKey) -> None:
         data_cm = self.stores.data.get(key) if self.stores.data else None

@@ -50,6 +50,15 @@ class OpaUnauthorized(OpaUnavailable):
     Not an error of the policy or data being written, so it is never reported on a ConfigMap.
     """
 
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def status_text(self) -> str:
+        """What OPA answered, safe to log and to show in /readyz (never the token)."""
+        return f"HTTP {self.status}"
+
 
 @dataclass
 class OpaError(Exception):
@@ -154,7 +163,7 @@ class OpaClient(OwnedSession):
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(_Transient),
                 stop=stop_after_attempt(self._attempts) | stop_after_delay(self._retry_budget),
-                wait=wait_exponential_jitter(initial=0.05, max=0.5),
+                wait=wait_exponential_jitter(multiplier=0.05, max=0.5, jitter=0.05),
                 reraise=True,
             ):
                 with attempt:
@@ -164,7 +173,8 @@ class OpaClient(OwnedSession):
         if status < 300 or status == 404:
             return status, payload
         if status in (401, 403):
-            raise OpaUnauthorized(f"{method} {url}: HTTP {status}: {_opa_error(status, payload).message}")
+            message = _opa_error(status, payload).message
+            raise OpaUnauthorized(f"{method} {url}: HTTP {status}: {message}", status)
         raise _opa_error(status, payload)
 
     async def put_policy(self, policy_id: str, text: str) -> None:
@@ -190,7 +200,13 @@ class OpaClient(OwnedSession):
         return status != 404
 
     async def patch_data(self, path: Sequence[str], operations: bytes) -> None:
-        await self.request("PATCH", f"data/{encode_path(path)}", operations, "application/json-patch+json")
+        """Applies a JSON Patch, all or nothing. OPA answers 404 when an operation's path is missing (it
+        then applied none of them): raised as OpaError, never taken for success."""
+        status, payload = await self.request(
+            "PATCH", f"data/{encode_path(path)}", operations, "application/json-patch+json"
+        )
+        if status == 404:
+            raise _opa_error(status, payload)
 
     async def get_data(self, path: Sequence[str]) -> Any:
         """The document at path, or None when it is undefined."""

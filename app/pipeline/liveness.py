@@ -9,6 +9,9 @@ Three signs, none of which depends on OPA or the API server being up (restarting
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,27 @@ import anyio
 LOOP_BLOCKED = 5.0  # seconds without a tick of the event loop
 TICK = 0.25
 CRASH_LOOP = 5
+
+# The progress callback of the component whose task is running, so that an adapter's hook (called inside
+# that task, e.g. when an OPA request completes) can report progress without knowing the component.
+_progress: ContextVar[Callable[[], None] | None] = ContextVar("kopa_progress", default=None)
+
+
+@contextmanager
+def progress_of(report: Callable[[], None]) -> Iterator[None]:
+    """Within this block (and the calls it awaits), report_progress() calls `report`."""
+    token = _progress.set(report)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
+
+
+def report_progress() -> None:
+    """Progress of whichever component is running now, if it asked for it (progress_of)."""
+    report = _progress.get()
+    if report is not None:
+        report()
 
 
 @dataclass

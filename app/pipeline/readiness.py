@@ -1,26 +1,31 @@
 """Whether OPA holds what kopa should have put there, and the marker that tells OPA itself.
 
 kopa is ready once every source has completed its first full load into OPA, and is not ready while OPA is
-unreachable or being refilled after a restart. When it becomes ready (again), it writes a marker document
+unreachable, refuses kopa's credentials, is being refilled after a restart, or while a change OPA did not
+accept waits for its retry. When it becomes ready (again), it writes a marker document
 at data.system.kopa, so that OPA's own readiness check (a system.health policy) can wait for it too.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from app.opa.client import OpaClient, OpaError, OpaUnavailable
+from app.opa.client import Chunks, OpaError, OpaUnauthorized, OpaUnavailable
+from app.pipeline.opa_process import OpaProcess
 
 log = logging.getLogger(__name__)
 
 MARKER_PATH = ["system", "kopa"]
+
+
+class MarkerWriter(Protocol):
+    async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None: ...
 
 
 @dataclass
@@ -44,52 +49,57 @@ class SourceState:
 
 @dataclass
 class Readiness:
-    opa: OpaClient
-    pending: Callable[[], int]  # keys not yet written to OPA
-    opa_available: Callable[[], bool]
-    sources: list[SourceState] = field(default_factory=list)
-    loaded: bool = False  # everything was loaded since start or since the last OPA restart
-    refilling: bool = False
-    loaded_at: float | None = None
-    # asked right before the marker is written; False when OPA turned out to have restarted.
-    same_opa: Callable[[], Awaitable[bool]] | None = None
+    """Ready means: every source that can be loaded has its current state in this OPA process, with no
+    change waiting for a retry, and OPA answers and accepts kopa's credentials."""
 
-    def on_opa_restart(self) -> None:
-        self.loaded = False
-        self.refilling = True
+    opa: MarkerWriter
+    process: OpaProcess
+    pending: Callable[[], int]  # changes not yet written to OPA, retries included
+    retrying: Callable[[], int]  # changes OPA did not accept and that wait to be written again
+    sources: list[SourceState] = field(default_factory=list)
+    loaded_epoch: int | None = None  # the OPA epoch (see OpaProcess) that holds everything, if any
+
+    @property
+    def loaded(self) -> bool:
+        return self.loaded_epoch == self.process.epoch
 
     @property
     def ready(self) -> bool:
-        return self.loaded and self.opa_available()
+        return self.loaded and self.process.usable and not self.retrying()
 
     async def after_batch(self) -> None:
-        """Called by the writer after each batch: is everything in OPA now?"""
+        """Called by the writer after each batch: is everything in this OPA now?"""
         if self.loaded or self.pending() or not all(s.missing or s.synced() for s in self.sources):
             return
-        if self.same_opa is not None and not await self.same_opa():
-            return  # a new OPA, which the refill the watchdog queued will load
+        epoch = self.process.epoch
+        if not await self.process.check() or self.process.epoch != epoch:
+            return  # unusable (the process says why), or a new OPA, whose refill is queued
         marker = {"ready": True, "loadedAt": datetime.now(UTC).isoformat(timespec="seconds")}
         try:
             await self.opa.put_data(MARKER_PATH, orjson.dumps(marker))
+        except OpaUnauthorized as exc:
+            self.process.mark_refused(exc)
+            return
         except (OpaUnavailable, OpaError) as exc:
             log.warning("could not write the readiness marker to OPA: %s", exc)
             return
-        log.info(
-            "%s complete: OPA holds every configured source", "refill" if self.refilling else "initial load"
-        )
-        self.loaded = True
-        self.refilling = False
-        self.loaded_at = time.time()
+        refill = self.loaded_epoch is not None
+        self.loaded_epoch = epoch
+        log.info("%s complete: OPA holds every configured source", "refill" if refill else "initial load")
 
     def report(self) -> dict[str, Any]:
         """The body of /readyz: overall, and per source what is ready and what is not, and why."""
         reasons = []
-        if not self.opa_available():
-            reasons.append("OPA is unreachable")
-        if self.refilling:
+        problem = self.process.problem()
+        if problem:
+            reasons.append(problem)
+        if self.loaded_epoch is not None and not self.loaded:
             reasons.append("OPA restarted; loading everything again")
         elif not self.loaded:
             reasons.append("first load into OPA not complete")
+        retrying = self.retrying()
+        if retrying:
+            reasons.append(f"{retrying} changes were not accepted by OPA and wait to be written again")
         return {
             "ready": self.ready,
             "reasons": reasons,

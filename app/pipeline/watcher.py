@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ObjectKey = tuple[str, str]  # (namespace, name); namespace is "" for cluster-scoped objects
 ALL: ObjectKey = ("*", "")  # a work key meaning "every key of the source" (a full load or refill)
+CHECK: ObjectKey = ("*", "check")  # a work key meaning "compare OPA with kopa's copy and repair it"
 Emit = Callable[[ObjectKey], Awaitable[None]]
 V = TypeVar("V")
 

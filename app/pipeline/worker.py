@@ -2,8 +2,13 @@
 
 One writer per OPA (OPA serialises writes; more writers buy nothing). It takes every key that is waiting
 at once and hands each source its keys in one call, so a source can batch them into few writes. When OPA
-is unreachable, the outage is noticed once and waited out, and the keys are retried when OPA is back; when
-OPA is up but a key still fails, only that key is requeued, with its own backoff.
+is unreachable or refuses kopa's credentials, that is noticed once (by OpaProcess) and waited out, and the
+keys are retried when OPA is usable again; when OPA is fine but a key still fails, only that key is
+requeued, with its own backoff.
+
+Liveness: the writer reports progress whenever its loop turns and whenever one of its own OPA requests
+completes (see liveness.progress_of), so a long refill or a long outage is progress, never a reason for
+the kubelet to restart kopa; only a writer that stopped turning is stuck.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from typing import Protocol
 import anyio
 
 from app.opa.client import OpaUnavailable
+from app.pipeline.liveness import progress_of
+from app.pipeline.opa_process import OpaProcess
 from app.pipeline.watcher import ALL, ObjectKey
-from app.pipeline.workqueue import Backoff, WorkQueue
+from app.pipeline.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -42,107 +49,79 @@ class Handler(Protocol):
         ...
 
 
-class OpaGate:
-    """Whether OPA answers; tells a broken OPA from a failing key, and waits out an outage.
-
-    The writer and the watchdog both report what they see; each change is logged once.
-    """
-
-    def __init__(self, probe: Callable[[], Awaitable[bool]], backoff: Backoff | None = None) -> None:
-        self._probe = probe
-        self._backoff = backoff or Backoff(base=0.2, cap=5.0)
-        self.available = True
-        self.outages = 0
-
-    def mark_down(self, cause: object) -> None:
-        if self.available:
-            self.available = False
-            self.outages += 1
-            log.warning("OPA is unreachable (%s); waiting for it to come back", cause)
-
-    def mark_up(self) -> None:
-        if not self.available:
-            self.available = True
-            log.info("OPA is reachable again")
-
-    async def wait_if_down(self, cause: Exception) -> bool:
-        """True if OPA was down (and is now back); False if OPA is up, so the failure was the keys'."""
-        if await self._probe():
-            return False
-        self.mark_down(cause)
-        attempt = 0
-        while not await self._probe():
-            attempt += 1
-            await anyio.sleep(self._backoff.delay(attempt))
-        self.mark_up()
-        return True
-
-
 async def run_worker(
     queue: WorkQueue[WorkKey],
     handlers: Mapping[str, Handler],
-    gate: OpaGate,
+    opa: OpaProcess,
     after_batch: Callable[[], Awaitable[None]] | None = None,
+    progress: Callable[[], None] = lambda: None,
 ) -> None:
     """Processes keys forever, a batch at a time, in the order they were first queued.
 
     `after_batch` also runs when the queue has been idle for IDLE_CHECK seconds, so a source with nothing
-    to write still gets noticed as loaded.
+    to write still gets noticed as loaded. `progress` is called at every turn of the loop and after every
+    OPA request the writer makes.
     """
-    last_write = -BUSY
-    while True:
-        batch: list[WorkKey] = []
-        with anyio.move_on_after(IDLE_CHECK):
-            batch = await queue.get_batch(BATCH_LIMIT)
-        if not batch:
+    with progress_of(progress):
+        last_write = -BUSY
+        while True:
+            progress()
+            batch: list[WorkKey] = []
+            with anyio.move_on_after(IDLE_CHECK):
+                batch = await queue.get_batch(BATCH_LIMIT)
+            if batch:
+                await _write(queue, handlers, opa, batch, time.monotonic() - last_write < BUSY)
+                last_write = time.monotonic()
             if after_batch is not None:
                 await after_batch()
-            continue
-        if (
-            time.monotonic() - last_write < BUSY
-            and len(batch) < BATCH_TARGET
-            and not any(key == ALL for _, key in batch)
-        ):
-            with anyio.move_on_after(BATCH_WINDOW):
-                await queue.wait_waiting(BATCH_TARGET - len(batch))
-            batch += queue.take_waiting(BATCH_LIMIT - len(batch))
-        grouped: dict[str, list[ObjectKey]] = {}
-        for source, key in batch:
-            grouped.setdefault(source, []).append(key)
-        failed: dict[WorkKey, Exception] = {}
-        try:
-            for source, keys in grouped.items():
-                for key, exc in await handlers[source].apply(keys):
-                    failed[(source, key)] = exc
-        except OpaUnavailable as exc:
-            if await gate.wait_if_down(exc):
-                for work in batch:
-                    queue.add(work)
-            else:
-                delays = [queue.add_rate_limited(work) for work in batch]
-                log.warning(
-                    "writing %d keys to OPA failed (%s); retrying in %.1fs", len(batch), exc, min(delays)
-                )
-        except Exception as exc:
-            # A bug, not a bad input: requeue with backoff rather than lose the keys or spin.
-            delays = [queue.add_rate_limited(work) for work in batch]
-            log.error(
-                "processing %d keys failed (%s: %s); retrying in %.1fs",
-                len(batch),
-                type(exc).__name__,
-                exc,
-                min(delays),
-                exc_info=True,
-            )
+
+
+async def _write(
+    queue: WorkQueue[WorkKey],
+    handlers: Mapping[str, Handler],
+    opa: OpaProcess,
+    batch: list[WorkKey],
+    busy: bool,
+) -> None:
+    """One batch: hands each source its keys; requeues what failed (see the module docstring)."""
+    if busy and len(batch) < BATCH_TARGET and not any(key == ALL for _, key in batch):
+        with anyio.move_on_after(BATCH_WINDOW):
+            await queue.wait_waiting(BATCH_TARGET - len(batch))
+        batch += queue.take_waiting(BATCH_LIMIT - len(batch))
+    grouped: dict[str, list[ObjectKey]] = {}
+    for source, key in batch:
+        grouped.setdefault(source, []).append(key)
+    failed: dict[WorkKey, Exception] = {}
+    try:
+        for source, keys in grouped.items():
+            for key, exc in await handlers[source].apply(keys):
+                failed[(source, key)] = exc
+    except OpaUnavailable as exc:
+        for work in batch:
+            queue.note_failure(work)  # failing from now on, for readiness, even while OPA is waited for
+        if await opa.outage_or_fault(exc):
+            for work in batch:
+                queue.add(work)
         else:
-            for work in batch:
-                if work in failed:
-                    queue.add_rate_limited(work)
-                else:
-                    queue.forget(work)
-        finally:
-            for work in batch:
-                queue.done(work)
-            last_write = time.monotonic()
-        if after_batch is not None:
-            await after_batch()
+            delays = [queue.add_after_failure(work) for work in batch]
+            log.warning("writing %d keys to OPA failed (%s); retrying in %.1fs", len(batch), exc, min(delays))
+    except Exception as exc:
+        # A bug, not a bad input: requeue with backoff rather than lose the keys or spin.
+        delays = [queue.add_rate_limited(work) for work in batch]
+        log.error(
+            "processing %d keys failed (%s: %s); retrying in %.1fs",
+            len(batch),
+            type(exc).__name__,
+            exc,
+            min(delays),
+            exc_info=True,
+        )
+    else:
+        for work in batch:
+            if work in failed:
+                queue.add_rate_limited(work)
+            else:
+                queue.forget(work)
+    finally:
+        for work in batch:
+            queue.done(work)

@@ -2,7 +2,8 @@
 
 - A key waiting to be processed is held once: ten adds while it waits become one piece of work.
 - A key is never handed out twice at once; one added while in flight is handed out again after done().
-- A key that failed comes back after a per-key, capped, jittered exponential delay (rate-limited requeue).
+- A key that failed comes back after a per-key, capped, jittered exponential delay (rate-limited requeue);
+  a key waiting for its delay is held once, at the earliest time it was asked for.
 The queue holds keys, never payloads: the worker reads the key's latest state when it gets it.
 """
 
@@ -66,7 +67,8 @@ class WorkQueue(Generic[K]):
         self._dirty: set[K] = set()
         self._processing: set[K] = set()
         self._failures: dict[K, int] = {}
-        self._delayed: list[tuple[float, int, K]] = []
+        self._delayed: list[tuple[float, int, K]] = []  # a heap; entries not matching _due are stale
+        self._due: dict[K, float] = {}  # each delayed key once, with the time it is due
         self._tiebreak = itertools.count()
         self._ready = anyio.Event()
         self._timer_changed = anyio.Event()
@@ -80,6 +82,21 @@ class WorkQueue(Generic[K]):
     @property
     def in_flight(self) -> int:
         return len(self._processing)
+
+    @property
+    def delayed(self) -> int:
+        """Keys waiting for their retry delay: writes that failed and are not yet redone."""
+        return len(self._due)
+
+    @property
+    def failing(self) -> int:
+        """Keys whose last attempt failed and that have not succeeded since (see forget())."""
+        return len(self._failures)
+
+    @property
+    def pending(self) -> int:
+        """Keys not yet processed to the end: waiting, in flight, or waiting for a retry."""
+        return len(self._dirty | self._processing | self._due.keys())
 
     def add(self, key: K) -> None:
         self.stats.adds += 1
@@ -142,10 +159,17 @@ class WorkQueue(Generic[K]):
 
     def add_rate_limited(self, key: K) -> float:
         """Requeues a failed key after its backoff; returns the delay."""
-        failures = self._failures.get(key, 0) + 1
-        self._failures[key] = failures
+        self.note_failure(key)
+        return self.add_after_failure(key)
+
+    def note_failure(self, key: K) -> None:
+        """The key's attempt failed: it counts as failing (see `failing`) until forget()."""
+        self._failures[key] = self._failures.get(key, 0) + 1
+
+    def add_after_failure(self, key: K) -> float:
+        """Requeues a key whose failure was noted, after the backoff its failures so far call for."""
         self.stats.retries += 1
-        delay = self.backoff.delay(failures)
+        delay = self.backoff.delay(self._failures.get(key, 1))
         self.add_after(key, delay)
         return delay
 
@@ -160,13 +184,17 @@ class WorkQueue(Generic[K]):
         if delay <= 0:
             self.add(key)
             return
-        heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._tiebreak), key))
+        due = time.monotonic() + delay
+        if key in self._due and self._due[key] <= due:
+            return  # already waiting, and due sooner
+        self._due[key] = due
+        heapq.heappush(self._delayed, (due, next(self._tiebreak), key))
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._timer_changed.set()
 
     def _check_idle(self) -> None:
-        if not self._queue and not self._processing and not self._delayed and not self._dirty:
+        if not self._queue and not self._processing and not self._due and not self._dirty:
             self._idle.set()
 
     async def wait_idle(self) -> None:
@@ -178,8 +206,10 @@ class WorkQueue(Generic[K]):
         while True:
             now = time.monotonic()
             while self._delayed and self._delayed[0][0] <= now:
-                _, _, key = heapq.heappop(self._delayed)
-                self.add(key)
+                due, _, key = heapq.heappop(self._delayed)
+                if self._due.get(key) == due:
+                    del self._due[key]
+                    self.add(key)
             self._check_idle()
             if self._timer_changed.is_set():
                 self._timer_changed = anyio.Event()

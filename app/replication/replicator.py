@@ -14,10 +14,10 @@ import anyio
 
 from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
 from app.kube.resources import GroupVersionResource
-from app.opa.client import OpaClient
+from app.pipeline.opa_process import OpaProcess
 from app.pipeline.readiness import SourceState
 from app.pipeline.watcher import ALL, Collection, Emit, Store, Watcher
-from app.replication.collection import CollectionSync
+from app.replication.collection import CollectionApi, CollectionSync
 from app.replication.discovery import ResourceInfo, lookup
 from app.replication.objects import Replica, converter, same_content
 
@@ -40,7 +40,8 @@ class ReplicatedResource:
         self,
         *,
         kube: KubeClient,
-        opa: OpaClient,
+        opa: CollectionApi,
+        process: OpaProcess,
         gvr: GroupVersionResource,
         namespaced: bool,
         info: ResourceInfo | None,
@@ -55,7 +56,7 @@ class ReplicatedResource:
         self.source = f"replicate:{gvr}"
         self.emit = emit_for(self.source)
         self.store: Store[Replica] = Store(self.source, same_content)
-        self.sync = CollectionSync(opa, [*options.path, gvr.resource], self.store, namespaced)
+        self.sync = CollectionSync(opa, process, [*options.path, gvr.resource], self.store, namespaced)
         self.watcher: Watcher[Replica] | None = None
         self.state = SourceState(self.source, self._synced, missing=info is None)
 

@@ -6,12 +6,14 @@ import base64
 import contextlib
 import json
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 from kubernetes import client
 
+from devstack.kopa import KopaProcess
 from devstack.kube import KubeCluster
 from devstack.opa import OpaServer
 from devstack.processes import ManagedProcess, wait_until
@@ -182,3 +184,46 @@ def start_up_error(kopa: ManagedProcess) -> str:
     lines = [line for line in kopa.tail_log(20).splitlines() if line.startswith("kopa: ")]
     assert len(lines) == 1, kopa.tail_log(20)
     return lines[0]
+
+
+# --- kopa's probe and metrics server ---------------------------------------------------------------------
+
+
+def get(kopa: KopaProcess, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(kopa.health_url + path, timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code), exc.read().decode()
+
+
+def scrape(kopa: KopaProcess) -> dict[str, float]:
+    """Metric samples as 'name{labels}' -> value."""
+    status, text = get(kopa, "/metrics")
+    assert status == 200
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def metric(samples: dict[str, float], metric_name: str, /, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include these."""
+    total = 0.0
+    for sample, value in samples.items():
+        named = sample == metric_name or sample.startswith(metric_name + "{")
+        if named and all(f'{k}="{v}"' in sample for k, v in labels.items()):
+            total += value
+    return total
+
+
+def wait_probe(kopa: KopaProcess, path: str, status: int, timeout: float = 30) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        code, body = get(kopa, path)
+        return json.loads(body) if code == status else None
+
+    result: dict[str, Any] = wait_until(check, timeout=timeout, what=f"{path} answering {status}")
+    return result

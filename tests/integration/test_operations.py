@@ -8,11 +8,8 @@ import re
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -21,7 +18,17 @@ from devstack.kopa import KopaProcess
 from devstack.opa import OpaServer
 from devstack.processes import free_port, wait_until
 from tests.integration.conftest import KopaFactory
-from tests.integration.helpers import DATA, POLICY, data, put_configmap, secure_args, wait_data
+from tests.integration.helpers import (
+    DATA,
+    POLICY,
+    data,
+    metric,
+    put_configmap,
+    scrape,
+    secure_args,
+    wait_data,
+    wait_probe,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -45,53 +52,15 @@ METRICS = [
     "kopa_full_syncs_total",
     "kopa_last_full_sync_timestamp_seconds",
     "kopa_opa_restarts_total",
+    "kopa_opa_credentials_refused_total",
+    "kopa_drift_repaired_total",
     "kopa_ready",
     "kopa_opa_up",
 ]
 
 
-def get(kopa: KopaProcess, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(kopa.health_url + path, timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return int(exc.code), exc.read().decode()
-
-
-def scrape(kopa: KopaProcess) -> dict[str, float]:
-    """Metric samples as 'name{labels}' -> value."""
-    status, text = get(kopa, "/metrics")
-    assert status == 200
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def metric(samples: dict[str, float], metric_name: str, /, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include these."""
-    total = 0.0
-    for sample, value in samples.items():
-        named = sample == metric_name or sample.startswith(metric_name + "{")
-        if named and all(f'{k}="{v}"' in sample for k, v in labels.items()):
-            total += value
-    return total
-
-
 def depth(kopa: KopaProcess) -> float:
     return metric(scrape(kopa), "workqueue_depth", name="opa")
-
-
-def wait_probe(kopa: KopaProcess, path: str, status: int, timeout: float = 30) -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        code, body = get(kopa, path)
-        return json.loads(body) if code == status else None
-
-    result: dict[str, Any] = wait_until(check, timeout=timeout, what=f"{path} answering {status}")
-    return result
 
 
 def test_readiness_follows_the_first_load_and_opa(
@@ -191,10 +160,10 @@ def test_every_metric_is_present_and_moves_with_activity(
     assert metric(after, "workqueue_work_duration_seconds_count", name="opa") > 0
 
 
-def test_retries_count_when_opa_refuses_kopa(
+def test_a_refused_token_is_counted_and_reported(
     run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
 ) -> None:
-    """A wrong token: OPA is up (its /health answers) but refuses every write, so keys are retried."""
+    """A wrong token: OPA is up (its /health answers) but refuses kopa, which waits, as for an outage."""
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-the-token\n")
     args = secure_args(secure_opa, namespace)
@@ -202,11 +171,13 @@ def test_retries_count_when_opa_refuses_kopa(
     kopa = run_kopa(*args)
     put_configmap(core_v1, namespace, "d", {"x.json": "{}"}, DATA)
     wait_until(
-        lambda: metric(scrape(kopa), "workqueue_retries_total", name="opa") >= 2, timeout=30, what="retries"
+        lambda: metric(scrape(kopa), "kopa_opa_credentials_refused_total") == 1, timeout=30, what="refusal"
     )
     samples = scrape(kopa)
     assert metric(samples, "kopa_opa_requests_total", code="401") >= 1
-    assert wait_probe(kopa, "/readyz", 503)["ready"] is False
+    assert metric(samples, "kopa_opa_up") == 1, "OPA answers; it is not down"
+    body = wait_probe(kopa, "/readyz", 503)
+    assert "OPA refuses kopa's credentials (HTTP 401)" in body["reasons"]
     # The right token arrives (a rotated Secret): everything loads.
     wrong.write_text(f"{secure_opa.token}\n")
     wait_probe(kopa, "/readyz", 200)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import orjson
 import pytest
 
 from app.pipeline import worker
+from app.pipeline.opa_process import OpaProcess
 from app.pipeline.watcher import ALL, ObjectKey
 from app.pipeline.workqueue import WorkQueue
 from app.replication.collection import CHUNK, _document
@@ -109,8 +111,11 @@ class Recorder:
                 await self._called.wait()
 
 
-async def _healthy() -> bool:
-    return True
+class _SameOpa:
+    """An OPA that always answers as the same process."""
+
+    async def config(self) -> dict[str, Any]:
+        return {"labels": {"id": "one"}}
 
 
 async def test_under_a_stream_a_full_batch_goes_out_without_waiting_the_window(
@@ -120,7 +125,7 @@ async def test_under_a_stream_a_full_batch_goes_out_without_waiting_the_window(
     queue: WorkQueue[worker.WorkKey] = WorkQueue("opa")
     handler = Recorder()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run_worker, queue, {"s": handler}, worker.OpaGate(_healthy))
+        tg.start_soon(worker.run_worker, queue, {"s": handler}, OpaProcess(_SameOpa(), interval=1.0))
         queue.add(("s", ("ns", "first")))  # isolated: written at once
         await handler.wait_calls(1)
         queue.add(("s", ("ns", "k0")))

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "data_value": "opa",
     "namespaces": (),
     "opa_check_interval": 1.0,
+    "drift_check_interval": 60.0,
     "health_endpoint": "0.0.0.0:8000",
     "log_format": "text",
     "shutdown_timeout": 10.0,
@@ -845,8 +846,6 @@ def test_policies_flag_wins_over_namespaces_env() -> None:
         (["--require-policy-label"], "--require-policy-label"),
         (["--require-policy-label=true"], "--require-policy-label"),
         (["--require-policy-label=false"], "--require-policy-label"),
-        (["--replicate-resync=60s"], "--replicate-resync"),
-        (["--replicate-resync", "1m"], "--replicate-resync"),
     ],
 )
 def test_flags_without_effect_warn(argv: list[str], flag: str) -> None:
@@ -865,6 +864,15 @@ def test_flag_without_effect_still_follows_bool_syntax() -> None:
     assert "positional" in error(["--require-policy-label", "true"])
     assert error(["--require-policy-label=maybe"]).startswith('invalid --require-policy-label "maybe"')
     assert error(["--replicate-resync"]) == "flag needs an argument: --replicate-resync"
+
+
+def test_replicate_resync_is_the_kube_mgmt_name_of_the_drift_check() -> None:
+    loaded = load("--replicate-resync=2m")
+    assert loaded.drift_check_interval == 120.0
+    assert loaded.warnings == ("--replicate-resync is deprecated: use --drift-check-interval",)
+    assert load("--drift-check-interval=0").drift_check_interval == 0.0
+    assert load().drift_check_interval == 60.0
+    assert error(["--drift-check-interval=-1s"]).startswith('invalid --drift-check-interval "-1s"')
 
 
 @pytest.mark.parametrize(
