@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,18 @@ class KubeClient(OwnedSession):
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
         )
 
+    def _per_request(self) -> dict[str, Any]:
+        """Per-request options from the kubeconfig: its proxy-url and its tls-server-name."""
+        conn = self._conn
+        options: dict[str, Any] = {}
+        if conn.proxy:
+            options["proxy"] = conn.proxy
+            if conn.proxy_authorization:
+                options["proxy_headers"] = {"Proxy-Authorization": conn.proxy_authorization}
+        if conn.server_name and conn.ssl_context is not False:
+            options["server_hostname"] = conn.server_name
+        return options
+
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # identity: the API server gzips responses over 128 KiB (every page of a large list) when asked to,
         # which costs it more CPU, and kopa more time, than the bytes it saves between a pod and its API.
@@ -122,12 +134,16 @@ class KubeClient(OwnedSession):
         except Exception as exc:  # the old credentials stay in use
             log.warning("could not reload Kubernetes credentials: %s", exc)
             return False
-        ssl_changed = fresh.ssl_context is not self._conn.ssl_context
+        # The SSL context is a new object at every load; what it was built from says whether it changed.
+        # When only the token rotated (every 15 minutes with EKS exec plugins), the sessions, and every
+        # watch on them, carry on: the next request simply sends the new header.
+        tls_changed = fresh.tls_fingerprint != self._conn.tls_fingerprint
         self._conn = fresh
-        if ssl_changed and self._session is not None:
-            await self._session.close()
-            self._session = None
-        log.info("reloaded Kubernetes credentials from %s", fresh.source)
+        if tls_changed:
+            await self.close()
+            log.info("reloaded Kubernetes credentials from %s (TLS settings changed)", fresh.source)
+        else:
+            log.info("reloaded Kubernetes credentials from %s", fresh.source)
         return True
 
     async def request(
@@ -146,7 +162,12 @@ class KubeClient(OwnedSession):
             headers = self._headers({"Content-Type": content_type} if body is not None else None)
             try:
                 async with self._session_for_use().request(
-                    method, self._conn.host + path, params=params, data=body, headers=headers
+                    method,
+                    self._conn.host + path,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    **self._per_request(),
                 ) as resp:
                     payload = await resp.read()
                     status = resp.status
@@ -211,7 +232,7 @@ class KubeClient(OwnedSession):
         field_selector: str = "",
         timeout_seconds: int = 300,
         idle_timeout: float = 330.0,
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent]:
         """Yields events until the server ends the watch; a silent stream beyond idle_timeout is dead.
 
         Raises KubeGone when the resourceVersion expired (as HTTP 410 or as an ERROR event).
@@ -229,9 +250,14 @@ class KubeClient(OwnedSession):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout)
         reloaded = False
         while True:
+            session = self._session_for_use()
             try:
-                async with self._session_for_use().get(
-                    self._conn.host + path, params=params, headers=self._headers(), timeout=timeout
+                async with session.get(
+                    self._conn.host + path,
+                    params=params,
+                    headers=self._headers(),
+                    timeout=timeout,
+                    **self._per_request(),
                 ) as resp:
                     if resp.status == 401 and not reloaded and await self._reload_credentials():
                         reloaded = True
@@ -252,6 +278,10 @@ class KubeClient(OwnedSession):
                     return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise KubeUnavailable(f"watch {path}: {type(exc).__name__}: {exc}") from exc
+            except RuntimeError as exc:  # aiohttp's "Connection closed." when the session closed under it
+                if not session.closed:
+                    raise
+                raise KubeUnavailable(f"watch {path}: closed for new TLS settings") from exc
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
