@@ -1,4 +1,9 @@
-"""A small Kubernetes API client on one aiohttp session: list, watch, get, create, merge-patch.
+"""A small Kubernetes API client: list, watch, get, create, merge-patch.
+
+Two aiohttp sessions per API server: requests share a bounded pool, and watches have a pool of their own
+with no limit. aiohttp speaks HTTP/1.1, so every open watch holds a connection for as long as it runs; in a
+shared pool, enough watches (two per namespace, one per replicated resource) would leave lists, status
+patches and Events waiting for a connection that never comes back.
 
 kopa works on raw JSON (orjson) rather than the generated models: it is faster, lighter, and a watch line
 can be as large as the 1 MiB object it carries (aiohttp's readline stops at 128 KiB, so lines are split here).
@@ -24,8 +29,10 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 
 # Bounds for one request; a watch has its own read bound (see watch()).
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # one TCP connect
+ACQUIRE_TIMEOUT = 30.0  # getting a connection: waiting for a free one in the pool, connect, proxy, TLS
 REQUEST_TIMEOUT = 60.0
+REQUEST_POOL = 32  # connections for requests; watches have their own, unbounded pool
 MAX_429_RETRIES = 8
 
 
@@ -87,12 +94,13 @@ def _retry_after(headers: Mapping[str, str], attempt: int) -> float:
 
 
 class KubeClient(OwnedSession):
-    """One session per API server. Reloads credentials (rotated tokens) after a 401."""
+    """One API server: a session for requests and one for watches. Reloads credentials after a 401."""
 
     def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
         self._conn = connection
         self._reload = reload
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
 
     @property
     def default_namespace(self) -> str:
@@ -100,9 +108,26 @@ class KubeClient(OwnedSession):
 
     def _new_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=32),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+            connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=REQUEST_POOL),
+            timeout=aiohttp.ClientTimeout(
+                total=REQUEST_TIMEOUT, connect=ACQUIRE_TIMEOUT, sock_connect=CONNECT_TIMEOUT
+            ),
         )
+
+    def _watch_session_for_use(self) -> aiohttp.ClientSession:
+        """Watches' own session: limit=0 (no limit), so a watch never waits for, nor starves, a request."""
+        if self._watch_session is None or self._watch_session.closed:
+            self._watch_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=0)
+            )
+        return self._watch_session
+
+    async def close(self) -> None:
+        """Closes both sessions (they open again on next use)."""
+        await super().close()
+        if self._watch_session is not None:
+            await self._watch_session.close()
+            self._watch_session = None
 
     def _per_request(self) -> dict[str, Any]:
         """Per-request options from the kubeconfig: its proxy-url and its tls-server-name."""
@@ -247,10 +272,12 @@ class KubeClient(OwnedSession):
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=ACQUIRE_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout
+        )
         reloaded = False
         while True:
-            session = self._session_for_use()
+            session = self._watch_session_for_use()
             try:
                 async with session.get(
                     self._conn.host + path,
