@@ -110,8 +110,9 @@ class Metrics(Collector):
 
         restarts = CounterMetricFamily(
             "kopa_watch_restarts",
-            "Watches that ended and were started again, by reason (gone: 410, "
-            "resourceVersion too old; timeout; error).",
+            "Watches started again, by reason: closed (the server ended the watch, restarted at once), "
+            "closed_early (ended within 1 s without an event; backed off), gone (410, listed again; "
+            "backed off when it repeats), timeout and error (backed off).",
             labels=["source", "reason"],
         )
         full_syncs = CounterMetricFamily(

@@ -1,4 +1,9 @@
-"""A small Kubernetes API client on one aiohttp session: list, watch, get, create, merge-patch.
+"""A small Kubernetes API client: list, watch, get, create, merge-patch.
+
+Two aiohttp sessions per API server: requests share a bounded pool, and watches have a pool of their own
+with no limit. aiohttp speaks HTTP/1.1, so every open watch holds a connection for as long as it runs; in a
+shared pool, enough watches (two per namespace, one per replicated resource) would leave lists, status
+patches and Events waiting for a connection that never comes back.
 
 kopa works on raw JSON (orjson) rather than the generated models: it is faster, lighter, and a watch line
 can be as large as the 1 MiB object it carries (aiohttp's readline stops at 128 KiB, so lines are split here).
@@ -8,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +29,10 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 
 # Bounds for one request; a watch has its own read bound (see watch()).
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # one TCP connect
+ACQUIRE_TIMEOUT = 30.0  # getting a connection: waiting for a free one in the pool, connect, proxy, TLS
 REQUEST_TIMEOUT = 60.0
+REQUEST_POOL = 32  # connections for requests; watches have their own, unbounded pool
 MAX_429_RETRIES = 8
 
 
@@ -87,12 +94,13 @@ def _retry_after(headers: Mapping[str, str], attempt: int) -> float:
 
 
 class KubeClient(OwnedSession):
-    """One session per API server. Reloads credentials (rotated tokens) after a 401."""
+    """One API server: a session for requests and one for watches. Reloads credentials after a 401."""
 
     def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
         self._conn = connection
         self._reload = reload
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
 
     @property
     def default_namespace(self) -> str:
@@ -100,9 +108,38 @@ class KubeClient(OwnedSession):
 
     def _new_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=32),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+            connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=REQUEST_POOL),
+            timeout=aiohttp.ClientTimeout(
+                total=REQUEST_TIMEOUT, connect=ACQUIRE_TIMEOUT, sock_connect=CONNECT_TIMEOUT
+            ),
         )
+
+    def _watch_session_for_use(self) -> aiohttp.ClientSession:
+        """Watches' own session: limit=0 (no limit), so a watch never waits for, nor starves, a request."""
+        if self._watch_session is None or self._watch_session.closed:
+            self._watch_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=0)
+            )
+        return self._watch_session
+
+    async def close(self) -> None:
+        """Closes both sessions (they open again on next use)."""
+        await super().close()
+        if self._watch_session is not None:
+            await self._watch_session.close()
+            self._watch_session = None
+
+    def _per_request(self) -> dict[str, Any]:
+        """Per-request options from the kubeconfig: its proxy-url and its tls-server-name."""
+        conn = self._conn
+        options: dict[str, Any] = {}
+        if conn.proxy:
+            options["proxy"] = conn.proxy
+            if conn.proxy_authorization:
+                options["proxy_headers"] = {"Proxy-Authorization": conn.proxy_authorization}
+        if conn.server_name and conn.ssl_context is not False:
+            options["server_hostname"] = conn.server_name
+        return options
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # identity: the API server gzips responses over 128 KiB (every page of a large list) when asked to,
@@ -122,12 +159,16 @@ class KubeClient(OwnedSession):
         except Exception as exc:  # the old credentials stay in use
             log.warning("could not reload Kubernetes credentials: %s", exc)
             return False
-        ssl_changed = fresh.ssl_context is not self._conn.ssl_context
+        # The SSL context is a new object at every load; what it was built from says whether it changed.
+        # When only the token rotated (every 15 minutes with EKS exec plugins), the sessions, and every
+        # watch on them, carry on: the next request simply sends the new header.
+        tls_changed = fresh.tls_fingerprint != self._conn.tls_fingerprint
         self._conn = fresh
-        if ssl_changed and self._session is not None:
-            await self._session.close()
-            self._session = None
-        log.info("reloaded Kubernetes credentials from %s", fresh.source)
+        if tls_changed:
+            await self.close()
+            log.info("reloaded Kubernetes credentials from %s (TLS settings changed)", fresh.source)
+        else:
+            log.info("reloaded Kubernetes credentials from %s", fresh.source)
         return True
 
     async def request(
@@ -146,7 +187,12 @@ class KubeClient(OwnedSession):
             headers = self._headers({"Content-Type": content_type} if body is not None else None)
             try:
                 async with self._session_for_use().request(
-                    method, self._conn.host + path, params=params, data=body, headers=headers
+                    method,
+                    self._conn.host + path,
+                    params=params,
+                    data=body,
+                    headers=headers,
+                    **self._per_request(),
                 ) as resp:
                     payload = await resp.read()
                     status = resp.status
@@ -211,7 +257,7 @@ class KubeClient(OwnedSession):
         field_selector: str = "",
         timeout_seconds: int = 300,
         idle_timeout: float = 330.0,
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent]:
         """Yields events until the server ends the watch; a silent stream beyond idle_timeout is dead.
 
         Raises KubeGone when the resourceVersion expired (as HTTP 410 or as an ERROR event).
@@ -226,12 +272,19 @@ class KubeClient(OwnedSession):
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=ACQUIRE_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout
+        )
         reloaded = False
         while True:
+            session = self._watch_session_for_use()
             try:
-                async with self._session_for_use().get(
-                    self._conn.host + path, params=params, headers=self._headers(), timeout=timeout
+                async with session.get(
+                    self._conn.host + path,
+                    params=params,
+                    headers=self._headers(),
+                    timeout=timeout,
+                    **self._per_request(),
                 ) as resp:
                     if resp.status == 401 and not reloaded and await self._reload_credentials():
                         reloaded = True
@@ -252,6 +305,10 @@ class KubeClient(OwnedSession):
                     return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise KubeUnavailable(f"watch {path}: {type(exc).__name__}: {exc}") from exc
+            except RuntimeError as exc:  # aiohttp's "Connection closed." when the session closed under it
+                if not session.closed:
+                    raise
+                raise KubeUnavailable(f"watch {path}: closed for new TLS settings") from exc
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:

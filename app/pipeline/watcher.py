@@ -93,11 +93,22 @@ class Collection:
         return f"{self.path.rsplit('/', 1)[-1]}{sel} in {where}"
 
 
+# Why a watch was started again (kopa_watch_restarts_total's reason label):
+#   closed        the server ended the watch after a while (its timeoutSeconds): the normal case, at once
+#   closed_early  the server ended it within MIN_WATCH_SECONDS without a single event: backed off
+#   gone          410 Gone, the resourceVersion expired: listed again, at once the first time, then backed off
+#   timeout       the connection timed out (or the stream stayed silent too long): backed off
+#   error         any other failure (connection refused, 5xx, 403, ...): backed off
+RESTART_REASONS = ("closed", "closed_early", "gone", "timeout", "error")
+# A watch that ends sooner than this with no event did not work (client-go's reflector treats it the same).
+MIN_WATCH_SECONDS = 1.0
+
+
 @dataclass
 class WatchStats:
     """What the metrics and readiness layers read about one producer."""
 
-    restarts: dict[str, int] = field(default_factory=lambda: {"gone": 0, "timeout": 0, "error": 0})
+    restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
     lists: int = 0
     last_list: float | None = None  # wall-clock time of the last complete list
     last_error: str = ""
@@ -136,21 +147,41 @@ class Watcher(Generic[V]):
         self._watch_seconds = watch_seconds
         self._idle_grace = idle_grace
         self._backoff = backoff or Backoff(base=0.5, cap=30.0)
+        self._progress = False  # the current watch delivered an event (bookmarks included)
+        self._watch_began = 0.0  # when the current watch was opened (monotonic)
 
     async def run(self) -> None:
+        """Lists, then watches; restarts every watch that ends, backing off while they keep failing.
+
+        `failures` counts attempts in a row that achieved nothing (no event; for a watch the server ended
+        cleanly, not even MIN_WATCH_SECONDS open); it sets the backoff. Time alone does not make a failed
+        attempt healthy: a connect that times out after 10 s achieved nothing either. A 410 after a
+        healthy watch relists at once, but a 410 that keeps coming spaces the relists, so a misbehaving
+        server never sees a hot loop.
+        """
         resource_version: str | None = None
         failures = 0
         while True:
+            self._progress = False
             try:
                 if resource_version is None:
                     resource_version = await self._relist()
+                self._watch_began = time.monotonic()
                 resource_version = await self._watch(resource_version)
-                failures = 0
             except KubeGone:
+                failures = 0 if self._progress else failures
+                failures += 1
                 self.stats.restarts["gone"] += 1
-                log.info("watch of %s expired (410 Gone); listing again", self.collection.describe())
                 resource_version = None
+                delay = 0.0 if failures == 1 else self._backoff.delay(failures - 1)
+                log.info(
+                    "watch of %s expired (410 Gone); listing again%s",
+                    self.collection.describe(),
+                    f" in {delay:.1f}s" if delay else "",
+                )
+                await anyio.sleep(delay)
             except (KubeUnavailable, KubeApiError) as exc:
+                failures = 0 if self._progress else failures
                 kind = "timeout" if "Timeout" in str(exc) else "error"
                 self.stats.restarts[kind] += 1
                 self.stats.last_error = str(exc)
@@ -165,6 +196,24 @@ class Watcher(Generic[V]):
                     delay,
                 )
                 await anyio.sleep(delay)
+            else:
+                if self._healthy():
+                    failures = 0
+                    self.stats.restarts["closed"] += 1
+                    continue
+                failures += 1
+                self.stats.restarts["closed_early"] += 1
+                delay = self._backoff.delay(failures)
+                log.warning(
+                    "watch of %s ended at once with no event; retrying in %.1fs",
+                    self.collection.describe(),
+                    delay,
+                )
+                await anyio.sleep(delay)
+
+    def _healthy(self) -> bool:
+        """Whether a watch the server ended worked: it delivered an event, or lasted MIN_WATCH_SECONDS."""
+        return self._progress or time.monotonic() - self._watch_began >= MIN_WATCH_SECONDS
 
     async def _relist(self) -> str:
         c = self.collection
@@ -206,6 +255,7 @@ class Watcher(Generic[V]):
             timeout_seconds=seconds,
             idle_timeout=seconds + self._idle_grace,
         ):
+            self._progress = True
             rv = (event.object.get("metadata") or {}).get("resourceVersion")
             if rv:
                 resource_version = str(rv)

@@ -1,0 +1,111 @@
+"""A 401 reloads the kubeconfig; when only the token changed, open watches must carry on.
+
+Exec-plugin tokens (EKS) expire every 15 minutes, so tearing down every watch on each reload would relist
+every collection four times an hour. The fake API server (tests/unit/fake_api.py) serves TLS from a test CA,
+as a real one does, because the TLS settings are what decide whether the session is rebuilt.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from functools import partial
+from pathlib import Path
+
+import anyio
+import pytest
+import yaml
+
+from app.kube.client import KubeClient, KubeUnavailable
+from app.kube.config import load_connection
+from devstack.certs import TestCA
+from tests.unit.fake_api import PATH, FakeApi, serving
+
+pytestmark = pytest.mark.anyio
+
+
+def write_kubeconfig(path: Path, server: str, ca_file: Path, token: str, *, insecure: bool = False) -> Path:
+    cluster: dict[str, object] = {"server": server}
+    if insecure:
+        cluster["insecure-skip-tls-verify"] = True
+    else:
+        cluster["certificate-authority-data"] = base64.b64encode(ca_file.read_bytes()).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLContext]:
+    """A CA file and a server TLS context with a certificate for 127.0.0.1 issued by it."""
+    ca = TestCA(tmp_path_factory.mktemp("ca"))
+    cert, key = ca.issue("fake-api")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return ca.ca_file, context
+
+
+async def test_a_watch_survives_a_401_that_only_rotated_the_token(
+    test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
+) -> None:
+    ca_file, server_tls = test_ca
+    async with serving(FakeApi("hold", valid_token="fresh"), server_tls) as api:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, ca_file, "stale")
+        connection = await load_connection(str(kubeconfig))
+        async with KubeClient(connection, reload=partial(load_connection, str(kubeconfig))) as client:
+            events = client.watch(PATH, resource_version="5", timeout_seconds=60, idle_timeout=60)
+            with anyio.fail_after(10):
+                assert (await anext(events)).type == "BOOKMARK"  # the watch is open
+
+                write_kubeconfig(kubeconfig, api.url, ca_file, "fresh")  # the token rotated
+                await client.get(PATH + "/x")  # 401, reload, retried with the fresh token
+                assert api.unauthorized == 1
+
+                api.push.set()  # the server sends one more event on the watch opened before the 401
+                event = await anext(events)
+            await events.aclose()
+    assert event.type == "ADDED"
+    assert api.watches == 1, "the watch was opened again: the reload tore the session down"
+
+
+async def test_a_reload_that_changed_tls_ends_open_watches_as_unavailable(
+    test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
+) -> None:
+    """New TLS settings need new connections: the watch ends with an error the watcher retries."""
+    ca_file, server_tls = test_ca
+    async with serving(FakeApi("hold", valid_token="fresh"), server_tls) as api:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, ca_file, "stale")
+        connection = await load_connection(str(kubeconfig))
+        async with KubeClient(connection, reload=partial(load_connection, str(kubeconfig))) as client:
+            events = client.watch(PATH, resource_version="5", timeout_seconds=60, idle_timeout=60)
+            with anyio.fail_after(10):
+                assert (await anext(events)).type == "BOOKMARK"
+                write_kubeconfig(kubeconfig, api.url, ca_file, "fresh", insecure=True)
+                await client.get(PATH + "/x")
+                with pytest.raises(KubeUnavailable):
+                    await anext(events)
+            await events.aclose()
+
+
+async def test_the_tls_fingerprint_follows_the_tls_settings_not_the_token(
+    test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
+) -> None:
+    ca_file, _ = test_ca
+    server = "https://127.0.0.1:1"
+    kubeconfig = tmp_path / "kubeconfig"
+    first = await load_connection(str(write_kubeconfig(kubeconfig, server, ca_file, "token-one")))
+    second = await load_connection(str(write_kubeconfig(kubeconfig, server, ca_file, "token-two")))
+    insecure = await load_connection(
+        str(write_kubeconfig(kubeconfig, server, ca_file, "token-two", insecure=True))
+    )
+    assert first.ssl_context is not second.ssl_context  # rebuilt at each load: no use comparing those
+    assert first.tls_fingerprint == second.tls_fingerprint
+    assert insecure.tls_fingerprint != second.tls_fingerprint
+    assert "token-one" not in repr(first), "the token must not show in a repr"
