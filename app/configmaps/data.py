@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from app.model import ObjectKey
 from app.opa.client import Chunks, OpaError
-from app.pipeline.watcher import ObjectKey
 
 log = logging.getLogger(__name__)
 

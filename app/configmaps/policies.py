@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.model import ObjectKey
 from app.opa.client import OpaError
-from app.pipeline.opa_process import OpaProcess, OpaRestarted
-from app.pipeline.watcher import ObjectKey
+from app.opa.process import OpaProcess, OpaRestarted
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import orjson
 
 from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
-from app.pipeline.watcher import ObjectKey
+from app.model import ObjectKey
 from app.pipeline.workqueue import QueueObserver, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -122,23 +122,22 @@ class StatusReporter:
         self._written.pop(configmap, None)
 
     async def run(self) -> None:
-        while True:
-            key = await self.queue.get()
-            try:
-                await self._write(key)
-            except (KubeUnavailable, KubeApiError) as exc:
-                delay = self.queue.add_rate_limited(key)
-                log.warning(
-                    "writing the status of configmap %s/%s failed (%s); retrying in %.1fs",
-                    key[0],
-                    key[1],
-                    exc,
-                    delay,
-                )
-            else:
-                self.queue.forget(key)
-            finally:
-                self.queue.done(key)
+        async with self.queue:
+            while True:
+                await self._next()
+
+    async def _next(self) -> None:
+        """Writes the status of the next ConfigMap that needs it; a failure is retried with backoff."""
+        key = await self.queue.get()
+        try:
+            await self._write(key)
+        except (KubeUnavailable, KubeApiError) as exc:
+            delay = self.queue.add_rate_limited(key)
+            log.warning("writing the status of configmap %s failed (%s); retrying in %.1fs", key, exc, delay)
+        else:
+            self.queue.forget(key)
+        finally:
+            self.queue.done(key)
 
     async def _write(self, key: ObjectKey) -> None:
         wanted = self._wanted.get(key)

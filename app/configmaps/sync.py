@@ -14,9 +14,9 @@ from typing import Any
 from app.configmaps.data import DataBook, kopa_error
 from app.configmaps.policies import PolicyBook
 from app.configmaps.status import StatusReporter
+from app.model import ALL, CHECK, Key, ObjectKey, Store, objects_only
 from app.opa.client import OpaError
-from app.pipeline.opa_process import OpaProcess
-from app.pipeline.watcher import ALL, CHECK, ObjectKey, Store
+from app.opa.process import OpaProcess
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +63,33 @@ class ConfigMapSync:
     process: OpaProcess
     filled_epoch: int = 0  # the OPA process (OpaProcess.epoch) that the books describe
 
-    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """The writer's entry point. A new OPA process (ALL is queued for it) is first loaded with
-        everything again, in order; CHECK compares OPA with the books and repairs what differs."""
+        everything again, in order; ALL otherwise (the queue overflowed) syncs every ConfigMap kopa knows;
+        CHECK compares OPA with the books and repairs what differs."""
+        objects = objects_only(keys)
         if self.filled_epoch != self.process.epoch:
             await self.refill()
+        elif ALL in keys:
+            objects = sorted(set(objects) | self.known())
         if CHECK in keys:
             await self.check()
-        keys = [key for key in keys if key not in (ALL, CHECK)]
-        failures: list[tuple[ObjectKey, Exception]] = []
-        for key in keys:
+        failures: list[tuple[Key, Exception]] = []
+        for key in objects:
             try:
                 await self.handle(key)
             except OpaError as exc:  # e.g. OPA refused to delete something; OpaUnavailable passes up
-                log.warning("syncing configmap %s/%s failed: %s", key[0], key[1], exc)
+                log.warning("syncing configmap %s failed: %s", key, exc)
                 failures.append((key, exc))
         return failures
+
+    def known(self) -> set[ObjectKey]:
+        """Every ConfigMap in the stores or in the books (so that one gone from both is cleaned up)."""
+        found = {m.configmap for m in self.policies.modules.values()} | set(self.data.loaded)
+        for store in (self.stores.data, self.stores.policies):
+            if store is not None:
+                found.update(store.keys())
+        return found
 
     async def refill(self) -> None:
         self.filled_epoch = self.process.epoch

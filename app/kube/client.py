@@ -102,10 +102,6 @@ class KubeClient(OwnedSession):
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
 
-    @property
-    def default_namespace(self) -> str:
-        return self._conn.namespace
-
     def _new_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=REQUEST_POOL),
@@ -294,7 +290,7 @@ class KubeClient(OwnedSession):
                         if resp.status >= 500 or resp.status == 429:
                             raise KubeUnavailable(f"watch {path}: HTTP {resp.status}")
                         raise _api_error(resp.status, payload)
-                    async for line in _lines(resp.content):
+                    async for line in watch_lines(resp.content.iter_any()):
                         event = orjson.loads(line)
                         kind = event.get("type")
                         obj = event.get("object") or {}
@@ -311,10 +307,11 @@ class KubeClient(OwnedSession):
                 raise KubeUnavailable(f"watch {path}: closed for new TLS settings") from exc
 
 
-async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """Splits a watch stream into lines of any length (aiohttp's readline caps them at 128 KiB)."""
+async def watch_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Splits a watch stream (chunks as they arrive) into lines of any length: aiohttp's readline caps them
+    at 128 KiB, and one watch event carries a whole object (up to 1 MiB)."""
     pending = bytearray()
-    async for chunk in stream.iter_any():
+    async for chunk in chunks:
         pending += chunk
         start = 0
         while (end := pending.find(b"\n", start)) >= 0:

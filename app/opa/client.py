@@ -107,7 +107,7 @@ class OpaClient(OwnedSession):
         ssl_context: ssl.SSLContext | bool | None = None,
         attempts: int = 3,
         retry_budget: float = 2.0,
-        observe: Observe | None = None,
+        observe: Sequence[Observe] = (),
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self._observe = observe
@@ -145,10 +145,12 @@ class OpaClient(OwnedSession):
         return resp.status, payload
 
     def _record(self, url: str, method: str, code: str, started: float) -> None:
-        if self._observe is not None:
+        if self._observe:
             # The endpoint is the API's first segment (policies, data, config, health): few label values.
             rest = url[len(self.api_url) + 1 :] if url.startswith(self.api_url) else url.rsplit("/", 1)[-1]
-            self._observe(rest.split("/", 1)[0] or "root", method, code, time.monotonic() - started)
+            endpoint, seconds = rest.split("/", 1)[0] or "root", time.monotonic() - started
+            for observe in self._observe:
+                observe(endpoint, method, code, seconds)
 
     async def request(
         self,
@@ -214,15 +216,6 @@ class OpaClient(OwnedSession):
         if status == 404:
             return None
         return orjson.loads(payload).get("result")
-
-    async def healthy(self) -> bool:
-        """One unretried probe of OPA's /health (served next to the API, outside /v1)."""
-        base = self.api_url.removesuffix("/v1")
-        try:
-            status, _ = await self._once("GET", f"{base}/health", None, "application/json")
-        except _Transient:
-            return False
-        return status == 200
 
     async def config(self) -> dict[str, Any]:
         _, payload = await self.request("GET", "config")

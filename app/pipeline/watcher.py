@@ -1,9 +1,10 @@
 """Producers: list, then watch, one collection (a resource in one namespace, or cluster-wide).
 
-A producer keeps its source's store current (latest state per key) and emits the key of every object that
-changed onto the bounded queue. Whatever happens to the connection, it resumes from the last
-resourceVersion it saw; when that is too old (410 Gone) it lists again and diffs the list against the store,
-so objects deleted during the gap are removed too.
+A producer keeps its source's store current (latest state per key) and adds the key of every object that
+changed to the bounded queue (a plain call, as client-go's event handlers make: the queue never blocks).
+Whatever happens to the connection, it resumes from the last resourceVersion it saw; when that is too old
+(410 Gone) it lists again and diffs the list against the store, so objects deleted during the gap are
+removed too.
 """
 
 from __future__ import annotations
@@ -11,67 +12,26 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import anyio
 
 from app.kube.client import KubeApiError, KubeClient, KubeGone, KubeUnavailable
+from app.model import Key, ObjectKey, Store
 from app.pipeline.workqueue import Backoff
 
 log = logging.getLogger(__name__)
 
-ObjectKey = tuple[str, str]  # (namespace, name); namespace is "" for cluster-scoped objects
-ALL: ObjectKey = ("*", "")  # a work key meaning "every key of the source" (a full load or refill)
-CHECK: ObjectKey = ("*", "check")  # a work key meaning "compare OPA with kopa's copy and repair it"
-Emit = Callable[[ObjectKey], Awaitable[None]]
+# Tells the queue that an object (or, with a marker, the whole source) changed; never blocks (the queue
+# bounds itself by collapsing a source's keys into its ALL marker when full).
+Emit = Callable[[Key], None]
 V = TypeVar("V")
-
-
-def object_key(obj: dict[str, Any]) -> ObjectKey:
-    meta = obj.get("metadata") or {}
-    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
 
 
 def resource_version(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
-
-
-class Store(Generic[V]):
-    """Latest state of one source, per key, as the source chose to keep it (a dict, compact bytes, ...).
-
-    `same(old, new)` says when a new state changes nothing worth a write; the watcher then emits nothing.
-    """
-
-    def __init__(self, name: str, same: Callable[[V, V], bool]) -> None:
-        self.name = name
-        self._same = same
-        self._entries: dict[ObjectKey, V] = {}
-
-    def get(self, key: ObjectKey) -> V | None:
-        return self._entries.get(key)
-
-    def put(self, key: ObjectKey, value: V) -> bool:
-        """Stores value; False when it changes nothing."""
-        old = self._entries.get(key)
-        self._entries[key] = value
-        return old is None or not self._same(old, value)
-
-    def pop(self, key: ObjectKey) -> bool:
-        return self._entries.pop(key, None) is not None
-
-    def keys(self, namespace: str | None = None) -> list[ObjectKey]:
-        """All keys, or those of one namespace (None means all)."""
-        if namespace is None:
-            return list(self._entries)
-        return [k for k in self._entries if k[0] == namespace]
-
-    def items(self) -> Iterator[tuple[ObjectKey, V]]:
-        return iter(list(self._entries.items()))
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def same_resource_version(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -111,7 +71,6 @@ class WatchStats:
     restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
     lists: int = 0
     last_list: float | None = None  # wall-clock time of the last complete list
-    last_error: str = ""
 
 
 class Watcher(Generic[V]):
@@ -130,7 +89,7 @@ class Watcher(Generic[V]):
         convert: Callable[[dict[str, Any]], V],
         *,
         emit_initial: bool = True,
-        on_synced: Callable[[], Awaitable[None]] | None = None,
+        on_synced: Callable[[], None] | None = None,
         watch_seconds: tuple[int, int] = (240, 300),
         idle_grace: float = 30.0,
         backoff: Backoff | None = None,
@@ -184,7 +143,6 @@ class Watcher(Generic[V]):
                 failures = 0 if self._progress else failures
                 kind = "timeout" if "Timeout" in str(exc) else "error"
                 self.stats.restarts[kind] += 1
-                self.stats.last_error = str(exc)
                 failures += 1
                 delay = self._backoff.delay(failures)
                 level = logging.DEBUG if failures == 1 and kind == "timeout" else logging.WARNING
@@ -225,21 +183,20 @@ class Watcher(Generic[V]):
             c.path, label_selector=c.label_selector, field_selector=c.field_selector
         ):
             for obj in page.items:
-                key = object_key(obj)
+                key = ObjectKey.of(obj)
                 seen.add(key)
                 if self.store.put(key, self.convert(obj)) and emit is not None:
-                    await emit(key)
+                    emit(key)
             resource_version = page.resource_version
         for key in self.store.keys(c.namespace):
             if key not in seen and self.store.pop(key) and emit is not None:
-                await emit(key)
+                emit(key)
         self.stats.lists += 1
         self.stats.last_list = time.time()
-        self.stats.last_error = ""
         if initial:
             log.debug("listed %s: %d objects", c.describe(), len(seen))
             if self._on_synced is not None:
-                await self._on_synced()
+                self._on_synced()
             self.synced.set()
         return resource_version
 
@@ -261,8 +218,8 @@ class Watcher(Generic[V]):
                 resource_version = str(rv)
             if event.type == "BOOKMARK":
                 continue
-            key = object_key(event.object)
+            key = ObjectKey.of(event.object)
             deleted = event.type == "DELETED"
             if self.store.pop(key) if deleted else self.store.put(key, self.convert(event.object)):
-                await self.emit(key)
+                self.emit(key)
         return resource_version

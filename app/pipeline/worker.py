@@ -20,15 +20,14 @@ from typing import Protocol
 
 import anyio
 
+from app.model import ALL, Key, WorkKey
 from app.opa.client import OpaUnavailable
-from app.pipeline.liveness import progress_of
-from app.pipeline.opa_process import OpaProcess
-from app.pipeline.watcher import ALL, ObjectKey
+from app.opa.process import OpaProcess
+from app.operations.liveness import progress_of
 from app.pipeline.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-WorkKey = tuple[str, ObjectKey]  # (source, key)
 BATCH_LIMIT = 5000
 IDLE_CHECK = 0.5  # seconds
 # Under a stream of changes, the writer waits after the first key so that the keys changing meanwhile
@@ -44,7 +43,7 @@ BUSY = 1.0
 class Handler(Protocol):
     """A source's side of the writer: makes OPA match the current state of these keys."""
 
-    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """Returns the keys that failed; raises OpaUnavailable when OPA cannot be reached."""
         ...
 
@@ -84,18 +83,18 @@ async def _write(
     busy: bool,
 ) -> None:
     """One batch: hands each source its keys; requeues what failed (see the module docstring)."""
-    if busy and len(batch) < BATCH_TARGET and not any(key == ALL for _, key in batch):
+    if busy and len(batch) < BATCH_TARGET and not any(work.key is ALL for work in batch):
         with anyio.move_on_after(BATCH_WINDOW):
             await queue.wait_waiting(BATCH_TARGET - len(batch))
         batch += queue.take_waiting(BATCH_LIMIT - len(batch))
-    grouped: dict[str, list[ObjectKey]] = {}
-    for source, key in batch:
-        grouped.setdefault(source, []).append(key)
+    grouped: dict[str, list[Key]] = {}
+    for work in batch:
+        grouped.setdefault(work.source, []).append(work.key)
     failed: dict[WorkKey, Exception] = {}
     try:
         for source, keys in grouped.items():
             for key, exc in await handlers[source].apply(keys):
-                failed[(source, key)] = exc
+                failed[WorkKey(source, key)] = exc
     except OpaUnavailable as exc:
         for work in batch:
             queue.note_failure(work)  # failing from now on, for readiness, even while OPA is waited for

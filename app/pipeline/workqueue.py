@@ -14,11 +14,12 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 import anyio
+from anyio.abc import TaskGroup
 
 K = TypeVar("K", bound=Hashable)
 
@@ -51,17 +52,35 @@ class QueueStats:
     adds: int = 0
     coalesced: int = 0
     retries: int = 0
+    collapsed: int = 0  # waiting keys replaced by their whole source's key when the queue was full
     added_at: dict[Hashable, float] = field(default_factory=dict)
     started_at: dict[Hashable, float] = field(default_factory=dict)
 
 
 class WorkQueue(Generic[K]):
+    """Use it as an async context manager: it owns the timer task that moves due retries back in.
+
+    Bounded: with `capacity` keys waiting, adding a key of another object collapses the waiting keys of
+    that key's source into one whole-source key (`collapse(key)`, e.g. the source's ALL marker), which
+    stands for them all (handlers are level-triggered: they read every object's latest state). Memory
+    stays flat, producers never wait (a watch that is not read is closed by the API server, and a stalled
+    list's continue token expires: waiting producers would turn into relists), and nothing is lost.
+    """
+
     def __init__(
-        self, name: str, backoff: Backoff | None = None, observer: QueueObserver | None = None
+        self,
+        name: str,
+        backoff: Backoff | None = None,
+        observer: QueueObserver | None = None,
+        *,
+        capacity: int | None = None,
+        collapse: Callable[[K], K | None] | None = None,
     ) -> None:
         self.name = name
         self.backoff = backoff or Backoff()
         self.observer = observer
+        self.capacity = capacity
+        self._collapse = collapse
         self.stats = QueueStats()
         self._queue: deque[K] = deque()
         self._dirty: set[K] = set()
@@ -74,14 +93,23 @@ class WorkQueue(Generic[K]):
         self._timer_changed = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
+        self._timer_group: TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        self._timer_group = anyio.create_task_group()
+        await self._timer_group.__aenter__()
+        self._timer_group.start_soon(self.run_timer)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._timer_group is not None
+        self._timer_group.cancel_scope.cancel()
+        await self._timer_group.__aexit__(None, None, None)
+        self._timer_group = None
 
     def __len__(self) -> int:
         """Keys waiting to be handed out (the depth)."""
         return len(self._queue)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._processing)
 
     @property
     def delayed(self) -> int:
@@ -100,9 +128,13 @@ class WorkQueue(Generic[K]):
 
     def add(self, key: K) -> None:
         self.stats.adds += 1
-        if key in self._dirty:
-            self.stats.coalesced += 1
+        whole = self._collapse(key) if self._collapse is not None else None
+        if key in self._dirty or (whole is not None and whole in self._dirty):
+            self.stats.coalesced += 1  # waiting already, itself or as part of its whole source
             return
+        if whole is not None and self.capacity is not None and len(self._dirty) >= self.capacity:
+            self._collapse_into(whole)
+            key = whole
         self._dirty.add(key)
         self.stats.added_at.setdefault(key, time.monotonic())
         if self._idle.is_set():
@@ -111,6 +143,16 @@ class WorkQueue(Generic[K]):
             return  # done() puts it back
         self._queue.append(key)
         self._ready.set()
+
+    def _collapse_into(self, whole: K) -> None:
+        """Replaces the waiting keys that `whole` stands for by `whole` itself (see the class docstring)."""
+        assert self._collapse is not None
+        covered = {key for key in self._dirty if self._collapse(key) == whole}
+        self._dirty -= covered
+        self._queue = deque(key for key in self._queue if key not in covered)
+        for key in covered:
+            self.stats.added_at.pop(key, None)
+        self.stats.collapsed += len(covered)
 
     async def get(self) -> K:
         while not self._queue:
@@ -176,9 +218,6 @@ class WorkQueue(Generic[K]):
     def forget(self, key: K) -> None:
         """The key succeeded: its next failure starts the backoff from the beginning."""
         self._failures.pop(key, None)
-
-    def failures(self, key: K) -> int:
-        return self._failures.get(key, 0)
 
     def add_after(self, key: K, delay: float) -> None:
         if delay <= 0:

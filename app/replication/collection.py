@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from app.model import ALL, CHECK, Key, ObjectKey, Store, objects_only
 from app.opa.client import Chunks, OpaError
-from app.pipeline.opa_process import OpaProcess
-from app.pipeline.watcher import ALL, CHECK, ObjectKey, Store
+from app.opa.process import OpaProcess
 from app.replication.objects import Replica
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,9 @@ class CollectionSync:
         """The collection's PUT has been done in the OPA process of the moment."""
         return self.filled_epoch == self.process.epoch
 
-    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
+        """The writer's entry point. ALL (a first load, a refill, the queue's overflow) and a new OPA
+        process are one PUT of the whole collection; CHECK is the drift check of one namespace."""
         if not self.loaded or ALL in keys:
             try:
                 await self.put_collection()
@@ -99,12 +101,12 @@ class CollectionSync:
                 log.warning("loading %s into OPA failed: %s", "/".join(self.path), exc)
                 return [(key, exc) for key in keys]
             return []
-        failures: list[tuple[ObjectKey, Exception]] = []
+        failures: list[tuple[Key, Exception]] = []
         if CHECK in keys:
             failures += await self.check()
-            keys = [key for key in keys if key != CHECK]
-        for start in range(0, len(keys), MAX_OPS):
-            failures += await self._patch(list(keys[start : start + MAX_OPS]))
+        objects = objects_only(keys)
+        for start in range(0, len(objects), MAX_OPS):
+            failures += await self._patch(objects[start : start + MAX_OPS])
         return failures
 
     async def put_collection(self) -> None:
@@ -125,7 +127,7 @@ class CollectionSync:
         self.filled_epoch = epoch
         log.info("loaded %s into OPA: %d objects", "/".join(self.path), len(digests))
 
-    async def _patch(self, keys: list[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+    async def _patch(self, keys: list[ObjectKey]) -> list[tuple[Key, Exception]]:
         """One JSON Patch for these keys; a namespace OPA refused it for is written again whole."""
         suspect = sorted({key[0] for key in keys if key[0] in self.unknown})
         failures = await self._rewrite(suspect, keys) if suspect else []
@@ -152,9 +154,7 @@ class CollectionSync:
                 self.applied[key] = digest
         return failures
 
-    async def _rewrite(
-        self, namespaces: list[str], keys: list[ObjectKey]
-    ) -> list[tuple[ObjectKey, Exception]]:
+    async def _rewrite(self, namespaces: list[str], keys: list[ObjectKey]) -> list[tuple[Key, Exception]]:
         """Writes these namespaces (or, cluster-scoped, the collection) whole from the store. Returns the
         keys whose namespace OPA refused again; those namespaces stay unknown until a rewrite succeeds."""
         if not self.namespaced:
@@ -165,7 +165,7 @@ class CollectionSync:
                 log.warning("loading %s into OPA failed: %s", "/".join(self.path), exc)
                 return [(key, exc) for key in keys]
             return []
-        failures: list[tuple[ObjectKey, Exception]] = []
+        failures: list[tuple[Key, Exception]] = []
         for ns in namespaces:
             objects = {key: replica for key, replica in self.store.items() if key[0] == ns}
             try:
@@ -187,7 +187,7 @@ class CollectionSync:
             self.per_namespace[ns] = len(objects)
         return failures
 
-    async def check(self) -> list[tuple[ObjectKey, Exception]]:
+    async def check(self) -> list[tuple[Key, Exception]]:
         """Anti-entropy for one namespace subtree (the whole collection when cluster-scoped), in rotation:
         brings it up to date, reads it back from OPA and rewrites it if it differs from kopa's copy."""
         if self.namespaced:

@@ -14,9 +14,10 @@ import anyio
 
 from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
 from app.kube.resources import GroupVersionResource
-from app.pipeline.opa_process import OpaProcess
-from app.pipeline.readiness import SourceState
-from app.pipeline.watcher import ALL, Collection, Emit, Store, Watcher
+from app.model import ALL, Key, Store, WorkKey
+from app.opa.process import OpaProcess
+from app.operations.readiness import SourceState
+from app.pipeline.watcher import Collection, Watcher
 from app.replication.collection import CollectionApi, CollectionSync
 from app.replication.discovery import ResourceInfo, lookup
 from app.replication.objects import Replica, converter, same_content
@@ -46,7 +47,7 @@ class ReplicatedResource:
         namespaced: bool,
         info: ResourceInfo | None,
         options: ReplicationOptions,
-        emit_for: Callable[[str], Emit],
+        add: Callable[[WorkKey], None],
     ) -> None:
         self.kube = kube
         self.gvr = gvr
@@ -54,7 +55,7 @@ class ReplicatedResource:
         self.info = info
         self.options = options
         self.source = f"replicate:{gvr}"
-        self.emit = emit_for(self.source)
+        self._add = add
         self.store: Store[Replica] = Store(self.source, same_content)
         self.sync = CollectionSync(opa, process, [*options.path, gvr.resource], self.store, namespaced)
         self.watcher: Watcher[Replica] | None = None
@@ -75,13 +76,16 @@ class ReplicatedResource:
             field_selector=field_selector,
         )
 
-    async def _load_whole(self) -> None:
-        await self.emit(ALL)
+    def emit(self, key: Key) -> None:
+        self._add(WorkKey(self.source, key))
+
+    def _load_whole(self) -> None:
+        self.emit(ALL)
 
     async def run(self) -> None:
         """Replicates for as long as kopa runs; waits for the resource first if it is not served yet."""
         if self.info is None:
-            await self._load_whole()  # an empty collection, so policies see {} rather than undefined
+            self._load_whole()  # an empty collection, so policies see {} rather than undefined
             while self.info is None:
                 await anyio.sleep(DISCOVERY_INTERVAL)
                 try:

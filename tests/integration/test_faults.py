@@ -551,7 +551,7 @@ def test_no_token_appears_in_anything_kopa_printed(
     put_configmap(
         api, namespace, "q", POLICY, {"p.rego": f"package q{namespace.replace('-', '')}\n\nx := 1\n"}
     )
-    wait_log(kopa, "OPA is unreachable")
+    wait_log(kopa, "OPA refuses kopa's credentials")
     token_file.write_text(secure_opa.token + "\n")
     wait_until(
         lambda: secure_opa.http().request("GET", f"/v1/policies/{namespace}/q/p.rego")[0] == 200,

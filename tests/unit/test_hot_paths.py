@@ -10,9 +10,9 @@ import anyio
 import orjson
 import pytest
 
+from app.model import ALL, Key, ObjectKey, WorkKey
+from app.opa.process import OpaProcess
 from app.pipeline import worker
-from app.pipeline.opa_process import OpaProcess
-from app.pipeline.watcher import ALL, ObjectKey
 from app.pipeline.workqueue import WorkQueue
 from app.replication.collection import CHUNK, _document
 from app.replication.objects import converter, right_sized
@@ -96,10 +96,10 @@ async def test_wait_waiting_returns_once_enough_keys_wait() -> None:
 
 class Recorder:
     def __init__(self) -> None:
-        self.calls: list[list[ObjectKey]] = []
+        self.calls: list[list[Key]] = []
         self._called = anyio.Event()
 
-    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         self.calls.append(list(keys))
         self._called.set()
         self._called = anyio.Event()
@@ -122,20 +122,21 @@ async def test_under_a_stream_a_full_batch_goes_out_without_waiting_the_window(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(worker, "BATCH_WINDOW", 30.0)  # only a full batch (or ALL) can end the wait
-    queue: WorkQueue[worker.WorkKey] = WorkQueue("opa")
+    queue: WorkQueue[WorkKey] = WorkQueue("opa")
     handler = Recorder()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run_worker, queue, {"s": handler}, OpaProcess(_SameOpa(), interval=1.0))
-        queue.add(("s", ("ns", "first")))  # isolated: written at once
+        handlers: dict[str, worker.Handler] = {"s": handler}
+        tg.start_soon(worker.run_worker, queue, handlers, OpaProcess(_SameOpa(), interval=1.0))
+        queue.add(WorkKey("s", ObjectKey("ns", "first")))  # isolated: written at once
         await handler.wait_calls(1)
-        queue.add(("s", ("ns", "k0")))
+        queue.add(WorkKey("s", ObjectKey("ns", "k0")))
         await anyio.sleep(0.05)  # the writer holds k0, waiting for company
         assert len(handler.calls) == 1
         for i in range(1, worker.BATCH_TARGET):
-            queue.add(("s", ("ns", f"k{i}")))
+            queue.add(WorkKey("s", ObjectKey("ns", f"k{i}")))
         await handler.wait_calls(2)
         assert len(handler.calls[1]) == worker.BATCH_TARGET
-        queue.add(("s", ALL))  # a whole load waits for nothing
+        queue.add(WorkKey("s", ALL))  # a whole load waits for nothing
         await handler.wait_calls(3)
         assert handler.calls[2] == [ALL]
         tg.cancel_scope.cancel()

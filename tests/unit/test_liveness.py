@@ -7,9 +7,9 @@ import time
 import anyio
 import pytest
 
-from app.pipeline import liveness as liveness_module
-from app.pipeline.liveness import Liveness
-from app.pipeline.supervisor import supervise
+from app.operations import liveness as liveness_module
+from app.operations.liveness import Liveness
+from app.operations.supervisor import supervise
 from app.pipeline.workqueue import Backoff
 
 pytestmark = pytest.mark.anyio

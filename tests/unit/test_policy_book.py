@@ -1,42 +1,16 @@
-"""PolicyBook against a fake OPA that compiles just enough: a module fails while a `data.` path it reads
-names a package that no loaded module has (as OPA's compiler refuses an undefined reference it can see)."""
+"""PolicyBook against the in-memory OPA of tests/unit/fake_opa.py, which compiles just enough: a module
+fails while a `data.needs.` path it reads names a package that no loaded module has."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 
 from app.configmaps.policies import PolicyBook, data_refs, package_of
-from app.opa.client import OpaError
-from app.pipeline.opa_process import OpaProcess, OpaRestarted
+from app.model import ObjectKey
+from app.opa.process import OpaProcess, OpaRestarted
+from tests.unit.fake_opa import FakeOpa
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeOpa:
-    def __init__(self) -> None:
-        self.policies: dict[str, str] = {}
-        self.puts = 0
-        self.process_id = "one"
-
-    async def config(self) -> dict[str, Any]:
-        return {"labels": {"id": self.process_id}}
-
-    async def put_policy(self, policy_id: str, text: str) -> None:
-        self.puts += 1
-        packages = {package_of(t) for i, t in self.policies.items() if i != policy_id}
-        for ref in data_refs(text):
-            if ref and ref[0] == "needs" and not any(ref[: len(p)] == p for p in packages if p):
-                undefined = {"code": "rego_type_error", "message": "undefined ref: data." + ".".join(ref)}
-                raise OpaError(400, "invalid_parameter", "error(s) occurred", {"errors": [undefined]})
-        self.policies[policy_id] = text
-
-    async def delete_policy(self, policy_id: str) -> bool:
-        return self.policies.pop(policy_id, None) is not None
-
-    async def list_policies(self) -> list[dict[str, Any]]:
-        return [{"id": i, "raw": t} for i, t in self.policies.items()]
 
 
 def book(opa: FakeOpa) -> PolicyBook:
@@ -57,28 +31,32 @@ async def test_a_failing_module_is_retried_only_when_something_it_reads_appears(
     policies = book(opa)
     for i in range(10):
         await policies.set_configmap(
-            ("ns", f"bad{i}"), {"p.rego": f"package bad{i}\n\nx := data.needs.lib.v\n"}
+            ObjectKey("ns", f"bad{i}"), {"p.rego": f"package bad{i}\n\nx := data.needs.lib.v\n"}
         )
     for i in range(190):
-        await policies.set_configmap(("ns", f"good{i}"), {"p.rego": f"package good{i}\n\nx := {i}\n"})
+        await policies.set_configmap(
+            ObjectKey("ns", f"good{i}"), {"p.rego": f"package good{i}\n\nx := {i}\n"}
+        )
     assert opa.puts == 200, "each module compiled once: unrelated loads do not retry the failed ones"
     assert policies.failed_count == 10
 
-    await policies.set_configmap(("ns", "good0"), {"p.rego": "package good0\n\nx := -1\n"})
+    await policies.set_configmap(ObjectKey("ns", "good0"), {"p.rego": "package good0\n\nx := -1\n"})
     assert opa.puts == 201, "an unrelated later change costs one compile"
 
-    touched = await policies.set_configmap(("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"})
+    touched = await policies.set_configmap(
+        ObjectKey("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"}
+    )
     assert policies.failed_count == 0
     assert opa.puts == 212, "the module they need appeared: each failed module is retried once"
-    assert {("ns", f"bad{i}") for i in range(10)} <= touched
+    assert {ObjectKey("ns", f"bad{i}") for i in range(10)} <= touched
 
 
 async def test_a_removed_dependency_that_returns_loads_its_dependents_again() -> None:
     opa = FakeOpa()
     policies = book(opa)
-    await policies.set_configmap(("ns", "app"), {"p.rego": "package app\n\nx := data.needs.lib.v\n"})
+    await policies.set_configmap(ObjectKey("ns", "app"), {"p.rego": "package app\n\nx := data.needs.lib.v\n"})
     assert policies.failed_count == 1
-    await policies.set_configmap(("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"})
+    await policies.set_configmap(ObjectKey("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"})
     assert policies.loaded_count == 2
 
 
@@ -86,18 +64,19 @@ async def test_a_compile_error_from_a_new_opa_process_is_not_believed() -> None:
     opa = FakeOpa()
     policies = book(opa)
     await policies.process.check()
-    await policies.set_configmap(("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"})
-    opa.policies.clear()  # OPA restarted: it holds nothing, and has a new process id
-    opa.process_id = "two"
+    await policies.set_configmap(ObjectKey("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"})
+    opa.restart()  # OPA holds nothing, and has a new process id
     with pytest.raises(OpaRestarted):
-        await policies.set_configmap(("ns", "app"), {"p.rego": "package app\n\nx := data.needs.lib.v\n"})
+        await policies.set_configmap(
+            ObjectKey("ns", "app"), {"p.rego": "package app\n\nx := data.needs.lib.v\n"}
+        )
     assert policies.failed_count == 0, "no error is recorded (nor reported) for the new OPA's emptiness"
 
 
 async def test_the_drift_check_restores_kopas_modules_and_removes_only_owned_strangers() -> None:
     opa = FakeOpa()
     policies = book(opa)
-    await policies.set_configmap(("ns", "cm"), {"a.rego": "package a\n", "b.rego": "package b\n"})
+    await policies.set_configmap(ObjectKey("ns", "cm"), {"a.rego": "package a\n", "b.rego": "package b\n"})
     del opa.policies["ns/cm/a.rego"]
     opa.policies["ns/cm/b.rego"] = "package b\n\nchanged := true\n"
     opa.policies["ns/ghost/x.rego"] = "package ghost\n"

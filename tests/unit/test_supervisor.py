@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from app.pipeline.supervisor import supervise
+from app.operations.supervisor import supervise
 from app.pipeline.workqueue import Backoff
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,8 @@ import pytest
 
 from app.kube.client import KubeClient
 from app.kube.config import KubeConnection
-from app.pipeline.watcher import Collection, ObjectKey, Store, Watcher, same_resource_version
+from app.model import Key, Store
+from app.pipeline.watcher import Collection, Watcher, same_resource_version
 from tests.unit.fake_api import PATH, FakeApi, WatchMode, serving
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +30,7 @@ async def watch_for_a_while(mode: WatchMode) -> tuple[FakeApi, dict[str, int]]:
             host=api.url, authorization=None, ssl_context=False, namespace="default", source="test"
         )
 
-        async def emit(key: ObjectKey) -> None:
+        def emit(key: Key) -> None:
             pass
 
         def convert(obj: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import anyio
 import pytest
 
+from app.model import ALL, CHECK, ObjectKey, WorkKey, whole_source
 from app.pipeline.workqueue import Backoff, WorkQueue
 
 pytestmark = pytest.mark.anyio
@@ -50,10 +53,10 @@ async def test_failed_keys_come_back_after_a_growing_capped_delay() -> None:
         assert len(queue) == 0
         with anyio.fail_after(2):
             assert await queue.get() == "a"
-        assert queue.failures("a") == 1
+        assert queue.failing == 1
         queue.forget("a")
         queue.done("a")
-        assert queue.failures("a") == 0
+        assert queue.failing == 0
         with anyio.fail_after(2):
             await queue.wait_idle()
         tg.cancel_scope.cancel()
@@ -71,3 +74,51 @@ async def test_one_failing_key_does_not_hold_up_the_others() -> None:
         with anyio.fail_after(1):
             assert await queue.get() == "good"
         tg.cancel_scope.cancel()
+
+
+async def test_a_key_waiting_for_its_retry_is_held_once_at_its_earliest_time() -> None:
+    queue: WorkQueue[str] = WorkQueue("t")
+    queue.add_after("a", 30.0)
+    queue.add_after("a", 60.0)
+    queue.add_after("a", 0.05)
+    assert queue.delayed == 1
+    async with queue:
+        with anyio.fail_after(2):
+            assert await queue.get() == "a"  # the queue runs its own timer while it is open
+    assert queue.delayed == 0
+
+
+async def test_a_burst_into_a_stalled_writer_keeps_memory_flat_and_loses_nothing() -> None:
+    """100,000 changes of distinct objects while nothing is taken out: the queue holds at most its
+    capacity; a source that would overflow it is collapsed into its ALL key, which stands for all of them."""
+    queue: WorkQueue[WorkKey] = WorkQueue("t", capacity=1000, collapse=whole_source)
+    queue.add(WorkKey("other", ObjectKey("ns", "lone")))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(100_000):
+            queue.add(WorkKey("s", ObjectKey("ns", f"o{i}")))
+        grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert queue.pending <= 1000
+    assert grown < 1_000_000, f"{grown} bytes held for 100,000 changes"
+    taken = await queue.get_batch(10_000)
+    assert set(taken) == {WorkKey("other", ObjectKey("ns", "lone")), WorkKey("s", ALL)}
+    assert queue.stats.collapsed == 999  # the keys of "s" waiting when it overflowed
+    # After the collapse, changes of "s" coalesce into its ALL key while it waits; once it is taken, they
+    # are held on their own again.
+    for key in taken:
+        queue.done(key)
+    queue.add(WorkKey("s", ObjectKey("ns", "after")))
+    assert await queue.get() == WorkKey("s", ObjectKey("ns", "after"))
+
+
+def test_markers_and_other_sources_are_not_collapsed() -> None:
+    queue: WorkQueue[WorkKey] = WorkQueue("t", capacity=2, collapse=whole_source)
+    queue.add(WorkKey("a", ObjectKey("ns", "1")))
+    queue.add(WorkKey("b", ObjectKey("ns", "1")))
+    queue.add(WorkKey("c", CHECK))  # a marker has no whole to collapse into: held as it is
+    queue.add(WorkKey("a", ObjectKey("ns", "2")))  # full: "a" collapses into its ALL
+    assert len(queue) == 3
+    assert queue.stats.collapsed == 1

@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from app.model import Key, ObjectKey, WorkKey, objects_only
 from app.opa.client import OpaClient
-from app.pipeline.liveness import Liveness, report_progress
-from app.pipeline.opa_process import OpaProcess
-from app.pipeline.watcher import ObjectKey
-from app.pipeline.worker import WorkKey, run_worker
+from app.opa.process import OpaProcess
+from app.operations.liveness import Liveness, on_opa_request
+from app.pipeline.worker import run_worker
 from app.pipeline.workqueue import WorkQueue
 from tests.unit.polling import until
 
@@ -53,8 +53,8 @@ class Writes:
     def __init__(self, opa: OpaClient) -> None:
         self.opa = opa
 
-    async def apply(self, keys: Sequence[ObjectKey]) -> list[tuple[ObjectKey, Exception]]:
-        for key in keys:
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
+        for key in objects_only(keys):
             await self.opa.put_data(["k", *key], b"{}")
         return []
 
@@ -66,7 +66,7 @@ async def opa() -> AsyncIterator[tuple[Opa, OpaClient]]:
     app.router.add_route("*", "/{tail:.*}", fake.handle)
     async with TestServer(app, host="127.0.0.1") as server:
         url = str(server.make_url("/v1"))
-        async with OpaClient(url, observe=lambda *_: report_progress(), retry_budget=0.1) as client:
+        async with OpaClient(url, observe=[on_opa_request], retry_budget=0.1) as client:
             yield fake, client
 
 
@@ -95,7 +95,7 @@ async def test_a_batch_longer_than_the_bound_is_progress(opa: tuple[Opa, OpaClie
     queue: WorkQueue[WorkKey] = WorkQueue("t")
     alive = Liveness()
     for i in range(30):  # one batch of 30 writes: 3 s, three times the bound
-        queue.add(("s", ("ns", str(i))))
+        queue.add(WorkKey("s", ObjectKey("ns", str(i))))
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer(queue, client, alive))
         assert await watch_liveness(alive, 3.5) == []
@@ -108,7 +108,7 @@ async def test_an_opa_outage_longer_than_the_bound_is_progress(opa: tuple[Opa, O
     fake.down = True
     queue: WorkQueue[WorkKey] = WorkQueue("t")
     alive = Liveness()
-    queue.add(("s", ("ns", "pending")))
+    queue.add(WorkKey("s", ObjectKey("ns", "pending")))
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer(queue, client, alive))
         assert await watch_liveness(alive, 3 * BOUND) == []

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from app.opa.client import Chunks, OpaError, OpaUnauthorized, OpaUnavailable
-from app.pipeline.opa_process import OpaProcess
+from app.opa.process import OpaProcess
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,6 @@ class OpaProcess:
         self.available = True  # OPA answers
         self.refused: str = ""  # why OPA refuses kopa's credentials ("" while it accepts them)
         self.refusals = 0  # times OPA started refusing them (counted per episode, logged once each)
-        self.outages = 0
         self._listeners: list[Listener] = []
         self._lock = anyio.Lock()
 
@@ -110,7 +109,6 @@ class OpaProcess:
     def mark_down(self, cause: object) -> None:
         if self.available:
             self.available = False
-            self.outages += 1
             log.warning("OPA is unreachable (%s); waiting for it to come back", cause)
 
     def mark_refused(self, cause: OpaUnauthorized) -> None:

@@ -43,6 +43,12 @@ def report_progress() -> None:
         report()
 
 
+def on_opa_request(endpoint: str, method: str, code: str, seconds: float) -> None:
+    """The OPA client's hook: a request completed (or failed), which is progress for the component that
+    made it, whatever OPA answered."""
+    report_progress()
+
+
 @dataclass
 class Liveness:
     last_tick: float = field(default_factory=time.monotonic)

@@ -1,0 +1,98 @@
+"""The ConfigMaps source, put together: which ConfigMaps kopa watches, their stores, their producers, the
+books that keep them in OPA, and the status writer that reports back on them.
+
+Each namespace is watched on its own (two label selectors: policies and data), so namespaced RBAC suffices;
+`*` means one cluster-wide watch per selector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.configmaps.data import DataBook
+from app.configmaps.policies import PolicyBook
+from app.configmaps.status import StatusReporter
+from app.configmaps.sync import ConfigMapStores, ConfigMapSync
+from app.kube.client import KubeClient
+from app.model import Key, Store, WorkKey
+from app.opa.client import OpaClient
+from app.opa.process import OpaProcess
+from app.operations.readiness import SourceState
+from app.pipeline.watcher import Collection, Watcher, WatchStats, same_resource_version
+from app.pipeline.workqueue import QueueObserver
+
+SOURCE = "configmaps"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which ConfigMaps: label selectors ("" when that kind is disabled) and namespaces (["*"]: all)."""
+
+    policies: str  # e.g. "openpolicyagent.org/policy=rego"
+    data: str  # e.g. "openpolicyagent.org/data=opa"
+    namespaces: Sequence[str]
+
+    def collections(self) -> list[tuple[str, Collection]]:
+        """(kind, collection) pairs, kind being "data" or "policies"."""
+        pairs = []
+        for kind, selector in (("data", self.data), ("policies", self.policies)):
+            if not selector:
+                continue
+            if list(self.namespaces) == ["*"]:
+                pairs.append((kind, Collection("/api/v1/configmaps", None, label_selector=selector)))
+            else:
+                for ns in self.namespaces:
+                    path = f"/api/v1/namespaces/{ns}/configmaps"
+                    pairs.append((kind, Collection(path, ns, label_selector=selector)))
+        return pairs
+
+    def owns_policy(self, policy_id: str) -> bool:
+        """Policy ids of kopa's own form, `<namespace>/<configmap>/<key>` in a namespace it watches: the
+        only ids the drift check removes when no ConfigMap has them (never a bootstrap policy's)."""
+        parts = policy_id.split("/")
+        watched = list(self.namespaces) == ["*"] or parts[0] in self.namespaces
+        return len(parts) == 3 and all(parts) and watched
+
+
+class ConfigMapSource:
+    def __init__(
+        self,
+        *,
+        kube: KubeClient,
+        opa: OpaClient,
+        process: OpaProcess,
+        selection: Selection,
+        add: Callable[[WorkKey], None],
+        status_observer: QueueObserver | None = None,
+    ) -> None:
+        self.name = SOURCE
+        self.stores: dict[str, Store[dict[str, Any]]] = {
+            "data": Store("data", same_resource_version),
+            "policies": Store("policies", same_resource_version),
+        }
+
+        def emit(key: Key) -> None:
+            add(WorkKey(SOURCE, key))
+
+        self.collections = selection.collections()
+        self.watchers = [Watcher(kube, c, self.stores[kind], emit, dict) for kind, c in self.collections]
+        selected = ConfigMapStores(
+            policies=self.stores["policies"] if selection.policies else None,
+            data=self.stores["data"] if selection.data else None,
+        )
+        self.reporter = StatusReporter(kube, selected.lookup, observer=status_observer)
+        policies = PolicyBook(opa, process, owns=selection.owns_policy)
+        self.sync = ConfigMapSync(policies, DataBook(opa), self.reporter, selected, process)
+
+    @property
+    def states(self) -> list[SourceState]:
+        """What readiness asks: has each watch completed its first list?"""
+        return [SourceState(w.collection.describe(), w.synced.is_set) for w in self.watchers]
+
+    def watch_stats(self) -> list[tuple[str, WatchStats]]:
+        return [
+            (f"{kind}:{c.namespace or '*'}", w.stats)
+            for (kind, c), w in zip(self.collections, self.watchers, strict=True)
+        ]

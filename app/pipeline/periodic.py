@@ -1,0 +1,20 @@
+"""A producer of time rather than of changes: every interval, it adds the same work keys to the queue.
+
+The drift check is one: each source's CHECK key goes through the writer like any change, so a check never
+races a write of the same source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from app.model import WorkKey
+
+
+async def every(interval: float, add: Callable[[WorkKey], None], keys: Sequence[WorkKey]) -> None:
+    while True:
+        await anyio.sleep(interval)
+        for key in keys:
+            add(key)

@@ -1,0 +1,129 @@
+"""An in-memory OPA for the domain's unit tests, built on the Protocols the domain declares.
+
+It keeps what matters to the code under test and nothing more: a data tree with OPA's write semantics (PUT
+creates parents; a JSON Patch applies all or nothing and fails with 404 when a path it needs is missing;
+GET of a missing path is undefined) and a policy set whose "compiler" refuses a module that reads
+`data.needs.<...>` while no loaded module has that package (as OPA refuses an undefined reference). The
+integration suite checks the same behaviours against the real OPA.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from app.configmaps.policies import data_refs, package_of
+from app.opa.client import Chunks, OpaError
+
+
+def _not_found(path: Sequence[str]) -> OpaError:
+    message = f"storage_not_found_error: /{'/'.join(path)}: document does not exist"
+    return OpaError(404, "resource_not_found", message, {"code": "resource_not_found", "message": message})
+
+
+def _pointer(pointer: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+
+
+class FakeOpa:
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.policies: dict[str, str] = {}
+        self.process_id = "one"
+        self.writes: list[tuple[str, str]] = []  # (method, path) of every accepted or refused write
+        self.refuse_writes_under: str | None = None  # a path prefix whose writes OPA refuses (400)
+
+    # --- the process ---
+
+    async def config(self) -> dict[str, Any]:
+        return {"labels": {"id": self.process_id}}
+
+    def restart(self) -> None:
+        self.data, self.policies, self.process_id = {}, {}, self.process_id + "+"
+
+    # --- data ---
+
+    def _parent(self, path: Sequence[str], create: bool) -> dict[str, Any]:
+        node = self.data
+        for segment in path:
+            if segment not in node or not isinstance(node[segment], dict):
+                if not create:
+                    raise _not_found(path)
+                node[segment] = {}
+            node = node[segment]
+        return node
+
+    def _check_refused(self, method: str, path: Sequence[str]) -> None:
+        where = "/".join(path)
+        self.writes.append((method, where))
+        if self.refuse_writes_under is not None and where.startswith(self.refuse_writes_under):
+            raise OpaError(400, "invalid_parameter", "refused by the test", {})
+
+    async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:
+        if callable(document):
+            document = b"".join([piece async for piece in document()])
+        self._check_refused("PUT", path)
+        self._parent(path[:-1], create=True)[path[-1]] = orjson.loads(document)
+
+    async def delete_data(self, path: Sequence[str]) -> bool:
+        self._check_refused("DELETE", path)
+        try:
+            parent = self._parent(path[:-1], create=False)
+        except OpaError:
+            return False
+        return parent.pop(path[-1], None) is not None
+
+    async def patch_data(self, path: Sequence[str], operations: bytes) -> None:
+        self._check_refused("PATCH", path)
+        before = copy.deepcopy(self.data)
+        try:
+            base = self._parent(path, create=False)
+            for op in orjson.loads(operations):
+                *parents, last = _pointer(op["path"])
+                node = base
+                for segment in parents:
+                    if segment not in node:
+                        raise _not_found([*path, *parents])
+                    node = node[segment]
+                if op["op"] == "remove":
+                    if last not in node:
+                        raise _not_found([*path, *parents, last])
+                    del node[last]
+                else:
+                    node[last] = op["value"]
+        except OpaError:
+            self.data = before  # all or nothing
+            raise
+
+    async def get_data(self, path: Sequence[str]) -> Any:
+        node: Any = self.data
+        for segment in path:
+            if not isinstance(node, dict) or segment not in node:
+                return None
+            node = node[segment]
+        return copy.deepcopy(node)
+
+    # --- policies ---
+
+    async def put_policy(self, policy_id: str, text: str) -> None:
+        self.writes.append(("PUT", f"policies/{policy_id}"))
+        packages = {package_of(t) for i, t in self.policies.items() if i != policy_id}
+        for ref in data_refs(text):
+            if ref and ref[0] == "needs" and not any(ref[: len(p)] == p for p in packages if p):
+                undefined = {"code": "rego_type_error", "message": "undefined ref: data." + ".".join(ref)}
+                raise OpaError(400, "invalid_parameter", "error(s) occurred", {"errors": [undefined]})
+        self.policies[policy_id] = text
+
+    async def delete_policy(self, policy_id: str) -> bool:
+        self.writes.append(("DELETE", f"policies/{policy_id}"))
+        return self.policies.pop(policy_id, None) is not None
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        return [{"id": i, "raw": t} for i, t in self.policies.items()]
+
+    @property
+    def puts(self) -> int:
+        return sum(1 for method, where in self.writes if method == "PUT" and where.startswith("policies/"))

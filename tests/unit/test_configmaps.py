@@ -1,0 +1,143 @@
+"""The ConfigMap domain without servers: the status value, the data book, and the sync that decides what a
+ConfigMap is now. OPA is the in-memory fake of tests/unit/fake_opa.py; the status writer is the real
+StatusReporter, whose queue is read here instead of written to an API server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from app.configmaps.data import DataBook, parse_document
+from app.configmaps.policies import PolicyBook
+from app.configmaps.status import MAX_STATUS_BYTES, OK, StatusReporter, status_value
+from app.configmaps.sync import ConfigMapStores, ConfigMapSync
+from app.model import ALL, CHECK, ObjectKey, Store
+from app.opa.process import OpaProcess
+from app.pipeline.watcher import same_resource_version
+from tests.unit.fake_opa import FakeOpa
+
+pytestmark = pytest.mark.anyio
+
+CM = ObjectKey("ns", "cm")
+
+
+# --- the status annotation -------------------------------------------------------------------------------
+
+
+def test_the_status_is_kube_mgmts_byte_for_byte() -> None:
+    assert status_value([]) == OK == '{"status":"ok"}'
+    one = {"code": "rego_parse_error", "message": "unexpected eof"}
+    assert (
+        status_value([one])
+        == '{"status":"error","error":{"code":"rego_parse_error","message":"unexpected eof"}}'
+    )
+    assert orjson.loads(status_value([one, one]))["error"] == [one, one]
+
+
+def test_a_status_with_many_large_errors_stays_within_its_budget() -> None:
+    big = {"code": "x", "message": "m" * 10_000, "errors": [{"message": "d" * 3000}] * 10}
+    value = status_value([big] * 20)
+    assert len(value) <= MAX_STATUS_BYTES + 200
+    shown = orjson.loads(value)["error"]
+    assert shown[-1]["code"] == "truncated"
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def test_only_json_objects_are_data() -> None:
+    assert parse_document("k", '{"a": 1}') == (b'{"a":1}', None)
+    assert parse_document("k", "[1]")[1] == {
+        "code": "invalid_data",
+        "message": "key k: must be a JSON object, got an array",
+    }
+    assert parse_document("k", "{")[1]["code"] == "invalid_data"  # type: ignore[index]
+
+
+async def test_a_key_that_stops_parsing_keeps_its_last_good_value() -> None:
+    opa = FakeOpa()
+    book = DataBook(opa)
+    await book.set_configmap(CM, {"a.json": '{"v": 1}', "b.json": '{"w": 2}'})
+    await book.set_configmap(CM, {"a.json": "{broken", "b.json": '{"w": 2}'})
+    assert await opa.get_data(["ns", "cm"]) == {"a.json": {"v": 1}, "b.json": {"w": 2}}
+    assert set(book.errors_of(CM)) == {"a.json"}
+    await book.set_configmap(CM, {"b.json": '{"w": 2}'})
+    assert await opa.get_data(["ns", "cm"]) == {"b.json": {"w": 2}}, "a removed key is removed"
+    await book.set_configmap(CM, {})
+    assert await opa.get_data(["ns"]) == {}, "exactly its own subtree goes"
+
+
+async def test_the_data_drift_check_reads_each_document_and_rewrites_what_differs() -> None:
+    opa = FakeOpa()
+    book = DataBook(opa)
+    texts = {"a.json": '{"v": 1}', "b.json": '{"w": 2.0}'}
+    await book.set_configmap(CM, texts)
+    await opa.put_data(["ns", "cm", "a.json"], b'{"v": "changed"}')
+    assert await book.check(lambda key: texts) == 1
+    assert await opa.get_data(["ns", "cm", "a.json"]) == {"v": 1}
+    assert await book.check(lambda key: texts) == 0, "2.0 and 2 are the same number"
+    assert not [w for w in opa.writes if w[1].startswith("ns/cm/b")][1:], "b never rewritten"
+
+
+# --- the sync ----------------------------------------------------------------------------------------------
+
+
+class ConfigMaps:
+    def __init__(self) -> None:
+        self.opa = FakeOpa()
+        self.process = OpaProcess(self.opa, interval=1.0)
+        self.data: Store[dict[str, Any]] = Store("data", same_resource_version)
+        self.policies: Store[dict[str, Any]] = Store("policies", same_resource_version)
+        stores = ConfigMapStores(policies=self.policies, data=self.data)
+        self.reporter = StatusReporter(None, stores.lookup)  # type: ignore[arg-type]  # never started
+        books = PolicyBook(self.opa, self.process), DataBook(self.opa)
+        self.sync = ConfigMapSync(*books, self.reporter, stores, self.process)
+        self.version = 0
+
+    def put(self, store: Store[dict[str, Any]], key: ObjectKey, data: dict[str, str]) -> ObjectKey:
+        self.version += 1
+        meta = {"namespace": key.namespace, "name": key.name, "resourceVersion": str(self.version)}
+        store.put(key, {"metadata": meta, "data": data})
+        return key
+
+    def status(self, key: ObjectKey) -> str:
+        return self.reporter._wanted[key][0]
+
+
+async def test_a_configmap_relabelled_from_policy_to_data_never_holds_both() -> None:
+    c = ConfigMaps()
+    await c.sync.apply([c.put(c.policies, CM, {"p.rego": "package p\n"})])
+    assert c.opa.policies == {"ns/cm/p.rego": "package p\n"}
+    c.policies.pop(CM)
+    await c.sync.apply([c.put(c.data, CM, {"d.json": "{}"})])
+    assert c.opa.policies == {}
+    assert await c.opa.get_data(["ns", "cm"]) == {"d.json": {}}
+    assert c.status(CM) == OK
+
+
+async def test_a_new_opa_process_is_refilled_in_first_seen_order_then_the_changes_apply() -> None:
+    c = ConfigMaps()
+    await c.sync.apply([c.put(c.policies, ObjectKey("ns", "lib"), {"p.rego": "package needs.lib\n"})])
+    await c.sync.apply([c.put(c.policies, CM, {"p.rego": "package app\nx := data.needs.lib.v\n"})])
+    await c.sync.apply([c.put(c.data, ObjectKey("ns", "d"), {"d.json": '{"n": 1}'})])
+    await c.process.check()
+    c.opa.restart()
+    await c.process.check()
+    changed = c.put(c.data, ObjectKey("ns", "d"), {"d.json": '{"n": 2}'})
+    assert await c.sync.apply([ALL, changed]) == []
+    assert set(c.opa.policies) == {"ns/lib/p.rego", "ns/cm/p.rego"}
+    assert await c.opa.get_data(["ns", "d"]) == {"d.json": {"n": 2}}
+
+
+async def test_all_without_a_restart_syncs_every_configmap_known_and_check_repairs() -> None:
+    c = ConfigMaps()
+    c.put(c.data, ObjectKey("ns", "a"), {"d.json": "{}"})
+    c.put(c.policies, ObjectKey("ns", "b"), {"p.rego": "package b\n"})
+    assert await c.sync.apply([ALL]) == [], "the queue collapsed these keys into ALL"
+    assert await c.opa.get_data(["ns", "a"]) == {"d.json": {}}
+    assert c.opa.policies == {"ns/b/p.rego": "package b\n"}
+    await c.opa.delete_policy("ns/b/p.rego")
+    assert await c.sync.apply([CHECK]) == []
+    assert c.opa.policies == {"ns/b/p.rego": "package b\n"}
