@@ -107,24 +107,29 @@ def label_key(value: str) -> str:
     return value
 
 
+def _short_name_errors(value: str, fmt: str, rule: str, *examples: str, alternative: str = "") -> list[str]:
+    """Kubernetes' two checks of a label value or an RFC 1123 label: 63 characters at most, and the format."""
+    errors = []
+    if len(value) > 63:
+        errors.append("must be no more than 63 characters")
+    if not re.fullmatch(fmt, value):
+        errors.append(_regex_error(rule, fmt, *examples) + alternative)
+    return errors
+
+
 def label_value(value: str) -> str:
     # Kubernetes allows an empty label value, but kopa selects ConfigMaps by key=value: empty selects nothing.
     if not value:
         raise ValueError("must not be empty")
-    errors = []
-    if len(value) > 63:
-        errors.append("must be no more than 63 characters")
-    if not re.fullmatch(_QUALIFIED_NAME_FMT, value):
-        errors.append(
-            _regex_error(
-                "a valid label value must consist of alphanumeric characters, '-', '_' or '.', "
-                "and must start and end with an alphanumeric character",
-                _QUALIFIED_NAME_FMT,
-                "MyValue",
-                "my_value",
-                "12345",
-            )
-        )
+    errors = _short_name_errors(
+        value,
+        _QUALIFIED_NAME_FMT,
+        "a valid label value must consist of alphanumeric characters, '-', '_' or '.', "
+        "and must start and end with an alphanumeric character",
+        "MyValue",
+        "my_value",
+        "12345",
+    )
     if errors:
         raise ValueError("; ".join(errors))
     return value
@@ -134,20 +139,15 @@ def namespaces(value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
         if name == "*":
             continue
-        errors = []
-        if len(name) > 63:
-            errors.append("must be no more than 63 characters")
-        if not re.fullmatch(_DNS1123_LABEL_FMT, name):
-            errors.append(
-                _regex_error(
-                    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
-                    "and must start and end with an alphanumeric character",
-                    _DNS1123_LABEL_FMT,
-                    "my-name",
-                    "123-abc",
-                )
-                + ", or '*' for all namespaces"
-            )
+        errors = _short_name_errors(
+            name,
+            _DNS1123_LABEL_FMT,
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+            "and must start and end with an alphanumeric character",
+            "my-name",
+            "123-abc",
+            alternative=", or '*' for all namespaces",
+        )
         if errors:
             raise BadItem(name, "; ".join(errors))
     if "*" in value and any(name != "*" for name in value):
