@@ -53,10 +53,12 @@ CONFIGMAPS = "configmaps"
 def configmap_collections(settings: Settings, namespaces: Sequence[str]) -> list[tuple[str, Collection]]:
     """(source, collection) pairs: each namespace watched on its own, so namespaced RBAC suffices."""
     selectors = []
-    if settings.enable_data:
-        selectors.append(("data", f"{settings.data_label}={settings.data_value}"))
-    if settings.enable_policies:
-        selectors.append(("policies", f"{settings.policy_label}={settings.policy_value}"))
+    if settings.configmaps.enable_data:
+        selectors.append(("data", f"{settings.configmaps.data_label}={settings.configmaps.data_value}"))
+    if settings.configmaps.enable_policies:
+        selectors.append(
+            ("policies", f"{settings.configmaps.policy_label}={settings.configmaps.policy_value}")
+        )
     pairs = []
     for source, selector in selectors:
         if list(namespaces) == ["*"]:
@@ -130,18 +132,18 @@ async def check_drift(send: MemoryObjectSendStream[WorkKey], sources: Sequence[s
 def opa_client(settings: Settings, observe: Observe | None = None) -> OpaClient:
     """The OPA client with the token and TLS settings; raises CredentialsError for unusable ones."""
 
-    token: Callable[[], str | None] = StaticToken(settings.opa_auth_token)
-    if settings.opa_auth_token_file:
-        token_file = TokenFile(settings.opa_auth_token_file)
+    token: Callable[[], str | None] = StaticToken(settings.opa.auth_token)
+    if settings.opa.auth_token_file:
+        token_file = TokenFile(settings.opa.auth_token_file)
         token_file.load()
         token = token_file
     context = ssl_context(
-        ca_file=settings.opa_ca_file,
-        allow_insecure=settings.opa_allow_insecure,
-        cert_file=settings.opa_client_cert_file,
-        key_file=settings.opa_client_key_file,
+        ca_file=settings.opa.ca_file,
+        allow_insecure=settings.opa.allow_insecure,
+        cert_file=settings.opa.client_cert_file,
+        key_file=settings.opa.client_key_file,
     )
-    return OpaClient(settings.opa_url, token=token, ssl_context=context, observe=observe)
+    return OpaClient(settings.opa.url, token=token, ssl_context=context, observe=observe)
 
 
 async def run(settings: Settings) -> None:
@@ -154,11 +156,11 @@ async def run(settings: Settings) -> None:
 
     opa_connection = opa_client(settings, observe_opa)
     connection = await load_connection(settings.kubeconfig)
-    namespaces = list(settings.namespaces) or [connection.namespace]
+    namespaces = list(settings.configmaps.namespaces) or [connection.namespace]
     log.info(
         "%s starting: OPA at %s, Kubernetes at %s, namespaces %s",
         version_line(),
-        settings.opa_url,
+        settings.opa.url,
         connection.host,
         ", ".join(namespaces),
     )
@@ -166,10 +168,12 @@ async def run(settings: Settings) -> None:
         KubeClient(connection, reload=partial(load_connection, settings.kubeconfig)) as kube,
         opa_connection as opa,
     ):
-        found = await discover(kube, settings.replicate, settings.replicate_cluster)
+        found = await discover(
+            kube, settings.replication.namespaced_resources, settings.replication.cluster_resources
+        )
         send, receive = anyio.create_memory_object_stream[WorkKey](max_buffer_size=QUEUE_SIZE)
         queue: WorkQueue[WorkKey] = WorkQueue("opa", observer=metrics.queue_observer("opa"))
-        process = OpaProcess(opa, settings.opa_check_interval)
+        process = OpaProcess(opa, settings.opa.check_interval)
 
         # ConfigMaps: policies and data.
         stores: dict[str, Store[dict[str, Any]]] = {
@@ -182,8 +186,8 @@ async def run(settings: Settings) -> None:
             for source, collection in collections
         ]
         selected = ConfigMapStores(
-            policies=stores["policies"] if settings.enable_policies else None,
-            data=stores["data"] if settings.enable_data else None,
+            policies=stores["policies"] if settings.configmaps.enable_policies else None,
+            data=stores["data"] if settings.configmaps.enable_data else None,
         )
         reporter = StatusReporter(kube, selected.lookup, observer=metrics.queue_observer("status"))
         policies = PolicyBook(opa, process, owns=owned_policy_id(namespaces))
@@ -192,11 +196,11 @@ async def run(settings: Settings) -> None:
 
         # Replicated resources.
         options = ReplicationOptions(
-            path=settings.replicate_path.split("/"),
-            ignore_namespaces=settings.replicate_ignore_namespaces,
-            keep_managed_fields=settings.replicate_keep_managed_fields,
-            selectors=dict(settings.replicate_selector),
-            fields=dict(settings.replicate_fields),
+            path=settings.replication.path.split("/"),
+            ignore_namespaces=settings.replication.ignore_namespaces,
+            keep_managed_fields=settings.replication.keep_managed_fields,
+            selectors=dict(settings.replication.selectors),
+            fields=dict(settings.replication.fields),
         )
         resources = [
             ReplicatedResource(
@@ -204,12 +208,12 @@ async def run(settings: Settings) -> None:
                 opa=opa,
                 process=process,
                 gvr=gvr,
-                namespaced=gvr in settings.replicate,
+                namespaced=gvr in settings.replication.namespaced_resources,
                 info=found[gvr],
                 options=options,
                 emit_for=partial(_emitter, send),
             )
-            for gvr in (*settings.replicate, *settings.replicate_cluster)
+            for gvr in (*settings.replication.namespaced_resources, *settings.replication.cluster_resources)
         ]
         handlers.update({resource.source: resource.sync for resource in resources})
 
@@ -277,8 +281,8 @@ async def run(settings: Settings) -> None:
             tg.start_soon(watch, "retry timer", queue.run_timer)
             tg.start_soon(watch, "OPA writer", writer)
             tg.start_soon(watch, "OPA process check", process.run)
-            if settings.drift_check_interval > 0:
-                drift = partial(check_drift, send, list(handlers), settings.drift_check_interval)
+            if settings.opa.drift_check_interval > 0:
+                drift = partial(check_drift, send, list(handlers), settings.opa.drift_check_interval)
                 tg.start_soon(watch, "drift check", drift)
             tg.start_soon(watch, "status writer", reporter.run)
             tg.start_soon(watch, "status retry timer", reporter.queue.run_timer)
@@ -298,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.show_version:
         print(version_line())
         sys.exit(0)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.logging.level, settings.logging.format)
     for warning in settings.warnings:
         log.warning("%s", warning)
     try:

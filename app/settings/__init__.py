@@ -6,7 +6,7 @@ One module per job, each depending only on those above it:
 - `kinds`: value types and how each is written on the command line, in the environment and in YAML;
 - `validators`: checks of one value (Kubernetes' rules and wording), and of options that need each other;
 - `options`: the table of options and their groups, and kube-mgmt's legacy flags;
-- `model`: `Settings`, what the rest of kopa sees;
+- `model`: `Settings` and its parts, one per option group: what the rest of kopa sees;
 - `given`: a value with where it was given, so that errors name the flag, variable or key;
 - `docs`: --help and config.example.yaml, generated from the table;
 - `flags`: the command line, with Go's pflag syntax as kube-mgmt users know it;
@@ -16,8 +16,8 @@ One module per job, each depending only on those above it:
 from app.settings.docs import example_config, help_text
 from app.settings.errors import HelpRequested, SettingsError
 from app.settings.kinds import ASSIGNMENTS, BOOL, DURATION, STRING, STRING_LIST, Kind
-from app.settings.model import Settings
-from app.settings.options import GROUPS, OPTIONS, Option, env_var
+from app.settings.model import ConfigMapSettings, LoggingSettings, OpaSettings, ReplicationSettings, Settings
+from app.settings.options import GROUPS, OPTIONS, Group, Option, env_var
 from app.settings.sources import load_settings
 
 __all__ = [
@@ -28,9 +28,14 @@ __all__ = [
     "OPTIONS",
     "STRING",
     "STRING_LIST",
+    "ConfigMapSettings",
+    "Group",
     "HelpRequested",
     "Kind",
+    "LoggingSettings",
+    "OpaSettings",
     "Option",
+    "ReplicationSettings",
     "Settings",
     "SettingsError",
     "env_var",

@@ -71,7 +71,7 @@ def help_text() -> str:
         ),
     ]
     for group in GROUPS:
-        out += ["", f"{group}:"]
+        out += ["", f"{group.title}:"]
         for option in (option for option in OPTIONS if option.group == group):
             short = f"-{option.short}, " if option.short else "    "
             left = f"  {short}{option.flag}{option.kind.flag_syntax(option.metavar)}"
@@ -128,7 +128,7 @@ def example_config() -> str:
         options = [option for option in OPTIONS if option.group == group and option.in_file]
         if not options:
             continue
-        out += ["", f"# --- {group} ---"]
+        out += ["", f"# --- {group.title} ---"]
         for option in options:
             comment = f"{option.help} Flag {option.flag}, environment variable {option.env_var}."
             if option.default_text:

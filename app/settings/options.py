@@ -1,8 +1,9 @@
 """The options table: every setting once, with what each source, --help and config.example.yaml need.
 
 Adding a setting is one `Option` entry in `OPTIONS` plus its field in `Settings` (a unit test checks the two
-agree). `LEGACY` lists the kube-mgmt flags kopa only recognises, so that existing manifests keep working or
-fail with a clear message.
+agree); its `Group` says both where --help lists it and which part of `Settings` holds it. `LEGACY` lists
+the kube-mgmt flags kopa only recognises, so that existing manifests keep working or fail with a clear
+message.
 """
 
 from __future__ import annotations
@@ -19,12 +20,21 @@ T = TypeVar("T")
 ENV_PREFIX = "KOPA_"
 
 
-KUBERNETES = "Connection to Kubernetes"
-OPA = "Connection to OPA"
-POLICIES_AND_DATA = "Policies and data"
-REPLICATION = "Replication of Kubernetes resources"
-LOGGING = "Logging"
-OTHER = "Other"
+@dataclass(frozen=True)
+class Group:
+    """Options that belong together: a heading in --help and config.example.yaml, and a part of Settings."""
+
+    title: str
+    section: str = ""  # the Settings attribute holding its options' fields; "" = Settings itself
+    prefix: str = ""  # left out of its options' field names: opa-url is settings.opa.url
+
+
+KUBERNETES = Group("Connection to Kubernetes")
+OPA = Group("Connection to OPA", section="opa", prefix="opa-")
+POLICIES_AND_DATA = Group("Policies and data", section="configmaps")
+REPLICATION = Group("Replication of Kubernetes resources", section="replication", prefix="replicate-")
+LOGGING = Group("Logging", section="logging", prefix="log-")
+OTHER = Group("Other")
 GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, LOGGING, OTHER)
 
 
@@ -36,14 +46,16 @@ class Option(Generic[T]):
     kind: Kind[T]
     default: T
     help: str  # one or two sentences, used in --help and as the comment in config.example.yaml
-    group: str
+    group: Group
     metavar: str = ""  # the value's placeholder in --help
     validate: Callable[[T], T] | None = None
     short: str = ""  # one letter, for `-v` style
     env: bool = True  # settable as KOPA_<NAME>
     in_file: bool = True  # settable as a key of the config file
     default_text: str | None = None  # words for the default where the value says little; "" hides it
-    field_name: str = ""  # its Settings attribute, when not the name in snake case
+    field_name: str = (
+        ""  # its field in its group's section, when not the name (less the prefix) in snake case
+    )
     secret: bool = False  # never quoted back in an error message
 
     @property
@@ -52,7 +64,9 @@ class Option(Generic[T]):
 
     @property
     def attribute(self) -> str:
-        return self.field_name or self.name.replace("-", "_")
+        """Its path from Settings: `opa.url` for opa-url, `kubeconfig` for kubeconfig."""
+        field = self.field_name or self.name.removeprefix(self.group.prefix).replace("-", "_")
+        return f"{self.group.section}.{field}" if self.group.section else field
 
     @property
     def env_var(self) -> str:
@@ -233,6 +247,7 @@ OPTIONS: tuple[Option[Any], ...] = (
         metavar="GVR",
         validate=validators.resources,
         default_text="none",
+        field_name="namespaced_resources",
     ),
     Option(
         "replicate-cluster",
@@ -244,6 +259,7 @@ OPTIONS: tuple[Option[Any], ...] = (
         metavar="GVR",
         validate=validators.resources,
         default_text="none",
+        field_name="cluster_resources",
     ),
     Option(
         "replicate-path",
@@ -283,6 +299,7 @@ OPTIONS: tuple[Option[Any], ...] = (
         metavar="GVR=SELECTOR",
         validate=validators.resource_assignments(validators.label_selector_errors),
         default_text="none",
+        field_name="selectors",
     ),
     Option(
         "replicate-fields",

@@ -15,8 +15,8 @@ import yaml
 from app.settings.errors import SettingsError, bare, describe, shown, suggestion
 from app.settings.flags import read_flags
 from app.settings.given import Given, Where, checked, parse_value
-from app.settings.model import Settings
-from app.settings.options import BY_NAME, LEGACY_BY_NAME, OPTIONS
+from app.settings.model import ConfigMapSettings, LoggingSettings, OpaSettings, ReplicationSettings, Settings
+from app.settings.options import BY_NAME, GROUPS, LEGACY_BY_NAME, OPTIONS
 from app.settings.validators import check_opa_connection, resolve_replication
 
 
@@ -127,7 +127,15 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     values["config"] = config_file
     resolve_replication(values)
     check_opa_connection(values)
+    sections: dict[str, dict[str, Any]] = {group.section: {} for group in GROUPS}
+    for name, value in values.items():
+        section, _, field = BY_NAME[name].attribute.rpartition(".")
+        sections[section][field] = value
     return Settings(
-        **{BY_NAME[name].attribute: value for name, value in values.items()},
+        **sections[""],
+        opa=OpaSettings(**sections["opa"]),
+        configmaps=ConfigMapSettings(**sections["configmaps"]),
+        replication=ReplicationSettings(**sections["replication"]),
+        logging=LoggingSettings(**sections["logging"]),
         warnings=tuple(flags.warnings),
     )
