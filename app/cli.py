@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.show_version:
         print(version_line())
         sys.exit(0)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.logging.level, settings.logging.format)
     for warning in settings.warnings:
         log.warning("%s", warning)
     try:

@@ -52,11 +52,11 @@ async def run(settings: Settings) -> None:
     metrics = Metrics()
     liveness = Liveness()
     connection = await load_connection(settings.kubeconfig)
-    namespaces = list(settings.namespaces) or [connection.namespace]
+    namespaces = list(settings.configmaps.namespaces) or [connection.namespace]
     log.info(
         "%s starting: OPA at %s, Kubernetes at %s, namespaces %s",
         version_line(),
-        settings.opa_url,
+        settings.opa.url,
         connection.host,
         ", ".join(namespaces),
     )
@@ -67,7 +67,7 @@ async def run(settings: Settings) -> None:
             "opa", observer=metrics.queue_observer("opa"), capacity=QUEUE_CAPACITY, collapse=whole_source
         ) as queue,
     ):
-        process = OpaProcess(opa, settings.opa_check_interval)
+        process = OpaProcess(opa, settings.opa.check_interval)
 
         # Producers: each keeps its source's store and adds changed keys to the queue.
         configmaps = ConfigMapSource(
@@ -78,19 +78,20 @@ async def run(settings: Settings) -> None:
             add=queue.add,
             status_observer=metrics.queue_observer("status"),
         )
-        found = await discover(kube, settings.replicate, settings.replicate_cluster)
+        replication = settings.replication
+        found = await discover(kube, replication.namespaced_resources, replication.cluster_resources)
         resources = [
             ReplicatedResource(
                 kube=kube,
                 opa=opa,
                 process=process,
                 gvr=gvr,
-                namespaced=gvr in settings.replicate,
+                namespaced=gvr in replication.namespaced_resources,
                 info=found[gvr],
                 options=replication_options(settings),
                 add=queue.add,
             )
-            for gvr in (*settings.replicate, *settings.replicate_cluster)
+            for gvr in (*replication.namespaced_resources, *replication.cluster_resources)
         ]
 
         # The writer's handlers, one per source; a new OPA process gets every source again.
@@ -155,45 +156,46 @@ async def run(settings: Settings) -> None:
             tg.start_soon(component, "OPA writer", writer)
             tg.start_soon(component, "status writer", configmaps.reporter.run)
             tg.start_soon(component, "OPA process check", process.run)
-            if settings.drift_check_interval > 0:
+            if settings.opa.drift_check_interval > 0:
                 checks = [WorkKey(source, CHECK) for source in handlers]
-                drift = partial(every, settings.drift_check_interval, queue.add, checks)
+                drift = partial(every, settings.opa.drift_check_interval, queue.add, checks)
                 tg.start_soon(component, "drift check", drift)
     log.info("stopped")
 
 
 def configmap_selection(settings: Settings, namespaces: list[str]) -> Selection:
+    c = settings.configmaps
     return Selection(
-        policies=f"{settings.policy_label}={settings.policy_value}" if settings.enable_policies else "",
-        data=f"{settings.data_label}={settings.data_value}" if settings.enable_data else "",
+        policies=f"{c.policy_label}={c.policy_value}" if c.enable_policies else "",
+        data=f"{c.data_label}={c.data_value}" if c.enable_data else "",
         namespaces=namespaces,
     )
 
 
 def replication_options(settings: Settings) -> ReplicationOptions:
     return ReplicationOptions(
-        path=settings.replicate_path.split("/"),
-        ignore_namespaces=settings.replicate_ignore_namespaces,
-        keep_managed_fields=settings.replicate_keep_managed_fields,
-        selectors=dict(settings.replicate_selector),
-        fields=dict(settings.replicate_fields),
+        path=settings.replication.path.split("/"),
+        ignore_namespaces=settings.replication.ignore_namespaces,
+        keep_managed_fields=settings.replication.keep_managed_fields,
+        selectors=dict(settings.replication.selectors),
+        fields=dict(settings.replication.fields),
     )
 
 
 def opa_client(settings: Settings, observe: list[Observe]) -> OpaClient:
     """The OPA client with the token and TLS settings; raises CredentialsError for unusable ones."""
-    token: Callable[[], str | None] = StaticToken(settings.opa_auth_token)
-    if settings.opa_auth_token_file:
-        token_file = TokenFile(settings.opa_auth_token_file)
+    token: Callable[[], str | None] = StaticToken(settings.opa.auth_token)
+    if settings.opa.auth_token_file:
+        token_file = TokenFile(settings.opa.auth_token_file)
         token_file.load()
         token = token_file
     context = ssl_context(
-        ca_file=settings.opa_ca_file,
-        allow_insecure=settings.opa_allow_insecure,
-        cert_file=settings.opa_client_cert_file,
-        key_file=settings.opa_client_key_file,
+        ca_file=settings.opa.ca_file,
+        allow_insecure=settings.opa.allow_insecure,
+        cert_file=settings.opa.client_cert_file,
+        key_file=settings.opa.client_key_file,
     )
-    return OpaClient(settings.opa_url, token=token, ssl_context=context, observe=observe)
+    return OpaClient(settings.opa.url, token=token, ssl_context=context, observe=observe)
 
 
 def health_server(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,33 +24,38 @@ EXAMPLE = REPO / "config.example.yaml"
 
 DEFAULTS: dict[str, Any] = {
     "kubeconfig": "",
-    "opa_url": "http://localhost:8181/v1",
-    "log_level": "info",
-    "enable_policies": True,
-    "policy_label": "openpolicyagent.org/policy",
-    "policy_value": "rego",
-    "enable_data": True,
-    "data_label": "openpolicyagent.org/data",
-    "data_value": "opa",
-    "namespaces": (),
-    "opa_check_interval": 1.0,
-    "drift_check_interval": 60.0,
+    "opa": {
+        "url": "http://localhost:8181/v1",
+        "auth_token": "",
+        "auth_token_file": "",
+        "ca_file": "",
+        "allow_insecure": False,
+        "client_cert_file": "",
+        "client_key_file": "",
+        "check_interval": 1.0,
+        "drift_check_interval": 60.0,
+    },
+    "configmaps": {
+        "enable_policies": True,
+        "policy_label": "openpolicyagent.org/policy",
+        "policy_value": "rego",
+        "enable_data": True,
+        "data_label": "openpolicyagent.org/data",
+        "data_value": "opa",
+        "namespaces": (),
+    },
+    "replication": {
+        "namespaced_resources": (),
+        "cluster_resources": (),
+        "path": "kubernetes",
+        "ignore_namespaces": (),
+        "keep_managed_fields": False,
+        "selectors": (),
+        "fields": (),
+    },
+    "logging": {"level": "info", "format": "text"},
     "health_endpoint": "0.0.0.0:8000",
-    "log_format": "text",
     "shutdown_timeout": 10.0,
-    "opa_auth_token": "",
-    "opa_auth_token_file": "",
-    "opa_ca_file": "",
-    "opa_allow_insecure": False,
-    "opa_client_cert_file": "",
-    "opa_client_key_file": "",
-    "replicate": (),
-    "replicate_cluster": (),
-    "replicate_path": "kubernetes",
-    "replicate_ignore_namespaces": (),
-    "replicate_keep_managed_fields": False,
-    "replicate_selector": (),
-    "replicate_fields": (),
     "config_file": None,
     "warnings": (),
     "show_version": False,
@@ -63,6 +69,22 @@ WriteConfig = Callable[[str], str]
 
 def option_named(name: str) -> settings.Option[Any]:
     return next(option for option in settings.OPTIONS if option.name == name)
+
+
+def value_at(loaded: Settings, path: str) -> Any:
+    """A setting by its path from Settings, as `Option.attribute` names it: `opa.url`, `kubeconfig`."""
+    return operator.attrgetter(path)(loaded)
+
+
+def flattened(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """DEFAULTS as {path: value}: `{"opa": {"url": u}}` is `{"opa.url": u}`."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flattened(value, f"{prefix}{name}.")
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 def quoted(text: str) -> str:
@@ -103,15 +125,21 @@ def test_defaults_are_kube_mgmts() -> None:
     assert dataclasses.asdict(load()) == DEFAULTS
 
 
-@pytest.mark.parametrize("attribute", sorted(DEFAULTS))
-def test_each_default(attribute: str) -> None:
-    assert getattr(load(), attribute) == DEFAULTS[attribute]
+@pytest.mark.parametrize(("path", "expected"), sorted(flattened(DEFAULTS).items()))
+def test_each_default(path: str, expected: Any) -> None:
+    assert value_at(load(), path) == expected
 
 
 def test_table_and_settings_agree() -> None:
     """Adding an option means a table entry and a Settings field; forgetting either fails here."""
     from_table = {option.attribute for option in settings.OPTIONS if option.name != "help"}
-    assert from_table | {"warnings"} == {f.name for f in dataclasses.fields(Settings)}
+    assert from_table | {"warnings"} == set(flattened(dataclasses.asdict(load())))
+
+
+def test_groups_and_settings_agree() -> None:
+    """Each group's options are the fields of one part of Settings (or of Settings itself)."""
+    for option in settings.OPTIONS:
+        assert option.attribute.rpartition(".")[0] == option.group.section, option.name
 
 
 def test_table_is_consistent() -> None:
@@ -133,34 +161,36 @@ def test_no_env_var_collides_with_kubernetes_service_links() -> None:
 
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        load().opa_url = "x"  # type: ignore[misc]
+        load().opa.url = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load().kubeconfig = "x"  # type: ignore[misc]
 
 
 # --- flags -----------------------------------------------------------------------------------------------
 
 STRING_FLAGS = [
     ("kubeconfig", "/home/me/.kube/config", "kubeconfig", "/home/me/.kube/config"),
-    ("opa-url", "https://opa.example:8443/v1", "opa_url", "https://opa.example:8443/v1"),
-    ("log-level", "debug", "log_level", "debug"),
-    ("policy-label", "example.com/policy", "policy_label", "example.com/policy"),
-    ("policy-value", "111", "policy_value", "111"),
-    ("data-label", "asdasd/data", "data_label", "asdasd/data"),
-    ("data-value", "222", "data_value", "222"),
+    ("opa-url", "https://opa.example:8443/v1", "opa.url", "https://opa.example:8443/v1"),
+    ("log-level", "debug", "logging.level", "debug"),
+    ("policy-label", "example.com/policy", "configmaps.policy_label", "example.com/policy"),
+    ("policy-value", "111", "configmaps.policy_value", "111"),
+    ("data-label", "asdasd/data", "configmaps.data_label", "asdasd/data"),
+    ("data-value", "222", "configmaps.data_value", "222"),
 ]
 
 
-@pytest.mark.parametrize(("name", "text", "attribute", "expected"), STRING_FLAGS)
-def test_string_flag_with_equals(name: str, text: str, attribute: str, expected: str) -> None:
-    assert getattr(load(f"--{name}={text}"), attribute) == expected
+@pytest.mark.parametrize(("name", "text", "path", "expected"), STRING_FLAGS)
+def test_string_flag_with_equals(name: str, text: str, path: str, expected: str) -> None:
+    assert value_at(load(f"--{name}={text}"), path) == expected
 
 
-@pytest.mark.parametrize(("name", "text", "attribute", "expected"), STRING_FLAGS)
-def test_string_flag_with_space(name: str, text: str, attribute: str, expected: str) -> None:
-    assert getattr(load(f"--{name}", text), attribute) == expected
+@pytest.mark.parametrize(("name", "text", "path", "expected"), STRING_FLAGS)
+def test_string_flag_with_space(name: str, text: str, path: str, expected: str) -> None:
+    assert value_at(load(f"--{name}", text), path) == expected
 
 
 def test_repeated_string_flag_last_wins() -> None:
-    assert load("--data-value=a", "--data-value", "b").data_value == "b"
+    assert load("--data-value=a", "--data-value", "b").configmaps.data_value == "b"
 
 
 def test_space_form_takes_the_next_argument_even_with_a_dash() -> None:
@@ -185,19 +215,19 @@ def test_flag_needs_an_argument_at_the_end() -> None:
 @pytest.mark.parametrize("text", ["1", "t", "T", "TRUE", "true", "True"])
 def test_bool_flag_true_spellings(name: str, text: str) -> None:
     env = {settings.env_var(name): "false"}
-    assert getattr(load(f"--{name}={text}", env=env), name.replace("-", "_")) is True
+    assert value_at(load(f"--{name}={text}", env=env), option_named(name).attribute) is True
 
 
 @pytest.mark.parametrize("name", ["enable-policies", "enable-data"])
 @pytest.mark.parametrize("text", ["0", "f", "F", "FALSE", "false", "False"])
 def test_bool_flag_false_spellings(name: str, text: str) -> None:
-    assert getattr(load(f"--{name}={text}"), name.replace("-", "_")) is False
+    assert value_at(load(f"--{name}={text}"), option_named(name).attribute) is False
 
 
 @pytest.mark.parametrize("name", ["enable-policies", "enable-data"])
 def test_bare_bool_flag_means_true(name: str) -> None:
     env = {settings.env_var(name): "false"}
-    assert getattr(load(f"--{name}", env=env), name.replace("-", "_")) is True
+    assert value_at(load(f"--{name}", env=env), option_named(name).attribute) is True
 
 
 @pytest.mark.parametrize("text", ["yes", "no", "on", "", "2", "tRuE"])
@@ -214,34 +244,34 @@ def test_bool_flag_does_not_take_the_next_argument(text: str) -> None:
 
 
 def test_repeated_bool_flag_last_wins() -> None:
-    assert load("--enable-data=false", "--enable-data").enable_data is True
-    assert load("--enable-data", "--enable-data=false").enable_data is False
+    assert load("--enable-data=false", "--enable-data").configmaps.enable_data is True
+    assert load("--enable-data", "--enable-data=false").configmaps.enable_data is False
 
 
 def test_list_flag_repeated_and_comma_separated() -> None:
-    assert load("--namespaces=a,b", "--namespaces", "c").namespaces == ("a", "b", "c")
+    assert load("--namespaces=a,b", "--namespaces", "c").configmaps.namespaces == ("a", "b", "c")
 
 
 def test_list_flag_strips_whitespace_and_empty_items() -> None:
-    assert load("--namespaces= a , b,,c, ").namespaces == ("a", "b", "c")
+    assert load("--namespaces= a , b,,c, ").configmaps.namespaces == ("a", "b", "c")
 
 
 def test_list_flag_drops_repeats() -> None:
-    assert load("--namespaces=a,b", "--namespaces=a").namespaces == ("a", "b")
+    assert load("--namespaces=a,b", "--namespaces=a").configmaps.namespaces == ("a", "b")
 
 
 @pytest.mark.parametrize("argv", [["--namespaces="], ["--namespaces", ""], ["--namespaces= , "]])
 def test_empty_list_flag(argv: list[str]) -> None:
-    assert load(*argv, env={"KOPA_NAMESPACES": "a"}).namespaces == ()
+    assert load(*argv, env={"KOPA_NAMESPACES": "a"}).configmaps.namespaces == ()
 
 
 def test_empty_list_flag_then_more() -> None:
-    assert load("--namespaces=", "--namespaces=a").namespaces == ("a",)
+    assert load("--namespaces=", "--namespaces=a").configmaps.namespaces == ("a",)
 
 
 def test_all_namespaces() -> None:
-    assert load("--namespaces=*").namespaces == ("*",)
-    assert load("--namespaces=*", "--namespaces=*").namespaces == ("*",)
+    assert load("--namespaces=*").configmaps.namespaces == ("*",)
+    assert load("--namespaces=*", "--namespaces=*").configmaps.namespaces == ("*",)
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["-v"], ["--version=true"], ["-v=1"]])
@@ -270,7 +300,7 @@ def test_help_false_is_no_help() -> None:
 
 
 def test_double_dash_alone_ends_flags() -> None:
-    assert load("--enable-data=false", "--").enable_data is False
+    assert load("--enable-data=false", "--").configmaps.enable_data is False
 
 
 @pytest.mark.parametrize(
@@ -306,9 +336,9 @@ def test_unknown_flag_with_odd_characters_stays_one_line() -> None:
 # --- environment -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "text", "attribute", "expected"), STRING_FLAGS)
-def test_env_strings(name: str, text: str, attribute: str, expected: str) -> None:
-    assert getattr(load(env={settings.env_var(name): text}), attribute) == expected
+@pytest.mark.parametrize(("name", "text", "path", "expected"), STRING_FLAGS)
+def test_env_strings(name: str, text: str, path: str, expected: str) -> None:
+    assert value_at(load(env={settings.env_var(name): text}), path) == expected
 
 
 def test_env_var_names() -> None:
@@ -322,7 +352,7 @@ def test_env_var_names() -> None:
 @pytest.mark.parametrize(("text", "expected"), [("false", False), ("0", False), ("True", True), ("t", True)])
 def test_env_bool(text: str, expected: bool) -> None:
     loaded = load(env={"KOPA_ENABLE_POLICIES": text, "KOPA_ENABLE_DATA": text})
-    assert (loaded.enable_policies, loaded.enable_data) == (expected, expected)
+    assert (loaded.configmaps.enable_policies, loaded.configmaps.enable_data) == (expected, expected)
 
 
 @pytest.mark.parametrize("text", ["", "yes", " true"])
@@ -336,13 +366,13 @@ def test_env_bad_bool(text: str) -> None:
     ("text", "expected"), [("a", ("a",)), ("a, b ,c", ("a", "b", "c")), ("", ()), ("*", ("*",))]
 )
 def test_env_list(text: str, expected: tuple[str, ...]) -> None:
-    assert load(env={"KOPA_NAMESPACES": text}).namespaces == expected
+    assert load(env={"KOPA_NAMESPACES": text}).configmaps.namespaces == expected
 
 
 def test_env_config_names_the_file(config: WriteConfig) -> None:
     path = config("data-value: from-file\n")
     loaded = load(env={"KOPA_CONFIG": path})
-    assert (loaded.data_value, loaded.config_file) == ("from-file", path)
+    assert (loaded.configmaps.data_value, loaded.config_file) == ("from-file", path)
 
 
 def test_unknown_kopa_env_vars_are_ignored() -> None:
@@ -382,24 +412,24 @@ def test_file_every_kind(config: WriteConfig) -> None:
         "data-value: d\n"
         "namespaces: [team-a, team-b]\n"
     )
-    assert dataclasses.asdict(load(f"--config={path}")) == DEFAULTS | {
+    assert flattened(dataclasses.asdict(load(f"--config={path}"))) == flattened(DEFAULTS) | {
         "kubeconfig": "/etc/kube.conf",
-        "opa_url": "https://opa:8181/v1",
-        "log_level": "warn",
-        "enable_policies": False,
-        "policy_label": "example.com/p",
-        "policy_value": "111",
-        "enable_data": False,
-        "data_label": "example.com/d",
-        "data_value": "d",
-        "namespaces": ("team-a", "team-b"),
+        "opa.url": "https://opa:8181/v1",
+        "logging.level": "warn",
+        "configmaps.enable_policies": False,
+        "configmaps.policy_label": "example.com/p",
+        "configmaps.policy_value": "111",
+        "configmaps.enable_data": False,
+        "configmaps.data_label": "example.com/d",
+        "configmaps.data_value": "d",
+        "configmaps.namespaces": ("team-a", "team-b"),
         "config_file": path,
     }
 
 
 def test_file_via_space_form(config: WriteConfig) -> None:
     path = config("data-value: x\n")
-    assert load("--config", path).data_value == "x"
+    assert load("--config", path).configmaps.data_value == "x"
 
 
 @pytest.mark.parametrize(
@@ -414,7 +444,7 @@ def test_file_via_space_form(config: WriteConfig) -> None:
     ],
 )
 def test_file_bool(config: WriteConfig, text: str, expected: bool) -> None:
-    assert load(f"--config={config(f'enable-data: {text}')}").enable_data is expected
+    assert load(f"--config={config(f'enable-data: {text}')}").configmaps.enable_data is expected
 
 
 @pytest.mark.parametrize(
@@ -432,7 +462,7 @@ def test_file_bool(config: WriteConfig, text: str, expected: bool) -> None:
     ],
 )
 def test_file_list(config: WriteConfig, text: str, expected: tuple[str, ...]) -> None:
-    assert load(f"--config={config(f'namespaces: {text}')}").namespaces == expected
+    assert load(f"--config={config(f'namespaces: {text}')}").configmaps.namespaces == expected
 
 
 @pytest.mark.parametrize(
@@ -440,7 +470,7 @@ def test_file_list(config: WriteConfig, text: str, expected: tuple[str, ...]) ->
 )
 def test_file_values_are_read_as_written(config: WriteConfig, text: str, expected: str) -> None:
     """YAML would make 010 the number 8; a label value must stay the text the user wrote."""
-    assert load(f"--config={config(f'policy-value: {text}')}").policy_value == expected
+    assert load(f"--config={config(f'policy-value: {text}')}").configmaps.policy_value == expected
 
 
 @pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
@@ -452,13 +482,14 @@ def test_empty_file_sets_nothing(config: WriteConfig, text: str) -> None:
 def test_empty_config_flag_means_no_file(config: WriteConfig) -> None:
     path = config("data-value: from-file\n")
     loaded = load("--config=", env={"KOPA_CONFIG": path})
-    assert (loaded.data_value, loaded.config_file) == ("opa", None)
+    assert (loaded.configmaps.data_value, loaded.config_file) == ("opa", None)
 
 
 def test_config_flag_wins_over_env(config: WriteConfig, tmp_path: Path) -> None:
     path = config("data-value: from-flag-file\n")
     assert (
-        load(f"--config={path}", env={"KOPA_CONFIG": str(tmp_path / "nope")}).data_value == "from-flag-file"
+        load(f"--config={path}", env={"KOPA_CONFIG": str(tmp_path / "nope")}).configmaps.data_value
+        == "from-flag-file"
     )
 
 
@@ -567,14 +598,17 @@ def test_precedence(
     env = {"KOPA_DATA_VALUE": "env"} if use_env else {}
     if use_file:
         argv.append(f"--config={config('data-value: file')}")
-    assert load(*argv, env=env).data_value == expected
+    assert load(*argv, env=env).configmaps.data_value == expected
 
 
 def test_bool_precedence(config: WriteConfig) -> None:
     path = config("enable-data: false\n")
-    assert load(f"--config={path}").enable_data is False
-    assert load(f"--config={path}", env={"KOPA_ENABLE_DATA": "true"}).enable_data is True
-    assert load(f"--config={path}", "--enable-data=false", env={"KOPA_ENABLE_DATA": "1"}).enable_data is False
+    assert load(f"--config={path}").configmaps.enable_data is False
+    assert load(f"--config={path}", env={"KOPA_ENABLE_DATA": "true"}).configmaps.enable_data is True
+    assert (
+        load(f"--config={path}", "--enable-data=false", env={"KOPA_ENABLE_DATA": "1"}).configmaps.enable_data
+        is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -593,13 +627,13 @@ def test_lists_replace_lower_levels(
     config: WriteConfig, argv: list[str], env: dict[str, str], expected: tuple[str, ...]
 ) -> None:
     path = config("namespaces: [a, b]\n")
-    assert load(f"--config={path}", *argv, env=env).namespaces == expected
+    assert load(f"--config={path}", *argv, env=env).configmaps.namespaces == expected
 
 
 def test_star_at_one_level_and_names_at_another_is_fine(config: WriteConfig) -> None:
     """Lists replace, they never merge: `*` in the file and a name in a flag is just that name."""
     path = config("namespaces: ['*']\n")
-    assert load(f"--config={path}", "--namespaces=a").namespaces == ("a",)
+    assert load(f"--config={path}", "--namespaces=a").configmaps.namespaces == ("a",)
 
 
 def test_overridden_values_are_still_validated(config: WriteConfig) -> None:
@@ -627,7 +661,7 @@ def test_overridden_values_are_still_validated(config: WriteConfig) -> None:
     ],
 )
 def test_good_urls(text: str, expected: str) -> None:
-    assert load(f"--opa-url={text}").opa_url == expected
+    assert load(f"--opa-url={text}").opa.url == expected
 
 
 @pytest.mark.parametrize(
@@ -668,7 +702,7 @@ def test_bad_urls(text: str) -> None:
     ],
 )
 def test_log_levels(text: str, expected: str) -> None:
-    assert load(f"--log-level={text}").log_level == expected
+    assert load(f"--log-level={text}").logging.level == expected
 
 
 @pytest.mark.parametrize("text", ["", "trace", "fatal", "verbose", "critical"])
@@ -695,7 +729,7 @@ def test_bad_log_levels(text: str) -> None:
 )
 @pytest.mark.parametrize("flag", ["--policy-label", "--data-label"])
 def test_good_label_keys(flag: str, text: str) -> None:
-    assert getattr(load(f"{flag}={text}"), flag[2:].replace("-", "_")) == text
+    assert value_at(load(f"{flag}={text}"), option_named(flag[2:]).attribute) == text
 
 
 @pytest.mark.parametrize(
@@ -732,7 +766,7 @@ def test_bad_label_key_has_kubernetes_wording() -> None:
 @pytest.mark.parametrize("text", ["rego", "opa", "111", "My_Value.1", "v" * 63])
 @pytest.mark.parametrize("flag", ["--policy-value", "--data-value"])
 def test_good_label_values(flag: str, text: str) -> None:
-    assert getattr(load(f"{flag}={text}"), flag[2:].replace("-", "_")) == text
+    assert value_at(load(f"{flag}={text}"), option_named(flag[2:]).attribute) == text
 
 
 @pytest.mark.parametrize(
@@ -752,7 +786,7 @@ def test_bad_label_values(flag: str, text: str, reason: str) -> None:
 
 @pytest.mark.parametrize("text", ["default", "kube-system", "a", "0123", "n" * 63, "a-b-c"])
 def test_good_namespaces(text: str) -> None:
-    assert load(f"--namespaces={text}").namespaces == (text,)
+    assert load(f"--namespaces={text}").configmaps.namespaces == (text,)
 
 
 @pytest.mark.parametrize("text", ["Foo", "a_b", "-a", "a-", "a.b", "n" * 64, "**", "a*"])
@@ -813,7 +847,7 @@ def test_odd_values_are_quoted_on_one_line() -> None:
 
 def test_policies_is_a_deprecated_alias() -> None:
     loaded = load("--policies=a,b", "--policies", "c")
-    assert loaded.namespaces == ("a", "b", "c")
+    assert loaded.configmaps.namespaces == ("a", "b", "c")
     assert loaded.warnings == ("--policies is deprecated: use --namespaces",)
 
 
@@ -837,7 +871,7 @@ def test_policies_and_namespaces_together_is_an_error(argv: list[str]) -> None:
 
 
 def test_policies_flag_wins_over_namespaces_env() -> None:
-    assert load("--policies=a", env={"KOPA_NAMESPACES": "b"}).namespaces == ("a",)
+    assert load("--policies=a", env={"KOPA_NAMESPACES": "b"}).configmaps.namespaces == ("a",)
 
 
 @pytest.mark.parametrize(
@@ -868,10 +902,10 @@ def test_flag_without_effect_still_follows_bool_syntax() -> None:
 
 def test_replicate_resync_is_the_kube_mgmt_name_of_the_drift_check() -> None:
     loaded = load("--replicate-resync=2m")
-    assert loaded.drift_check_interval == 120.0
+    assert loaded.opa.drift_check_interval == 120.0
     assert loaded.warnings == ("--replicate-resync is deprecated: use --drift-check-interval",)
-    assert load("--drift-check-interval=0").drift_check_interval == 0.0
-    assert load().drift_check_interval == 60.0
+    assert load("--drift-check-interval=0").opa.drift_check_interval == 0.0
+    assert load().opa.drift_check_interval == 60.0
     assert error(["--drift-check-interval=-1s"]).startswith('invalid --drift-check-interval "-1s"')
 
 
@@ -934,7 +968,7 @@ def test_help_layout() -> None:
     text = help_text()
     assert text.startswith("Usage: kopa [OPTION]...\n\n")
     assert all(len(line) <= 80 for line in text.splitlines())
-    positions = [text.index(f"\n{group}:\n") for group in settings.GROUPS]
+    positions = [text.index(f"\n{group.title}:\n") for group in settings.GROUPS]
     assert positions == sorted(positions)
     for default in (
         "(default: http://localhost:8181/v1)",
@@ -962,15 +996,15 @@ def test_replicate_flags_parse_resources_as_kube_mgmt_writes_them() -> None:
         "--replicate-ignore-namespaces=kube-system,ignore-me",
         "--replicate-keep-managed-fields",
     )
-    assert loaded.replicate == (
+    assert loaded.replication.namespaced_resources == (
         GVR("", "v1", "services"),
         GVR("networking.k8s.io", "v1", "ingresses"),
         GVR("apps", "v1", "deployments"),
     )
-    assert loaded.replicate_cluster == (GVR("", "v1", "namespaces"),)
-    assert loaded.replicate_path == "cluster/state"
-    assert loaded.replicate_ignore_namespaces == ("kube-system", "ignore-me")
-    assert loaded.replicate_keep_managed_fields is True
+    assert loaded.replication.cluster_resources == (GVR("", "v1", "namespaces"),)
+    assert loaded.replication.path == "cluster/state"
+    assert loaded.replication.ignore_namespaces == ("kube-system", "ignore-me")
+    assert loaded.replication.keep_managed_fields is True
 
 
 @pytest.mark.parametrize("text", ["services", "v1/", "/v1/services", "a/b/c/d", "v1//services"])
@@ -991,8 +1025,10 @@ def test_selector_and_fields_keep_their_commas() -> None:
         "--replicate-selector=v1/pods=app=web,tier notin (cache, db),!legacy",
         "--replicate-fields=networking.k8s.io/v1/ingresses=metadata.labels,spec.rules",
     )
-    assert loaded.replicate_selector == ((GVR("", "v1", "pods"), "app=web,tier notin (cache, db),!legacy"),)
-    assert loaded.replicate_fields == (
+    assert loaded.replication.selectors == (
+        (GVR("", "v1", "pods"), "app=web,tier notin (cache, db),!legacy"),
+    )
+    assert loaded.replication.fields == (
         (GVR("networking.k8s.io", "v1", "ingresses"), ("metadata.labels", "spec.rules")),
     )
 
@@ -1003,12 +1039,12 @@ def test_selector_and_fields_from_env_and_file(config: WriteConfig) -> None:
         "KOPA_REPLICATE_SELECTOR": "v1/pods=app=web,env in (prod);v1/services=team",
     }
     loaded = load(env=env)
-    assert loaded.replicate_selector == (
+    assert loaded.replication.selectors == (
         (GVR("", "v1", "pods"), "app=web,env in (prod)"),
         (GVR("", "v1", "services"), "team"),
     )
     path = config("replicate: [v1/pods]\nreplicate-fields: ['v1/pods=metadata.labels,spec.containers']\n")
-    assert load(f"--config={path}").replicate_fields == (
+    assert load(f"--config={path}").replication.fields == (
         (GVR("", "v1", "pods"), ("metadata.labels", "spec.containers")),
     )
 
@@ -1040,8 +1076,8 @@ def test_bad_replication_settings(argv: list[str], expected: str) -> None:
     [("1s", 1.0), ("500ms", 0.5), ("1m30s", 90.0), ("2", 2.0), ("1.5s", 1.5), ("1h", 3600.0)],
 )
 def test_durations_take_go_syntax(text: str, seconds: float) -> None:
-    assert load(f"--opa-check-interval={text}").opa_check_interval == seconds
-    assert load(env={"KOPA_OPA_CHECK_INTERVAL": text}).opa_check_interval == seconds
+    assert load(f"--opa-check-interval={text}").opa.check_interval == seconds
+    assert load(env={"KOPA_OPA_CHECK_INTERVAL": text}).opa.check_interval == seconds
 
 
 @pytest.mark.parametrize("text", ["", "1x", "s", "1s2", "-1s", "0s", "1 s"])
@@ -1068,7 +1104,7 @@ def test_opa_connection_settings_that_exclude_or_need_each_other(argv: list[str]
 def test_the_token_is_never_shown() -> None:
     secret = "s3cr3t-token-value"
     loaded = load(f"--opa-auth-token={secret}")
-    assert loaded.opa_auth_token == secret
+    assert loaded.opa.auth_token == secret
     assert secret not in repr(loaded)
     assert secret not in error([f"--opa-auth-token={secret}", "--opa-auth-token-file=/f"])
 
@@ -1088,6 +1124,6 @@ def test_bad_health_endpoints(text: str) -> None:
 
 def test_log_format_and_shutdown_timeout() -> None:
     loaded = load("--log-format=JSON", "--shutdown-timeout=2s500ms")
-    assert loaded.log_format == "json"
+    assert loaded.logging.format == "json"
     assert loaded.shutdown_timeout == 2.5
     assert "must be text or json" in error(["--log-format=xml"])

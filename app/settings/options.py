@@ -1,0 +1,414 @@
+"""The options table: every setting once, with what each source, --help and config.example.yaml need.
+
+Adding a setting is one `Option` entry in `OPTIONS` plus its field in `Settings` (a unit test checks the two
+agree); its `Group` says both where --help lists it and which part of `Settings` holds it. `LEGACY` lists
+the kube-mgmt flags kopa only recognises, so that existing manifests keep working or fail with a clear
+message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from app.settings import validators
+from app.settings.kinds import ASSIGNMENTS, BOOL, DURATION, STRING, STRING_LIST, Kind
+
+T = TypeVar("T")
+
+ENV_PREFIX = "KOPA_"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Options that belong together: a heading in --help and config.example.yaml, and a part of Settings."""
+
+    title: str
+    section: str = ""  # the Settings attribute holding its options' fields; "" = Settings itself
+    prefix: str = ""  # left out of its options' field names: opa-url is settings.opa.url
+
+
+KUBERNETES = Group("Connection to Kubernetes")
+OPA = Group("Connection to OPA", section="opa", prefix="opa-")
+POLICIES_AND_DATA = Group("Policies and data", section="configmaps")
+REPLICATION = Group("Replication of Kubernetes resources", section="replication", prefix="replicate-")
+LOGGING = Group("Logging", section="logging", prefix="log-")
+OTHER = Group("Other")
+GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, LOGGING, OTHER)
+
+
+@dataclass(frozen=True)
+class Option(Generic[T]):
+    """One setting: everything each source, the help text and config.example.yaml need to know."""
+
+    name: str  # the long flag without dashes; also the config file key
+    kind: Kind[T]
+    default: T
+    help: str  # one or two sentences, used in --help and as the comment in config.example.yaml
+    group: Group
+    metavar: str = ""  # the value's placeholder in --help
+    validate: Callable[[T], T] | None = None
+    short: str = ""  # one letter, for `-v` style
+    env: bool = True  # settable as KOPA_<NAME>
+    in_file: bool = True  # settable as a key of the config file
+    default_text: str | None = None  # words for the default where the value says little; "" hides it
+    field_name: str = (
+        ""  # its field in its group's section, when not the name (less the prefix) in snake case
+    )
+    secret: bool = False  # never quoted back in an error message
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def attribute(self) -> str:
+        """Its path from Settings: `opa.url` for opa-url, `kubeconfig` for kubeconfig."""
+        field = self.field_name or self.name.removeprefix(self.group.prefix).replace("-", "_")
+        return f"{self.group.section}.{field}" if self.group.section else field
+
+    @property
+    def env_var(self) -> str:
+        return env_var(self.name)
+
+    def checked(self, value: T) -> T:
+        return self.validate(value) if self.validate else value
+
+
+def env_var(name: str) -> str:
+    """`opa-url` → `KOPA_OPA_URL`."""
+    return ENV_PREFIX + name.upper().replace("-", "_")
+
+
+OPTIONS: tuple[Option[Any], ...] = (
+    Option(
+        "kubeconfig",
+        STRING,
+        "",
+        "kubeconfig file to reach the Kubernetes API with. When empty, kopa uses KUBECONFIG, "
+        "then the pod's service account, then ~/.kube/config.",
+        KUBERNETES,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-url",
+        STRING,
+        "http://localhost:8181/v1",
+        "Base URL of OPA's REST API, including the /v1 path.",
+        OPA,
+        metavar="URL",
+        validate=validators.http_url,
+    ),
+    Option(
+        "opa-auth-token",
+        STRING,
+        "",
+        "Bearer token for OPA's API. Prefer opa-auth-token-file: a flag shows in the process list.",
+        OPA,
+        metavar="TOKEN",
+        default_text="none",
+        secret=True,
+    ),
+    Option(
+        "opa-auth-token-file",
+        STRING,
+        "",
+        "File whose first line is the bearer token for OPA's API; re-read when it changes.",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-ca-file",
+        STRING,
+        "",
+        "PEM file of CA certificates that OPA's certificate may chain to, besides the system's.",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-allow-insecure",
+        BOOL,
+        False,
+        "Do not verify OPA's TLS certificate (for testing only).",
+        OPA,
+        metavar="BOOL",
+    ),
+    Option(
+        "opa-client-cert-file",
+        STRING,
+        "",
+        "PEM client certificate for mutual TLS with OPA (with opa-client-key-file).",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-client-key-file",
+        STRING,
+        "",
+        "PEM private key of opa-client-cert-file.",
+        OPA,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "opa-check-interval",
+        DURATION,
+        1.0,
+        "How often to ask OPA whether it restarted (its process id changes), to load everything again.",
+        OPA,
+        metavar="DURATION",
+        validate=validators.positive,
+    ),
+    Option(
+        "drift-check-interval",
+        DURATION,
+        60.0,
+        "How often to compare what OPA holds with kopa's copy and repair what differs (changes made "
+        "behind kopa's back): every policy and data document, and one namespace of each replicated "
+        "resource, in rotation. 0 turns it off.",
+        OPA,
+        metavar="DURATION",
+        validate=validators.not_negative,
+    ),
+    Option(
+        "enable-policies",
+        BOOL,
+        True,
+        "Load Rego policies from ConfigMaps labelled policy-label=policy-value.",
+        POLICIES_AND_DATA,
+        metavar="BOOL",
+    ),
+    Option(
+        "policy-label",
+        STRING,
+        "openpolicyagent.org/policy",
+        "Label key that marks a ConfigMap as holding policies.",
+        POLICIES_AND_DATA,
+        metavar="KEY",
+        validate=validators.label_key,
+    ),
+    Option(
+        "policy-value",
+        STRING,
+        "rego",
+        "Value the policy label must have.",
+        POLICIES_AND_DATA,
+        metavar="VALUE",
+        validate=validators.label_value,
+    ),
+    Option(
+        "enable-data",
+        BOOL,
+        True,
+        "Load JSON data from ConfigMaps labelled data-label=data-value.",
+        POLICIES_AND_DATA,
+        metavar="BOOL",
+    ),
+    Option(
+        "data-label",
+        STRING,
+        "openpolicyagent.org/data",
+        "Label key that marks a ConfigMap as holding JSON data.",
+        POLICIES_AND_DATA,
+        metavar="KEY",
+        validate=validators.label_key,
+    ),
+    Option(
+        "data-value",
+        STRING,
+        "opa",
+        "Value the data label must have.",
+        POLICIES_AND_DATA,
+        metavar="VALUE",
+        validate=validators.label_value,
+    ),
+    Option(
+        "namespaces",
+        STRING_LIST,
+        (),
+        "Namespaces to load policies and data from; * for all of them.",
+        POLICIES_AND_DATA,
+        metavar="NS",
+        validate=validators.namespaces,
+        default_text="kopa's own namespace",
+    ),
+    Option(
+        "replicate",
+        STRING_LIST,
+        (),
+        "Namespaced resources to replicate into OPA, as [group/]version/resource (e.g. v1/services, "
+        "networking.k8s.io/v1/ingresses). Objects land at data.<path>.<resource>.<namespace>.<name>.",
+        REPLICATION,
+        metavar="GVR",
+        validate=validators.resources,
+        default_text="none",
+        field_name="namespaced_resources",
+    ),
+    Option(
+        "replicate-cluster",
+        STRING_LIST,
+        (),
+        "Cluster-scoped resources to replicate into OPA (e.g. v1/namespaces), at "
+        "data.<replicate-path>.<resource>.<name>.",
+        REPLICATION,
+        metavar="GVR",
+        validate=validators.resources,
+        default_text="none",
+        field_name="cluster_resources",
+    ),
+    Option(
+        "replicate-path",
+        STRING,
+        "kubernetes",
+        "Where replicated resources go in OPA's data: a path of one or more segments.",
+        REPLICATION,
+        metavar="PATH",
+        validate=validators.data_path,
+    ),
+    Option(
+        "replicate-ignore-namespaces",
+        STRING_LIST,
+        (),
+        "Namespaces whose objects are not replicated (filtered by the API server; cluster-scoped "
+        "resources are not affected).",
+        REPLICATION,
+        metavar="NS",
+        validate=validators.namespaces,
+        default_text="none",
+    ),
+    Option(
+        "replicate-keep-managed-fields",
+        BOOL,
+        False,
+        "Keep metadata.managedFields in replicated objects (kopa drops it: it is often 40% of an object).",
+        REPLICATION,
+        metavar="BOOL",
+    ),
+    Option(
+        "replicate-selector",
+        ASSIGNMENTS,
+        (),
+        "Replicate only the objects of a resource that match a label selector, filtered by the API "
+        "server, e.g. v1/pods=app=web,tier!=cache.",
+        REPLICATION,
+        metavar="GVR=SELECTOR",
+        validate=validators.resource_assignments(validators.label_selector_errors),
+        default_text="none",
+        field_name="selectors",
+    ),
+    Option(
+        "replicate-fields",
+        ASSIGNMENTS,
+        (),
+        "Keep only these top-level or dotted fields of a resource's objects, e.g. "
+        "v1/services=metadata.labels,spec.ports (name, namespace, kind and apiVersion are always kept).",
+        REPLICATION,
+        metavar="GVR=FIELDS",
+        validate=validators.resource_assignments(validators.field_list_errors),
+        default_text="none",
+    ),
+    Option(
+        "log-level",
+        STRING,
+        "info",
+        "Lowest severity of the messages to log: debug, info, warn or error.",
+        LOGGING,
+        metavar="LEVEL",
+        validate=validators.log_level,
+    ),
+    Option(
+        "log-format",
+        STRING,
+        "text",
+        "text: readable lines; json: one JSON object per line, for log pipelines.",
+        LOGGING,
+        metavar="FORMAT",
+        validate=validators.log_format,
+    ),
+    Option(
+        "health-endpoint",
+        STRING,
+        "0.0.0.0:8000",
+        "Address of the HTTP server for /healthz (liveness), /readyz and /health (readiness) and "
+        "/metrics (Prometheus). Empty turns it off.",
+        OTHER,
+        metavar="ADDR",
+        validate=validators.address,
+    ),
+    Option(
+        "shutdown-timeout",
+        DURATION,
+        10.0,
+        "On SIGTERM or SIGINT, exit within this time, abandoning writes still in flight.",
+        OTHER,
+        metavar="DURATION",
+        validate=validators.positive,
+    ),
+    Option(
+        "config",
+        STRING,
+        "",
+        "YAML file to read settings from (see below).",
+        OTHER,
+        metavar="PATH",
+        in_file=False,
+        default_text="none",
+        field_name="config_file",
+    ),
+    Option(
+        "version",
+        BOOL,
+        False,
+        "Print the version and exit.",
+        OTHER,
+        short="v",
+        env=False,
+        in_file=False,
+        default_text="",
+        field_name="show_version",
+    ),
+    Option(
+        "help",
+        BOOL,
+        False,
+        "Print this help and exit.",
+        OTHER,
+        short="h",
+        env=False,
+        in_file=False,
+        default_text="",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """A kube-mgmt flag kopa only recognises, so that existing manifests keep working or fail clearly."""
+
+    name: str
+    kind: Kind[Any]
+    alias_of: str = ""  # deprecated name: the value goes to that option
+    no_effect: str = ""  # accepted with a warning: why it has no effect
+    unsupported: str = ""  # start-up stops: what the flag was for
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+
+LEGACY: tuple[Legacy, ...] = (
+    Legacy("policies", STRING_LIST, alias_of="namespaces"),
+    Legacy("require-policy-label", BOOL, no_effect="kopa always selects policies by their label"),
+    Legacy("replicate-resync", DURATION, alias_of="drift-check-interval"),
+    Legacy("opa-config", STRING, unsupported="automatic replication from bundle analysis"),
+    Legacy("analysis-entrypoint", STRING, unsupported="automatic replication from bundle analysis"),
+)
+
+BY_NAME: dict[str, Option[Any]] = {option.name: option for option in OPTIONS}
+BY_SHORT: dict[str, Option[Any]] = {option.short: option for option in OPTIONS if option.short}
+LEGACY_BY_NAME: dict[str, Legacy] = {legacy.name: legacy for legacy in LEGACY}
