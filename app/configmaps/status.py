@@ -14,12 +14,12 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
 
-from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
+from app.kube.client import JSON, KubeApiError, KubeUnavailable
 from app.model import ObjectKey
 from app.pipeline.workqueue import QueueObserver, WorkQueue
 
@@ -100,10 +100,18 @@ def _summary(value: str) -> str:
     return note if len(note) <= MAX_NOTE_CHARS else note[: MAX_NOTE_CHARS - 15] + "... (truncated)"
 
 
+class StatusApi(Protocol):
+    """What the status writer needs of the Kubernetes API."""
+
+    async def merge_patch(self, path: str, patch: JSON) -> JSON: ...
+
+    async def create(self, path: str, obj: JSON) -> JSON: ...
+
+
 class StatusReporter:
     """Keeps each ConfigMap's annotation equal to its latest status; records Events on transitions."""
 
-    def __init__(self, kube: KubeClient, lookup: Lookup, observer: QueueObserver | None = None) -> None:
+    def __init__(self, kube: StatusApi, lookup: Lookup, observer: QueueObserver | None = None) -> None:
         self.kube = kube
         self.lookup = lookup
         self.queue: WorkQueue[ObjectKey] = WorkQueue("status", observer=observer)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import anyio
 import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from app.kube.config import KubeConnection
 from app.session import OwnedSession
@@ -86,11 +86,29 @@ def _api_error(status: int, body: bytes) -> KubeApiError:
     return cls(status, reason, message)
 
 
-def _retry_after(headers: Mapping[str, str], attempt: int) -> float:
+class _Throttled(Exception):
+    """Internal: the API server answered 429; `retry_after` is its Retry-After header ("" if none)."""
+
+    def __init__(self, what: str, retry_after: str) -> None:
+        super().__init__(what)
+        self.retry_after = retry_after
+
+
+def _wait_retry_after(state: RetryCallState) -> float:
+    """The server's Retry-After (capped at a minute), else a capped, jittered exponential delay."""
+    outcome = state.outcome
+    exc = outcome.exception() if outcome is not None else None
     try:
-        return max(0.0, min(float(headers.get("Retry-After", "")), 60.0))
+        return max(0.0, min(float(exc.retry_after if isinstance(exc, _Throttled) else ""), 60.0))
     except ValueError:
-        return min(0.5 * 2.0**attempt, 30.0) * random.uniform(0.8, 1.2)
+        return min(0.5 * 2.0 ** (state.attempt_number - 1), 30.0) * random.uniform(0.8, 1.2)
+
+
+def _log_throttled(state: RetryCallState) -> None:
+    outcome = state.outcome
+    what = outcome.exception() if outcome is not None else None
+    delay = state.next_action.sleep if state.next_action is not None else 0.0
+    log.debug("API server throttled %s; retrying in %.1fs", what, delay)
 
 
 class KubeClient(OwnedSession):
@@ -177,9 +195,25 @@ class KubeClient(OwnedSession):
         content_type: str = "application/json",
     ) -> JSON:
         """One API call; retries 429 (honouring Retry-After) and one 401 after reloading credentials."""
-        reloaded = False
-        attempt = 0
-        while True:
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_Throttled),
+                stop=stop_after_attempt(MAX_429_RETRIES + 1),
+                wait=_wait_retry_after,
+                before_sleep=_log_throttled,
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._request_once(method, path, params, body, content_type)
+        except _Throttled:
+            raise KubeUnavailable(f"{method} {path}: HTTP 429") from None
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _request_once(
+        self, method: str, path: str, params: Mapping[str, str] | None, body: bytes | None, content_type: str
+    ) -> JSON:
+        """One request, or two when a 401 made the credentials reload."""
+        for reloaded in (False, True):
             headers = self._headers({"Content-Type": content_type} if body is not None else None)
             try:
                 async with self._session_for_use().request(
@@ -198,18 +232,14 @@ class KubeClient(OwnedSession):
             if status < 300:
                 doc = orjson.loads(payload) if payload else {}
                 return doc if isinstance(doc, dict) else {}
-            if status == 429 and attempt < MAX_429_RETRIES:
-                delay = _retry_after(resp_headers, attempt)
-                log.debug("API server throttled %s %s; retrying in %.1fs", method, path, delay)
-                attempt += 1
-                await anyio.sleep(delay)
-                continue
+            if status == 429:
+                raise _Throttled(f"{method} {path}", resp_headers.get("Retry-After", ""))
             if status == 401 and not reloaded and await self._reload_credentials():
-                reloaded = True
                 continue
-            if status >= 500 or status == 429:
+            if status >= 500:
                 raise KubeUnavailable(f"{method} {path}: HTTP {status}")
             raise _api_error(status, payload)
+        raise AssertionError("unreachable: the second round returns or raises")
 
     async def get(self, path: str) -> JSON:
         return await self.request("GET", path)

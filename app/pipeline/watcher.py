@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 
-from app.kube.client import KubeApiError, KubeClient, KubeGone, KubeUnavailable
+from app.kube.client import KubeApiError, KubeGone, KubeUnavailable, ListResult, WatchEvent
 from app.model import Key, ObjectKey, Store
 from app.pipeline.workqueue import Backoff
 
@@ -73,6 +73,25 @@ class WatchStats:
     last_list: float | None = None  # wall-clock time of the last complete list
 
 
+class ListWatch(Protocol):
+    """What a producer needs of the Kubernetes API: lists in pages, and watches."""
+
+    def list_pages(
+        self, path: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 500
+    ) -> AsyncIterator[ListResult]: ...
+
+    def watch(
+        self,
+        path: str,
+        *,
+        resource_version: str,
+        label_selector: str = "",
+        field_selector: str = "",
+        timeout_seconds: int = 300,
+        idle_timeout: float = 330.0,
+    ) -> AsyncIterator[WatchEvent]: ...
+
+
 class Watcher(Generic[V]):
     """One producer. run() never returns on its own; cancel it to stop.
 
@@ -82,7 +101,7 @@ class Watcher(Generic[V]):
 
     def __init__(
         self,
-        client: KubeClient,
+        client: ListWatch,
         collection: Collection,
         store: Store[V],
         emit: Emit,
