@@ -11,11 +11,18 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from app.kube.client import KubeApiError, KubeClient
+from app.kube.client import JSON, KubeApiError
 from app.kube.resources import GroupVersionResource
 
 log = logging.getLogger(__name__)
+
+
+class Discovery(Protocol):
+    """What discovery needs of the Kubernetes API."""
+
+    async def get(self, path: str) -> JSON: ...
 
 
 class DiscoveryError(Exception):
@@ -29,7 +36,7 @@ class ResourceInfo:
     kind: str
 
 
-async def lookup(client: KubeClient, gvr: GroupVersionResource) -> ResourceInfo | None:
+async def lookup(client: Discovery, gvr: GroupVersionResource) -> ResourceInfo | None:
     """The resource as the API server serves it, or None when its group/version or name is not served."""
     try:
         listing = await client.get(gvr.api_path)
@@ -58,7 +65,7 @@ def check_plurals(
 
 
 async def discover(
-    client: KubeClient, namespaced: Sequence[GroupVersionResource], cluster: Sequence[GroupVersionResource]
+    client: Discovery, namespaced: Sequence[GroupVersionResource], cluster: Sequence[GroupVersionResource]
 ) -> dict[GroupVersionResource, ResourceInfo | None]:
     """Looks every resource up; raises DiscoveryError for a wrong scope, returns None for missing ones."""
     check_plurals(namespaced, cluster)
