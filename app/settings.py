@@ -847,7 +847,7 @@ OPTIONS: tuple[Option[Any], ...] = (
         STRING,
         "0.0.0.0:8000",
         "Address of the HTTP server for /healthz (liveness), /readyz and /health (readiness) and "
-        "/metrics (Prometheus). Empty turns it off.",
+        "/metrics (Prometheus); 0.0.0.0, [::] or no host listen on IPv4 and IPv6. Empty turns it off.",
         OTHER,
         metavar="ADDR",
         validate=_address,
