@@ -10,6 +10,8 @@ kopa's main event loop is blocked. It only reads what the components publish; it
   headers; a half-sent or idle connection is closed after that. At most `MAX_CONNECTIONS` are open: past
   that, the oldest connection not in a handler is closed to make room, so a flood of slow clients cannot
   lock the kubelet out.
+- /metrics is rendered on kopa's main event loop, where the components change what the metrics read, so a
+  scrape never sees a dict in the middle of a change; if that loop does not answer in time, 503.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IDLE_TIMEOUT = 5.0
 # Open connections at most; the kubelet and Prometheus need a handful.
 MAX_CONNECTIONS = 100
+# How long /metrics waits for the main event loop to render before answering 503.
+METRICS_TIMEOUT = 5.0
 # Hosts that mean "every address": served on one dual-stack socket.
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 # Errors that mean this host has no IPv6 (disabled in the kernel, or no address for ::).
@@ -133,6 +137,10 @@ class _ConnectionCap:
             self.busy.discard(protocol)
 
 
+async def _render(metrics: Callable[[], bytes]) -> bytes:
+    return metrics()
+
+
 class HealthServer:
     def __init__(
         self,
@@ -144,6 +152,7 @@ class HealthServer:
         metrics: Callable[[], bytes],
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        metrics_timeout: float = METRICS_TIMEOUT,
     ):
         self.host = host
         self.port = port  # the bound port once started (port 0 picks a free one)
@@ -152,6 +161,8 @@ class HealthServer:
         self._metrics = metrics
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
+        self._metrics_timeout = metrics_timeout
+        self._owner: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -179,7 +190,26 @@ class HealthServer:
         return handle
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=self._metrics(), headers={"Content-Type": "text/plain; version=0.0.4"})
+        try:
+            body = await self._render_metrics()
+        except TimeoutError:
+            reason = f"kopa's event loop did not answer within {self._metrics_timeout:g}s"
+            return web.Response(status=503, text=f"metrics unavailable: {reason}\n")
+        except Exception as exc:  # one line for Prometheus and the log, never a traceback
+            log.warning("rendering the metrics failed: %s: %s", type(exc).__name__, exc)
+            return web.Response(status=500, text=f"metrics failed: {type(exc).__name__}\n")
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def _render_metrics(self) -> bytes:
+        """On the loop that started the server (kopa's main loop), where the sources change."""
+        owner = self._owner
+        if owner is None:
+            return self._metrics()
+        try:
+            future = asyncio.run_coroutine_threadsafe(_render(self._metrics), owner)
+        except RuntimeError:  # the main loop is closed: kopa is stopping
+            raise TimeoutError from None
+        return await asyncio.wait_for(asyncio.wrap_future(future), self._metrics_timeout)
 
     async def _listen(self, cap: _ConnectionCap) -> list[asyncio.Server]:
         loop = asyncio.get_running_loop()
@@ -224,6 +254,12 @@ class HealthServer:
             loop.close()
 
     def start(self) -> None:
+        """Starts serving on a thread of its own. Call it from kopa's main event loop: /metrics is rendered
+        there."""
+        try:
+            self._owner = asyncio.get_running_loop()
+        except RuntimeError:
+            self._owner = None
         self._thread = threading.Thread(target=self._serve, name="kopa-http", daemon=True)
         self._thread.start()
         self._started.wait()

@@ -5,18 +5,25 @@ Only loopback addresses are contacted.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
+import sys
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
 
-from app.metrics import Metrics
+from app.configmaps.data import DataBook
+from app.metrics import Metrics, MetricSources
+from app.pipeline.watcher import WatchStats
+from app.pipeline.workqueue import WorkQueue
 from app.server import http
 from app.server.http import HealthServer
+from devstack.processes import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -85,3 +92,78 @@ def test_a_taken_port_is_still_a_start_up_error() -> None:
         )
         with pytest.raises(http.ServerError, match="cannot listen: Address already in use"):
             server.start()
+
+
+async def test_scrapes_are_consistent_while_the_main_loop_changes_the_sources() -> None:
+    """The components change their dicts on the main loop while Prometheus scrapes from the server's thread.
+
+    Rendering on the server's thread read them mid-change ("dictionary changed size during iteration");
+    rendering on the main loop sees them between two changes. Every scrape must succeed.
+    """
+    metrics = Metrics()
+    queue: WorkQueue[int] = WorkQueue("opa")
+    data = DataBook(opa=None)  # type: ignore[arg-type]  # only its bookkeeping is used
+    watch = WatchStats()
+    metrics.sources = MetricSources(
+        queues=[queue], watches=lambda: [("data:ns", watch)], data_documents=data.document_count
+    )
+    server = _server("127.0.0.1", metrics, free_port())
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    statuses: list[int] = []
+    failures: list[bytes] = []
+    scraped = threading.Event()
+
+    def scrape() -> None:
+        try:
+            for _ in range(100):
+                status, body = _get(url)
+                statuses.append(status)
+                if status != 200:
+                    failures.append(body[:200])
+        finally:
+            scraped.set()
+
+    thread = threading.Thread(target=scrape)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so a scrape meets a change if it can
+    thread.start()
+    n = 0
+    try:
+        while not scraped.is_set():
+            for _ in range(200):  # keys come and go between two yields to the loop, as in kopa
+                n += 1
+                metrics.observe_opa("data", "PUT", str(n % 2000), 0.001)
+                data.loaded[("ns", f"cm-{n}")] = {"k": b""}
+                data.loaded.pop(("ns", f"cm-{n - 1000}"), None)
+                queue.stats.started_at[n] = 0.0
+                queue.stats.started_at.pop(n - 1000, None)
+                watch.restarts[f"reason-{n % 1000}"] = n
+            await asyncio.sleep(0)
+    finally:
+        thread.join(timeout=60)
+        sys.setswitchinterval(switch_interval)
+        server.stop()
+    assert len(statuses) == 100
+    assert failures == [], f"{len(failures)} of 100 scrapes failed, e.g. {failures[0]!r}"
+
+
+async def test_metrics_answer_503_when_the_main_loop_is_blocked() -> None:
+    """/healthz still answers from the server's thread; /metrics says why it cannot."""
+    server = HealthServer(
+        "127.0.0.1",
+        0,
+        liveness=lambda: (True, {"alive": True}),
+        readiness=lambda: (True, {}),
+        metrics=lambda: b"m 1\n",
+        metrics_timeout=0.2,
+    )
+    server.start()
+    try:
+        # This test's loop is the main loop; a blocking call here blocks it, as a stuck component would.
+        assert _get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
+        status, body = _get(f"http://127.0.0.1:{server.port}/metrics")
+        assert (status, body) == (503, b"metrics unavailable: kopa's event loop did not answer within 0.2s\n")
+        assert await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/metrics") == (200, b"m 1\n")
+    finally:
+        server.stop()
