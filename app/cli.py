@@ -27,7 +27,7 @@ from app.kube.config import KubeConfigError, load_connection
 from app.logs import setup_logging
 from app.metrics import Metrics, MetricSources
 from app.opa.client import Observe, OpaClient
-from app.opa.credentials import CredentialsError, StaticToken, TokenFile, ssl_context
+from app.opa.credentials import CredentialsError, OpaTls, StaticToken, TokenFile
 from app.pipeline.liveness import Liveness
 from app.pipeline.opa_watchdog import OpaWatchdog
 from app.pipeline.readiness import Readiness, SourceState
@@ -115,13 +115,14 @@ def opa_client(settings: Settings, observe: Observe | None = None) -> OpaClient:
         token_file = TokenFile(settings.opa_auth_token_file)
         token_file.load()
         token = token_file
-    context = ssl_context(
+    tls = OpaTls(
         ca_file=settings.opa_ca_file,
         allow_insecure=settings.opa_allow_insecure,
         cert_file=settings.opa_client_cert_file,
         key_file=settings.opa_client_key_file,
     )
-    return OpaClient(settings.opa_url, token=token, ssl_context=context, observe=observe)
+    tls.load()
+    return OpaClient(settings.opa_url, token=token, ssl_context=tls, observe=observe)
 
 
 async def run(settings: Settings) -> None:

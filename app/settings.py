@@ -650,7 +650,8 @@ OPTIONS: tuple[Option[Any], ...] = (
         "opa-ca-file",
         STRING,
         "",
-        "PEM file of CA certificates that OPA's certificate may chain to, besides the system's.",
+        "PEM file of CA certificates that OPA's certificate may chain to, besides the system's; re-read "
+        "when it changes.",
         OPA,
         metavar="PATH",
         default_text="none",
