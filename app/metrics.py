@@ -89,6 +89,7 @@ class Metrics(Collector):
         self._opa_duration.labels(endpoint=endpoint, method=method).observe(seconds)
 
     def render(self) -> bytes:
+        """Call it on the event loop that changes the sources (the HTTP server does): they take no locks."""
         return generate_latest(self.registry)
 
     def describe(self) -> Iterable[Metric]:

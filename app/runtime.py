@@ -25,7 +25,7 @@ from app.kube.config import load_connection
 from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
-from app.opa.credentials import StaticToken, TokenFile, ssl_context
+from app.opa.credentials import OpaTls, StaticToken, TokenFile
 from app.opa.process import OpaProcess
 from app.operations.liveness import Liveness, on_opa_request
 from app.operations.readiness import Readiness
@@ -189,13 +189,14 @@ def opa_client(settings: Settings, observe: list[Observe]) -> OpaClient:
         token_file = TokenFile(settings.opa.auth_token_file)
         token_file.load()
         token = token_file
-    context = ssl_context(
+    tls = OpaTls(
         ca_file=settings.opa.ca_file,
         allow_insecure=settings.opa.allow_insecure,
         cert_file=settings.opa.client_cert_file,
         key_file=settings.opa.client_key_file,
     )
-    return OpaClient(settings.opa.url, token=token, ssl_context=context, observe=observe)
+    tls.load()
+    return OpaClient(settings.opa.url, token=token, ssl_context=tls, observe=observe)
 
 
 def health_server(

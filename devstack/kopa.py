@@ -22,7 +22,10 @@ class KopaProcess(ManagedProcess):
         else:
             address = f"{HOST}:{free_port()}"
             argv.append(f"--health-endpoint={address}")
-        self.health_url = f"http://{address}" if address else ""
+        host, _, port = address.rpartition(":")
+        if host in ("", "0.0.0.0", "[::]"):  # listening on every address: reach it over loopback
+            host = HOST
+        self.health_url = f"http://{host}:{port}" if address else ""
         env = {"PYTHONUNBUFFERED": "1", **(env or {})}
         super().__init__("kopa", [sys.executable, "-m", "app", *argv], log_path, env=env)
 

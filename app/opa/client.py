@@ -6,6 +6,7 @@ it raises OpaUnavailable and the caller decides. OPA's 4xx answers are final for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -97,14 +98,18 @@ def encode_path(segments: Sequence[str]) -> str:
 
 
 class OpaClient(OwnedSession):
-    """One session for one OPA. `token` is asked for each request, so a rotated token file takes effect."""
+    """One session for one OPA. `token` is asked for each request, so a rotated token file takes effect.
+
+    `ssl_context` may be a callable (credentials.OpaTls) asked before each request: when it returns another
+    context (a rotated CA), the next request uses a new session, as the connector holds the context.
+    """
 
     def __init__(
         self,
         api_url: str,
         *,
         token: Callable[[], str | None] = lambda: None,
-        ssl_context: ssl.SSLContext | bool | None = None,
+        ssl_context: ssl.SSLContext | bool | Callable[[], ssl.SSLContext] | None = None,
         attempts: int = 3,
         retry_budget: float = 2.0,
         observe: Sequence[Observe] = (),
@@ -113,15 +118,40 @@ class OpaClient(OwnedSession):
         self._observe = observe
         self._token = token
         self._ssl = ssl_context
+        self._session_ssl: ssl.SSLContext | bool = True
+        self._closing: set[asyncio.Task[None]] = set()
         self._attempts = attempts
         self._retry_budget = retry_budget
         self._session: aiohttp.ClientSession | None = None
 
+    def _current_ssl(self) -> ssl.SSLContext | bool:
+        if callable(self._ssl):
+            return self._ssl()
+        return self._ssl if self._ssl is not None else True
+
     def _new_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True, limit=8),
+            connector=aiohttp.TCPConnector(ssl=self._session_ssl, limit=8),
             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
         )
+
+    def _session_for_use(self) -> aiohttp.ClientSession:
+        current = self._current_ssl()
+        if current is not self._session_ssl:
+            self._session_ssl = current
+            old, self._session = self._session, None
+            if old is not None and not old.closed:
+                # Its connections were made under the old trust; requests still on them fail and are
+                # retried on the new session like any dropped connection.
+                closing = asyncio.get_running_loop().create_task(old.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        return super()._session_for_use()
+
+    async def close(self) -> None:
+        await super().close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _once(
         self, method: str, url: str, body: bytes | Chunks | None, content_type: str

@@ -1,15 +1,19 @@
 """How kopa proves itself to OPA and checks OPA's identity: bearer token, TLS trust, client certificate.
 
-The token file is re-read when it changes (a rotated Secret is swapped in by the kubelet), at most once a
-second. Nothing here ever puts the token into a message.
+The token file is re-read when it changes (a rotated Secret is swapped in by the kubelet), and so are the
+CA and client certificate files, each checked at most once a second. Nothing here ever puts the token into
+a message.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 class CredentialsError(Exception):
@@ -93,3 +97,78 @@ class TokenFile:
             except (OSError, CredentialsError):
                 pass
         return self._token
+
+
+Stamp = tuple[tuple[int, int, int], ...]
+
+
+@dataclass
+class OpaTls:
+    """The TLS context for OPA, built again when one of its files changes (cert-manager rotating OPA's CA).
+
+    A new context means a new connection pool (the OPA client makes a new session when it gets a different
+    object). A file that does not load (half written, not PEM) keeps the previous context, and is logged once
+    per version of the file.
+    """
+
+    ca_file: str = ""
+    allow_insecure: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    check_every: float = 1.0
+    _context: ssl.SSLContext | None = field(default=None, repr=False)
+    _stamp: Stamp = ()
+    _refused: Stamp | None = None
+    _checked: float = 0.0
+
+    def _files(self) -> list[str]:
+        return [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
+
+    def _current_stamp(self) -> Stamp:
+        stamps = []
+        for path in self._files():
+            info = os.stat(path)  # follows the kubelet's ..data symlink to the file of the moment
+            stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        return tuple(stamps)
+
+    def _build(self) -> ssl.SSLContext:
+        return ssl_context(
+            ca_file=self.ca_file,
+            allow_insecure=self.allow_insecure,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+        )
+
+    def load(self) -> ssl.SSLContext:
+        """Builds the context now; raises CredentialsError for unusable files (a start-up error)."""
+        try:
+            stamp = self._current_stamp()
+        except OSError:
+            stamp = ()  # ssl_context names the missing file
+        self._context = self._build()
+        self._stamp, self._checked = stamp, time.monotonic()
+        return self._context
+
+    def __call__(self) -> ssl.SSLContext:
+        """The current context: the same object until a file changes and loads."""
+        if self._context is None:
+            return self.load()
+        now = time.monotonic()
+        if not self._files() or now - self._checked < self.check_every:
+            return self._context
+        self._checked = now
+        try:
+            stamp = self._current_stamp()
+        except OSError:
+            return self._context  # in the middle of a swap; look again later
+        if stamp in (self._stamp, self._refused):
+            return self._context
+        try:
+            context = self._build()
+        except CredentialsError as exc:
+            self._refused = stamp
+            log.warning("%s; keeping the previous one", exc)
+            return self._context
+        self._context, self._stamp, self._refused = context, stamp, None
+        log.info("OPA's TLS files changed (%s); using them from now on", ", ".join(self._files()))
+        return context

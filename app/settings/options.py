@@ -124,7 +124,8 @@ OPTIONS: tuple[Option[Any], ...] = (
         "opa-ca-file",
         STRING,
         "",
-        "PEM file of CA certificates that OPA's certificate may chain to, besides the system's.",
+        "PEM file of CA certificates that OPA's certificate may chain to, besides the system's; re-read "
+        "when it changes.",
         OPA,
         metavar="PATH",
         default_text="none",
@@ -335,7 +336,7 @@ OPTIONS: tuple[Option[Any], ...] = (
         STRING,
         "0.0.0.0:8000",
         "Address of the HTTP server for /healthz (liveness), /readyz and /health (readiness) and "
-        "/metrics (Prometheus). Empty turns it off.",
+        "/metrics (Prometheus); 0.0.0.0, [::] or no host listen on IPv4 and IPv6. Empty turns it off.",
         OTHER,
         metavar="ADDR",
         validate=validators.address,

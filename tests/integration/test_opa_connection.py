@@ -6,6 +6,11 @@ The token must never show up in anything kopa prints.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ from kubernetes import client
 
 from devstack.binaries import tool_path
 from devstack.certs import TestCA
+from devstack.kopa import KopaProcess
 from devstack.opa import OpaServer
 from devstack.processes import HOST, ManagedProcess, free_port, wait_until
 from tests.integration.conftest import KopaFactory
@@ -20,6 +26,7 @@ from tests.integration.helpers import (
     OK,
     POLICY,
     annotations_of,
+    log_text,
     put_configmap,
     secure_args,
     start_up_error,
@@ -142,3 +149,76 @@ def test_mutual_tls(run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace:
         run_kopa(*base, f"--opa-client-cert-file={client_cert}", f"--opa-client-key-file={client_key}")
         put_configmap(core_v1, namespace, "p", {"p.rego": "package mtls\n\nx := 1\n"}, POLICY)
         assert wait_status(core_v1, namespace, "p") == OK
+
+
+def _readyz(kopa: KopaProcess) -> int:
+    try:
+        with urllib.request.urlopen(kopa.health_url + "/readyz", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code)
+
+
+def _config_requests(kopa: KopaProcess) -> float:
+    """How many times kopa has asked OPA's /v1/config (the watchdog's poll), answered or not."""
+    with urllib.request.urlopen(kopa.health_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if re.match(r'kopa_opa_requests_total\{.*endpoint="config"', line)
+    )
+
+
+def _swap_in(secret_dir: Path, version: str, pem: bytes) -> None:
+    """What the kubelet does with a rotated Secret: a new directory, then one rename of the ..data link."""
+    (secret_dir / version).mkdir()
+    (secret_dir / version / "ca.pem").write_bytes(pem)
+    (secret_dir / "..data_tmp").symlink_to(version)
+    os.replace(secret_dir / "..data_tmp", secret_dir / "..data")
+
+
+def test_a_rotated_opa_ca_file_is_picked_up(
+    run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """cert-manager gives OPA a certificate from a new CA and rotates the CA file kopa trusts: kopa must
+    follow without a restart, and a CA file caught half-written must not lose it the CA it has."""
+    ca1, ca2 = TestCA(tmp_path / "ca1"), TestCA(tmp_path / "ca2", common_name="kopa test CA 2")
+    secret = tmp_path / "secret"  # the kubelet's layout of a mounted Secret
+    secret.mkdir()
+    _swap_in(secret, "..v1", ca1.ca_file.read_bytes())
+    (secret / "ca.pem").symlink_to("..data/ca.pem")
+    with OpaServer.secure(tmp_path / "opa", ca=ca1) as opa:
+        args = [a for a in secure_args(opa, namespace) if not a.startswith("--opa-ca-file")]
+        kopa = run_kopa(*args, f"--opa-ca-file={secret / 'ca.pem'}", "--opa-check-interval=200ms")
+        put_configmap(core_v1, namespace, "p", {"p.rego": "package rotateca\n\nx := 1\n"}, POLICY)
+        wait_data(opa, "rotateca/x", 1)
+        wait_until(lambda: _readyz(kopa) == 200, timeout=30, what="kopa ready")
+
+        # OPA comes back with a certificate kopa's CA does not vouch for: kopa is unready.
+        cert2, key2 = ca2.issue("opa", ips=[HOST], dns=["localhost"])
+        assert opa.cert_file and opa.key_file
+        shutil.copyfile(cert2, opa.cert_file)
+        shutil.copyfile(key2, opa.key_file)
+        opa.ca_file = ca2.ca_file
+        opa.restart()
+        wait_until(lambda: _readyz(kopa) == 503, timeout=30, what="kopa unready")
+
+        # A writer that is not the kubelet leaves half a PEM in place: logged once, the old CA kept.
+        pem2 = ca2.ca_file.read_bytes()
+        (secret / "..v1" / "ca.pem").write_bytes(pem2[: len(pem2) // 2])
+        wait_log(kopa, f"invalid --opa-ca-file {secret / 'ca.pem'}")
+        polls = _config_requests(kopa)
+        wait_until(
+            lambda: _config_requests(kopa) >= polls + 10,
+            timeout=30,
+            what="kopa polling OPA, and so checking its CA file, a few more times",
+        )
+
+        # The rotation proper: CA2 swapped in atomically. kopa trusts the new OPA and refills it.
+        _swap_in(secret, "..v2", pem2)
+        wait_until(lambda: _readyz(kopa) == 200, timeout=30, what="kopa ready again")
+        wait_data(opa, "rotateca/x", 1)
+        wait_data(opa, "system/kopa/ready", True)
+        assert log_text(kopa).count("invalid --opa-ca-file") == 1, "a bad CA file is logged once"
