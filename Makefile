@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: test demo servers lint unit integration bench clean
+.PHONY: test demo servers lint unit integration bench soak clean
 
 # Runs the whole suite: lint, types, unit and integration tests against real OPA, etcd and kube-apiserver.
 test: $(STAMP) servers lint
@@ -36,6 +36,13 @@ integration: $(STAMP) servers
 # BENCH_ARGS passes options (see `python -m bench --help`); BENCH_ARGS=--quick is a 1-minute smoke run.
 bench: $(BENCH_STAMP) servers
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The randomized differential test (tests/integration/test_differential.py) for SOAK_MINUTES (default 30)
+# instead of CI's fixed number of steps; writes its figures into the last section of docs/reliability.md.
+# KOPA_DIFF_SEED picks another sequence; KOPA_DIFF_OPS names the op kinds (the test's docstring lists them).
+SOAK_MINUTES ?= 30
+soak: $(STAMP) servers
+	KOPA_DIFF_MINUTES=$(SOAK_MINUTES) $(PY) -m pytest -s tests/integration/test_differential.py
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

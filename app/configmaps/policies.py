@@ -177,13 +177,15 @@ class PolicyBook:
         """Tries the failed modules that the changed packages concern; a module that loads then concerns
         others in turn, until no retry loads anything."""
         touched: set[ObjectKey] = set()
+        changed = list(dict.fromkeys(changed))  # one retry round per package, however often it changed
         while changed:
             package = changed.pop()
             for module in sorted(self.modules.values(), key=lambda m: m.order):
                 if module.retry_on_change and module.may_need(package) and await self._load(module):
                     log.info("policy %s loaded after a module it needs appeared", module.id)
                     touched.add(module.configmap)
-                    changed.append(package_of(module.text))
+                    if package_of(module.text) not in changed:
+                        changed.append(package_of(module.text))
         return touched
 
     async def check(self) -> int:

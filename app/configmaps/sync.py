@@ -92,8 +92,10 @@ class ConfigMapSync:
         return found
 
     async def refill(self) -> None:
-        self.filled_epoch = self.process.epoch
-        self.policies.reset(self.filled_epoch)
+        """Loads everything into a new OPA process. The epoch counts as filled only once all of it went
+        in: a refill cut short (OPA gone again, the token refused) starts again from the beginning."""
+        epoch = self.process.epoch
+        self.policies.reset(epoch)
         self.data.reset()
         touched = await self.policies.load_all()
         data_store = self.stores.data
@@ -101,10 +103,14 @@ class ConfigMapSync:
         for key in sorted(set(data_store.keys() if data_store else []) | set(self.data.loaded)):
             touched.add(key)
             await self.data.set_configmap(key, _texts(data_store.get(key) if data_store else None))
+        self.filled_epoch = epoch
         self._report(touched)
 
     async def check(self) -> int:
-        """Anti-entropy: policies and data documents as OPA holds them, against the books."""
+        """Anti-entropy: policies and data documents as OPA holds them, against the books. Skipped when
+        OPA turns out to be a new process (its refill is queued): everything would look missing."""
+        if not await self.process.check() or self.filled_epoch != self.process.epoch:
+            return 0
         data_store = self.stores.data
         repairs = await self.policies.check()
         repairs += await self.data.check(lambda key: _texts(data_store.get(key) if data_store else None))

@@ -189,7 +189,10 @@ class CollectionSync:
 
     async def check(self) -> list[tuple[Key, Exception]]:
         """Anti-entropy for one namespace subtree (the whole collection when cluster-scoped), in rotation:
-        brings it up to date, reads it back from OPA and rewrites it if it differs from kopa's copy."""
+        brings it up to date, reads it back from OPA and rewrites it if it differs from kopa's copy.
+        Skipped when OPA turns out to be a new process (its refill is queued)."""
+        if not await self.process.check() or not self.loaded:
+            return []
         if self.namespaced:
             namespaces = sorted({ns for ns, count in self.per_namespace.items() if count} | self.unknown)
             if not namespaces:

@@ -4,6 +4,9 @@ The tests of tests/integration/test_faults.py and test_bad_input.py record what 
 per pytest process) as they go. At the end of the session, test_faults.py's session fixture writes
 docs/reliability.md, but only after a full run of both modules in which every one of their tests passed:
 a partial run (-k, one file) or a failing one leaves the committed file alone and says so.
+
+`make soak` (tests/integration/test_differential.py run for SOAK_MINUTES) writes its own section, the last
+one of the document, with write_soak(); each writer keeps the other's part of the file as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 from devstack.binaries import read_versions, repo_root
 
 DOC = Path("docs") / "reliability.md"
+SOAK_HEADING = "## Randomized differential soak"  # the soak's section, always the last of the document
 MODULES = ("test_faults", "test_bad_input")  # the modules whose tests the document reports
 
 
@@ -91,8 +95,8 @@ class Reliability:
             "# Reliability",
             "",
             "<!-- Written by the fault-injection suite (tests/integration/test_faults.py and",
-            "     test_bad_input.py) at the end of every full run in which all their tests pass.",
-            "     Do not edit by hand. -->",
+            "     test_bad_input.py) at the end of every full run in which all their tests pass, except",
+            "     the last section, which `make soak` writes. Do not edit by hand. -->",
             "",
             _para(f"""What kopa was put through on the last full run of its fault-injection suite, and how it
                 came out. Everything ran as real processes on loopback: etcd and kube-apiserver
@@ -294,7 +298,76 @@ def full_run_passed(session: pytest.Session) -> tuple[bool, str]:
     return True, ""
 
 
+def _split(path: Path) -> tuple[str, str]:
+    """The document as it is now: (everything before the soak's section, the soak's section)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    at = text.find(SOAK_HEADING)
+    return (text, "") if at < 0 else (text[:at], text[at:])
+
+
 def write_document(report: Reliability, root: Path | None = None) -> Path:
+    """Writes the fault suite's part of the document, keeping the soak's section."""
     path = (root or repo_root()) / DOC
-    path.write_text(report.render(), encoding="utf-8")
+    soak = _split(path)[1]
+    path.write_text(report.render() + ("\n" + soak if soak else ""), encoding="utf-8")
+    return path
+
+
+# --- the randomized differential soak (make soak) ----------------------------------------------------------
+
+
+@dataclass
+class Soak:
+    """What one run of tests/integration/test_differential.py did, and how it came out."""
+
+    seed: int
+    seconds: float  # wall time of the steps and checks (kopa's and OPA's start not included)
+    steps: int
+    ops: Counter[str]  # steps by op kind
+    faults: int  # steps that were faults (OPA or API server restarts, a refused token, writes behind kopa)
+    checks: int  # comparisons of OPA with a fresh list, each waited for until equal
+    converged: dict[str, list[float]]  # seconds until OPA matched, after each kind of fault ("changes": none)
+    differences: int  # found by the last fresh comparison: always 0 in a passing run
+    liveness_failures: int  # /healthz answers other than 200 (or none at all) while kopa ran
+    left_out: list[str]  # op kinds not run (PENDING_FIXES, or KOPA_DIFF_OPS)
+
+    def render(self) -> str:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items()))
+        lines = [
+            SOAK_HEADING,
+            "",
+            _para(f"""`make soak` ran the randomized differential test
+                (tests/integration/test_differential.py) for {self.seconds / 60:.1f} minutes with seed
+                {self.seed}: a seeded sequence of changes to policies, data and replicated objects
+                (ConfigMaps and Services) mixed with faults, OPA compared after every fault, after some of
+                the other steps and at the end with a fresh list from the API server (waiting until equal,
+                then once more), and kopa's `/healthz` polled throughout. The same seed replays the same
+                sequence: `KOPA_DIFF_SEED={self.seed} make soak`."""),
+            "",
+            "| | |",
+            "|---|---|",
+            f"| steps run | {self.steps} |",
+            f"| faults injected | {self.faults} |",
+            f"| comparisons with a fresh list (each waited for until equal) | {self.checks} |",
+            f"| differences between OPA and the cluster at the end | {self.differences} |",
+            f"| `/healthz` failures (kopa would have been restarted) | {self.liveness_failures} |",
+            f"| seed | {self.seed} |",
+            "",
+            f"Steps by kind: {ops}.",
+            "",
+            f"Not run (left out by PENDING_FIXES or KOPA_DIFF_OPS): {', '.join(self.left_out) or 'none'}.",
+            "",
+            "| converged after | times | p50 | max |",
+            "|---|---|---|---|",
+        ]
+        for kind, times in sorted(self.converged.items()):
+            lines.append(f"| {kind} | {len(times)} | {statistics.median(times):.2f} s | {max(times):.2f} s |")
+        return "\n".join(lines) + "\n"
+
+
+def write_soak(soak: Soak, root: Path | None = None) -> Path:
+    """Writes (or replaces) the soak's section at the end of the document, keeping the rest."""
+    path = (root or repo_root()) / DOC
+    before = _split(path)[0].rstrip("\n")
+    path.write_text((before + "\n\n" if before else "") + soak.render(), encoding="utf-8")
     return path

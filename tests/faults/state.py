@@ -11,7 +11,8 @@ the workload's selector S, "equal" means:
 - replicated objects: `data.kubernetes.configmaps`, read as {namespace: {name: object}}, equals every
   ConfigMap matching S in any namespace, taken from the list with `kind` and `apiVersion` filled in and
   `metadata.managedFields` dropped, as kopa documents; `metadata.resourceVersion` is ignored on both sides,
-  because kopa skips writes whose only change is the resourceVersion;
+  because kopa skips writes whose only change is the resourceVersion; the same for every other resource
+  the caller names in `replicated` (e.g. SERVICES, when kopa also replicates v1/services with S);
 - status: every ConfigMap kopa selects says `{"status":"ok"}` (all the workload's input is valid).
 
 Values are compared with ==, after JSON decoding on both sides.
@@ -33,14 +34,26 @@ STATUS = "openpolicyagent.org/kube-mgmt-status"
 OK = '{"status":"ok"}'
 POLICY_LABEL, POLICY_VALUE = "openpolicyagent.org/policy", "rego"
 DATA_LABEL, DATA_VALUE = "openpolicyagent.org/data", "opa"
-REPLICATED = ["kubernetes", "configmaps"]  # --replicate-path (default) and the plural
+REPLICATE_PATH = "kubernetes"  # kopa's default --replicate-path
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """A core (v1) namespaced resource kopa replicates with the workload's selector."""
+
+    plural: str
+    kind: str
+
+
+CONFIGMAPS = Replicated("configmaps", "ConfigMap")
+SERVICES = Replicated("services", "Service")
 
 
 @dataclass(frozen=True)
 class State:
     policies: dict[str, str]  # policy id -> raw Rego
     data: dict[str, Any]  # "<configmap>/<key>" -> document
-    replicas: dict[str, Any]  # "<namespace>/<name>" -> object, without metadata.resourceVersion
+    replicas: dict[str, Any]  # "<namespace>/<name>" (others: "<plural>/<ns>/<name>") -> object, sans version
     statuses: dict[str, str | None]  # "<configmap>" -> its status annotation (the cluster's side only)
 
     def size(self) -> int:
@@ -53,8 +66,14 @@ def _without_version(obj: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": meta}
 
 
-def cluster_state(api: KubeRest, namespace: str, selector: str) -> State:
-    """What OPA should hold, from two fresh lists from the API server."""
+def _replica_key(resource: Replicated, namespace: str, name: str) -> str:
+    return f"{namespace}/{name}" if resource == CONFIGMAPS else f"{resource.plural}/{namespace}/{name}"
+
+
+def cluster_state(
+    api: KubeRest, namespace: str, selector: str, replicated: tuple[Replicated, ...] = (CONFIGMAPS,)
+) -> State:
+    """What OPA should hold, from fresh lists from the API server."""
     policies: dict[str, str] = {}
     data: dict[str, Any] = {}
     statuses: dict[str, str | None] = {}
@@ -72,14 +91,15 @@ def cluster_state(api: KubeRest, namespace: str, selector: str) -> State:
         if is_data or is_policy:
             statuses[name] = (meta.get("annotations") or {}).get(STATUS)
     replicas: dict[str, Any] = {}
-    for item in api.get(f"/api/v1/configmaps?labelSelector={quote(selector)}")["items"]:
-        meta = {k: v for k, v in item["metadata"].items() if k != "managedFields"}
-        obj = {**item, "kind": "ConfigMap", "apiVersion": "v1", "metadata": meta}
-        replicas[f"{meta['namespace']}/{meta['name']}"] = _without_version(obj)
+    for resource in replicated:
+        for item in api.get(f"/api/v1/{resource.plural}?labelSelector={quote(selector)}")["items"]:
+            meta = {k: v for k, v in item["metadata"].items() if k != "managedFields"}
+            obj = {**item, "kind": resource.kind, "apiVersion": "v1", "metadata": meta}
+            replicas[_replica_key(resource, meta["namespace"], meta["name"])] = _without_version(obj)
     return State(policies, data, replicas, statuses)
 
 
-def opa_state(opa: OpaServer, namespace: str) -> State:
+def opa_state(opa: OpaServer, namespace: str, replicated: tuple[Replicated, ...] = (CONFIGMAPS,)) -> State:
     """What OPA holds, read directly from OPA (never through a fault proxy)."""
     http = opa.http()
     policies = {
@@ -89,10 +109,14 @@ def opa_state(opa: OpaServer, namespace: str) -> State:
     }
     tree = http.get_json(f"/v1/data/{quote(namespace)}").get("result") or {}
     data = {f"{cm}/{key}": doc for cm, docs in tree.items() for key, doc in docs.items()}
-    collection = http.get_json("/v1/data/" + "/".join(REPLICATED)).get("result") or {}
-    replicas = {
-        f"{ns}/{name}": _without_version(obj) for ns, objs in collection.items() for name, obj in objs.items()
-    }
+    replicas: dict[str, Any] = {}
+    for resource in replicated:
+        collection = http.get_json(f"/v1/data/{REPLICATE_PATH}/{resource.plural}").get("result") or {}
+        replicas.update(
+            (_replica_key(resource, ns, name), _without_version(obj))
+            for ns, objs in collection.items()
+            for name, obj in objs.items()
+        )
     return State(policies, data, replicas, {})
 
 
@@ -104,10 +128,18 @@ def _diff(what: str, expected: dict[str, Any], observed: dict[str, Any]) -> list
         elif key not in expected:
             found.append(f"{what} {key}: in OPA but not in the cluster")
         elif expected[key] != observed[key]:
-            found.append(
-                f"{what} {key}: differs (cluster {expected[key]!r:.150} != OPA {observed[key]!r:.150})"
-            )
+            cluster, opa = _from_first_difference(expected[key], observed[key])
+            found.append(f"{what} {key}: differs (cluster {cluster!r:.150} != OPA {opa!r:.150})")
     return found
+
+
+def _from_first_difference(a: Any, b: Any) -> tuple[Any, Any]:
+    """Two texts from a little before where they first differ (a long module may differ at its end)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return a, b
+    at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    start = max(0, at - 30)
+    return ("..." if start else "") + a[start:], ("..." if start else "") + b[start:]
 
 
 def differences(expected: State, observed: State) -> list[str]:
@@ -126,7 +158,15 @@ class Convergence:
     compared: State  # the cluster's state it matched
 
 
-def converge(api: KubeRest, opa: OpaServer, namespace: str, selector: str, timeout: float) -> Convergence:
+def converge(
+    api: KubeRest,
+    opa: OpaServer,
+    namespace: str,
+    selector: str,
+    *,
+    timeout: float,
+    replicated: tuple[Replicated, ...] = (CONFIGMAPS,),
+) -> Convergence:
     """Waits until OPA equals a fresh list; fails with the differences of the last comparison."""
     started = time.monotonic()
     last: list[str] = []
@@ -134,8 +174,8 @@ def converge(api: KubeRest, opa: OpaServer, namespace: str, selector: str, timeo
 
     def equal() -> bool:
         nonlocal last
-        expected = cluster_state(api, namespace, selector)
-        last = differences(expected, opa_state(opa, namespace))
+        expected = cluster_state(api, namespace, selector, replicated)
+        last = differences(expected, opa_state(opa, namespace, replicated))
         if not last:
             matched.append(expected)
         return not last

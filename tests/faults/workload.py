@@ -4,7 +4,9 @@ Everything the workload creates carries the label `kopa.test/fault=<namespace>`,
 (`--replicate=v1/configmaps` with that selector), so one stream exercises all three of kopa's outputs:
 Rego policies, JSON data and a replicated collection. The changes cover every path of kopa's sync: content
 updates, keys added and removed, ConfigMaps deleted and recreated, the kopa label removed and put back,
-and a ConfigMap switched between policy and data.
+and a ConfigMap switched between policy and data. A workload made with `services=N` also keeps N Services
+(a second replicated collection, `--replicate=v1/services`), and `step(change)` applies a change of a kind
+given by the caller, including those of EXTRA_CHANGES, which the random stream never draws.
 
 The workload talks to the API server with plain HTTP calls of its own (no client library state to share
 with the test's thread) and rides out API server outages: a call that fails is tried again until it
@@ -43,6 +45,11 @@ CHANGES: dict[str, int] = {
     "remove or restore the kopa label": 1,
     "switch between policy and data": 1,
 }
+# Drawn only when asked for by name (Workload.step(change)); the fault scenarios' streams stay as they were.
+EXTRA_CHANGES = (
+    "add or remove the policy label on data (data wins)",
+    "update a service",
+)
 CALL_TIMEOUT = 10.0
 RETRY_PAUSE = 0.2  # between attempts while the API server is down
 GIVE_UP_AFTER = 180.0  # one change that cannot be applied for this long fails the test
@@ -87,51 +94,76 @@ class KubeRest:
 
 
 def configmaps_path(namespace: str, name: str = "") -> str:
-    path = f"/api/v1/namespaces/{quote(namespace)}/configmaps"
+    return objects_path("configmaps", namespace, name)
+
+
+def objects_path(plural: str, namespace: str, name: str = "") -> str:
+    """The path of a core (v1) namespaced collection, or of one object in it."""
+    path = f"/api/v1/namespaces/{quote(namespace)}/{plural}"
     return f"{path}/{quote(name)}" if name else path
 
 
 def put_configmap(
     api: KubeRest, namespace: str, name: str, labels: dict[str, str], data: dict[str, str]
 ) -> None:
-    """Creates the ConfigMap or replaces its labels and data, keeping everything else (kopa's annotation).
+    """Creates the ConfigMap or replaces its labels and data, keeping everything else (kopa's annotation)."""
+    put_object(api, "configmaps", namespace, name, labels=labels, fields={"data": data})
+
+
+def put_object(
+    api: KubeRest, plural: str, namespace: str, name: str, *, labels: dict[str, str], fields: dict[str, Any]
+) -> None:
+    """Creates the object or replaces its labels and top-level `fields`, keeping everything else.
 
     A 409 (kopa wrote its annotation meanwhile, or a create whose answer was lost) means: read and retry.
     """
     for _ in range(20):
-        status, current = api.call("GET", configmaps_path(namespace, name), ok=(404,))
+        status, current = api.call("GET", objects_path(plural, namespace, name), ok=(404,))
         if status == 404:
-            body = {"metadata": {"name": name, "namespace": namespace, "labels": labels}, "data": data}
-            if api.call("POST", configmaps_path(namespace), body, ok=(409,))[0] != 409:
+            body = {"metadata": {"name": name, "namespace": namespace, "labels": labels}, **fields}
+            if api.call("POST", objects_path(plural, namespace), body, ok=(409,))[0] != 409:
                 return
             continue
         current["metadata"]["labels"] = labels
-        current["data"] = data
-        if api.call("PUT", configmaps_path(namespace, name), current, ok=(409,))[0] != 409:
+        current.update(fields)
+        if api.call("PUT", objects_path(plural, namespace, name), current, ok=(409,))[0] != 409:
             return
-    raise AssertionError(f"configmap {namespace}/{name} kept changing under the workload")
+    raise AssertionError(f"{plural} {namespace}/{name} kept changing under the workload")
 
 
 def delete_configmap(api: KubeRest, namespace: str, name: str) -> None:
-    api.call("DELETE", configmaps_path(namespace, name), ok=(404,))
+    delete_object(api, "configmaps", namespace, name)
+
+
+def delete_object(api: KubeRest, plural: str, namespace: str, name: str) -> None:
+    api.call("DELETE", objects_path(plural, namespace, name), ok=(404,))
 
 
 @dataclass(frozen=True)
 class Member:
     """What one ConfigMap of the workload should be."""
 
-    kind: str  # "policy", "data" or "plain" (replicated only)
+    kind: str  # "policy", "data", "plain" (replicated only) or "service" (replicated, a Service)
     n: int = 0  # bumped by every content change
     extra: bool = False  # a second key
     labelled: bool = True  # carries kopa's label for its kind
     exists: bool = True
+    both: bool = False  # as data, carries the policy label too (data wins)
 
 
 class Workload:
-    """`size` ConfigMaps of each kind plus a core that never changes; changes drawn from Random(seed)."""
+    """`size` ConfigMaps of each kind, `services` Services, and a core that never changes; changes drawn
+    from Random(seed)."""
 
     def __init__(
-        self, kube: KubeCluster, namespace: str, *, seed: int, rate: float = 20.0, size: int = 5
+        self,
+        kube: KubeCluster,
+        namespace: str,
+        *,
+        seed: int,
+        rate: float = 20.0,
+        size: int = 5,
+        services: int = 0,
     ) -> None:
         self.api = KubeRest(kube)
         self.namespace = namespace
@@ -144,6 +176,8 @@ class Workload:
             self.members[f"dat-{i}"] = Member("data")
             self.members[f"plain-{i}"] = Member("plain")
             self.members[f"mix-{i}"] = Member("policy" if i % 2 else "data")
+        for i in range(services):
+            self.members[f"svc-{i}"] = Member("service")
         self.core = {"core-lib": Member("policy"), "core-data": Member("data"), "core-plain": Member("plain")}
         self.changes: Counter[str] = Counter()  # applied changes by kind
         self.retries = 0  # calls that failed (API server down) and were tried again
@@ -164,11 +198,13 @@ class Workload:
 
     def labels(self, member: Member) -> dict[str, str]:
         labels = {FAULT_LABEL: self.namespace}
-        if member.labelled and member.kind != "plain":
+        if member.labelled and member.kind in ("policy", "data"):
             labels.update(POLICY if member.kind == "policy" else DATA)
+            if member.kind == "data" and member.both:
+                labels.update(POLICY)
         return labels
 
-    def content(self, name: str, member: Member) -> dict[str, str]:
+    def content(self, name: str, member: Member) -> dict[str, Any]:
         n = member.n
         if name == "core-lib":
             return {"lib.rego": f"package {self.tag}.lib\n\ntwice(x) := x * 2\n"}
@@ -186,6 +222,8 @@ class Workload:
             if member.extra:
                 docs["e.json"] = json.dumps({"extra": n})
             return docs
+        if member.kind == "service":
+            return {"ports": [{"name": "p", "port": 1000 + n % 1000, "targetPort": 8000 + n % 7}]}
         return {"value": str(n), "text": "x" * (n % 50)}
 
     def core_policy_ids(self) -> set[str]:
@@ -194,26 +232,33 @@ class Workload:
     # applying
 
     def write(self, name: str, member: Member) -> None:
+        plural, field = ("services", "spec") if member.kind == "service" else ("configmaps", "data")
         if member.exists:
-            put_configmap(self.api, self.namespace, name, self.labels(member), self.content(name, member))
+            fields = {field: self.content(name, member)}
+            put_object(self.api, plural, self.namespace, name, labels=self.labels(member), fields=fields)
         else:
-            delete_configmap(self.api, self.namespace, name)
+            delete_object(self.api, plural, self.namespace, name)
 
     def setup(self) -> None:
         """Creates the core and every member (from the test's thread, before kopa starts)."""
         for name, member in {**self.core, **self.members}.items():
             self.write(name, member)
 
-    def draw(self) -> tuple[str, str, Member]:
-        """The next change: (kind of change, ConfigMap name, what it becomes)."""
-        kinds, weights = zip(*CHANGES.items(), strict=True)
-        change = self.rng.choices(kinds, weights)[0]
+    def draw(self, change: str | None = None) -> tuple[str, str, Member]:
+        """The next change (of the kind given, or drawn): (kind of change, object name, what it becomes)."""
+        if change is None:
+            kinds, weights = zip(*CHANGES.items(), strict=True)
+            change = self.rng.choices(kinds, weights)[0]
+        elif change not in CHANGES and change not in EXTRA_CHANGES:
+            raise ValueError(f"unknown kind of change: {change!r}")
         wanted = {
             "update policy": "policy",
             "add or remove a policy key": "policy",
             "update data": "data",
             "add or remove a data key": "data",
             "update replicated-only": "plain",
+            "add or remove the policy label on data (data wins)": "data",
+            "update a service": "service",
         }.get(change)
         names = sorted(n for n, m in self.members.items() if wanted is None or m.kind == wanted)
         if change == "switch between policy and data":
@@ -229,11 +274,13 @@ class Workload:
             bumped = replace(bumped, labelled=not member.labelled)
         elif change == "switch between policy and data":
             bumped = replace(bumped, kind="data" if member.kind == "policy" else "policy")
+        elif change == "add or remove the policy label on data (data wins)":
+            bumped = replace(bumped, both=not member.both)
         return change, name, bumped
 
-    def step(self) -> None:
-        """Draws and applies one change, riding out API server outages."""
-        change, name, member = self.draw()
+    def step(self, change: str | None = None) -> str:
+        """Applies one change (of the kind given, or drawn), riding out API server outages; says which."""
+        change, name, member = self.draw(change)
         deadline = time.monotonic() + GIVE_UP_AFTER
         while True:
             try:
@@ -244,12 +291,22 @@ class Workload:
                     raise
                 self.retries += 1
                 if self._stop.is_set():
-                    return  # abandoned half-way: the fresh list at the end decides what counts
+                    return f"{change}: {name} (abandoned)"  # the fresh list at the end decides what counts
                 if time.monotonic() > deadline:
                     raise
                 self._stop.wait(RETRY_PAUSE)
         self.members[name] = member
         self.changes[change] += 1
+        return f"{change}: {name} -> {self.describe(member)}"
+
+    @staticmethod
+    def describe(member: Member) -> str:
+        if not member.exists:
+            return "deleted"
+        labels = "" if member.labelled else ", unlabelled"
+        return f"{member.kind}{'+policy label' if member.both else ''} n={member.n}{labels}" + (
+            ", 2 keys" if member.extra else ""
+        )
 
     # the thread
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from app.configmaps.policies import data_refs, package_of
-from app.opa.client import Chunks, OpaError
+from app.opa.client import Chunks, OpaError, OpaUnauthorized
 
 
 def _not_found(path: Sequence[str]) -> OpaError:
@@ -35,6 +35,7 @@ class FakeOpa:
         self.process_id = "one"
         self.writes: list[tuple[str, str]] = []  # (method, path) of every accepted or refused write
         self.refuse_writes_under: str | None = None  # a path prefix whose writes OPA refuses (400)
+        self.refuse_token_after: int | None = None  # writes accepted before OPA refuses kopa's token (401)
 
     # --- the process ---
 
@@ -108,7 +109,14 @@ class FakeOpa:
 
     # --- policies ---
 
+    def _check_token(self) -> None:
+        if self.refuse_token_after is not None:
+            if self.refuse_token_after <= 0:
+                raise OpaUnauthorized("PUT policies: HTTP 401", 401)
+            self.refuse_token_after -= 1
+
     async def put_policy(self, policy_id: str, text: str) -> None:
+        self._check_token()
         self.writes.append(("PUT", f"policies/{policy_id}"))
         packages = {package_of(t) for i, t in self.policies.items() if i != policy_id}
         for ref in data_refs(text):

@@ -14,6 +14,7 @@ from app.configmaps.policies import PolicyBook
 from app.configmaps.status import MAX_STATUS_BYTES, OK, StatusReporter, status_value
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.model import ALL, CHECK, ObjectKey, Store
+from app.opa.client import OpaUnauthorized
 from app.opa.process import OpaProcess
 from app.pipeline.watcher import same_resource_version
 from tests.unit.fake_opa import FakeOpa
@@ -141,3 +142,21 @@ async def test_all_without_a_restart_syncs_every_configmap_known_and_check_repai
     await c.opa.delete_policy("ns/b/p.rego")
     assert await c.sync.apply([CHECK]) == []
     assert c.opa.policies == {"ns/b/p.rego": "package b\n"}
+
+
+async def test_a_refill_cut_short_starts_again_from_the_beginning() -> None:
+    """Found by the differential test: a refill interrupted by a refused token counted as done, so the
+    modules it had not reached yet stayed out of OPA for good."""
+    c = ConfigMaps()
+    names = [ObjectKey("ns", f"p{i}") for i in range(3)]
+    for i, key in enumerate(names):
+        await c.sync.apply([c.put(c.policies, key, {"p.rego": f"package p{i}\n"})])
+    await c.process.check()
+    c.opa.restart()
+    await c.process.check()
+    c.opa.refuse_token_after = 1  # OPA takes one module, then refuses kopa's token for a while
+    with pytest.raises(OpaUnauthorized):
+        await c.sync.apply([ALL])
+    c.opa.refuse_token_after = None
+    assert await c.sync.apply([ALL]) == []
+    assert set(c.opa.policies) == {f"ns/p{i}/p.rego" for i in range(3)}

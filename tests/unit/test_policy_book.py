@@ -89,3 +89,13 @@ async def test_the_drift_check_restores_kopas_modules_and_removes_only_owned_str
     }
     assert await policies.check() == 0
     assert policies.repairs == 3
+
+
+async def test_editing_a_library_retries_its_failing_dependent_once() -> None:
+    opa = FakeOpa()
+    policies = book(opa)
+    await policies.set_configmap(ObjectKey("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 1\n"})
+    await policies.set_configmap(ObjectKey("ns", "bad"), {"p.rego": "package bad\n\nx := data.needs\n"})
+    opa.writes.clear()
+    await policies.set_configmap(ObjectKey("ns", "lib"), {"p.rego": "package needs.lib\n\nv := 2\n"})
+    assert [w for _, w in opa.writes] == ["policies/ns/lib/p.rego", "policies/ns/bad/p.rego"]
