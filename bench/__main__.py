@@ -309,7 +309,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--drift-seconds", type=float, default=None, help="seconds with the drift check off, then on (20)"
     )
-    parser.add_argument("--repairs", type=int, default=None, help="drift repairs timed (3)")
+    parser.add_argument("--repairs", type=int, default=None, help="drift repairs timed (4)")
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
@@ -333,7 +333,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "refills": 2 if quick else 3,
         "policy_modules": 60 if quick else 200,
         "drift_seconds": 8.0 if quick else 20.0,
-        "repairs": 1 if quick else 3,
+        "repairs": 1 if quick else 4,
     }
     for key, value in defaults.items():
         if getattr(opts, key) is None:
