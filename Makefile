@@ -31,7 +31,7 @@ unit: $(STAMP)
 integration: $(STAMP) servers
 	$(PY) -m pytest tests/integration
 
-# The benchmarks (docs/benchmarks.md) against local etcd, kube-apiserver and OPA: about 6 minutes on 2 cores.
+# The benchmarks (docs/benchmarks.md) against local etcd, kube-apiserver and OPA: about 8 minutes on 2 cores.
 # Writes docs/benchmarks.json, docs/benchmarks/*.png and the figures in docs/benchmarks.md.
 # BENCH_ARGS passes options (see `python -m bench --help`); BENCH_ARGS=--quick is a 1-minute smoke run.
 bench: $(BENCH_STAMP) servers

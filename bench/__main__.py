@@ -1,14 +1,21 @@
-"""`python -m bench`: every benchmark of issue 9, against a local etcd + kube-apiserver + OPA, in order:
+"""`python -m bench`: the benchmarks of issues 9 and 12, against a local etcd + kube-apiserver + OPA, in order
+(the phase names of --only in brackets):
 
-  0. kopa with nothing to replicate (its baseline memory);
-  1. initial load of N = 1,000, then 10,000 ConfigMaps, kopa against the floor (and 4: peak RSS);
-  2. churn at each rate, with decisions asked of OPA meanwhile;
-  3. policy propagation;
-  5. refill after OPA is killed and restarted (and 4: peak RSS after all of it).
+  0. kopa with nothing to replicate (its baseline memory) [load];
+  1. initial load of N = 1,000, then 10,000 ConfigMaps, kopa against the floor (and 4: peak RSS) [load];
+  6. initial load of 200 policy modules of which 10 fail for good: time, and the policy PUTs (compiles) it
+     costs OPA; then the PUTs one later change costs [policies];
+  2. churn at each rate, with decisions asked of OPA meanwhile [churn];
+  3. policy propagation [propagation];
+  5. refill after OPA is killed and restarted (and 4: peak RSS after all of it) [refill];
+  7. the drift check: its cost per check (kopa and OPA CPU, OPA requests), with it off and then every
+     second, and the time it takes to repair a policy, a data document and a namespace deleted in OPA
+     [drift].
 
 Results go to <out>/benchmarks.json, <out>/benchmarks/*.png and the generated part of <out>/benchmarks.md.
-`--quick` is a short smoke run (N = 1,000 only, short churn, few trials) that writes to the work directory
-instead, so it never replaces the published figures.
+A run of some phases (--only) replaces only their figures there and keeps the others'. `--quick` is a
+short smoke run (N = 1,000 only, short churn, few trials) that writes to the work directory instead, so
+it never replaces the published figures.
 """
 
 from __future__ import annotations
@@ -28,14 +35,14 @@ from typing import Any
 
 import orjson
 
-from bench import churn, dataset, load, propagation, refill, report
+from bench import churn, dataset, drift, load, policies, propagation, refill, report
 from bench.common import load_average, poll_until, proc_memory
 from bench.stack import Stack, py_spy
 from devstack.binaries import read_versions, repo_root
 
 STARTED = time.monotonic()
 MB = 2**20
-PHASES = ("load", "churn", "propagation", "refill")
+PHASES = ("load", "policies", "churn", "propagation", "refill", "drift")
 
 
 def log(message: str) -> None:
@@ -88,6 +95,21 @@ def meta() -> dict[str, Any]:
             "etcd": versions.get("ETCD_VERSION", "?"),
         },
     }
+
+
+def run_info() -> dict[str, Any]:
+    """When and on what a phase ran: a phase's figures may be merged into those of an earlier run."""
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "kopa": meta()["kopa"],
+        "load_average_start": load_average(),
+        "started": time.monotonic(),
+    }
+
+
+def finished(info: dict[str, Any]) -> dict[str, Any]:
+    started = info.pop("started")
+    return {**info, "load_average_end": load_average(), "seconds": round(time.monotonic() - started, 1)}
 
 
 async def create_objects(stack: Stack, start: int, stop: int) -> None:
@@ -164,7 +186,13 @@ async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             f" ratio {result['ratio']:.2f}"
         )
 
-    if phases & {"churn", "propagation", "refill"}:
+    if "policies" in phases:
+        log(f"policy load: {opts.policy_modules} modules, one in twenty failing for good")
+        info = run_info()
+        section = await policies.policy_load(stack, opts.policy_modules, log)
+        results["policies"] = {"run": finished(info), **section}
+
+    if phases & {"churn", "propagation", "refill", "drift"}:
         await long_running(opts, stack, sizes[-1], results)
     results["load_average"]["end"] = load_average()
     results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
@@ -223,7 +251,7 @@ async def long_running(opts: argparse.Namespace, stack: Stack, n: int, results: 
     if "propagation" in phases:
         log(f"policy propagation, {opts.trials} trials")
         results["propagation"] = await propagation.propagation(stack, opts.trials, log)
-    elif "refill" in phases:
+    elif phases & {"refill", "drift"}:
         await propagation.create_policies(stack, opts.trials)
 
     if "refill" in phases:
@@ -231,12 +259,29 @@ async def long_running(opts: argparse.Namespace, stack: Stack, n: int, results: 
         results["refill"] = await refill.refill(
             stack, kopa, n=n, policies=opts.trials, rounds=opts.refills, log=log
         )
-    if kopa.pid is not None and stack.profile_dir is None:
+    done = ", ".join(p for p in ("churn", "propagation", "refill") if p in phases)
+    if kopa.pid is not None and stack.profile_dir is None and done:
         memory = proc_memory(kopa.pid)
         size = await json_size(stack)
-        done = ", ".join(p for p in ("churn", "propagation", "refill") if p in phases)
         results["memory"].append(memory_entry(n, size, memory["VmHWM"], memory["VmRSS"], f"after {done}"))
     stack.stop_kopa(kopa)
+
+    if "drift" in phases:
+        log(
+            f"drift check: {opts.drift_seconds:g} s with it off, {opts.drift_seconds:g} s every"
+            f" {opts.drift_interval:g} s, then {opts.repairs} repairs"
+        )
+        info = run_info()
+        section = await drift.drift(
+            stack,
+            n=n,
+            policies=opts.trials,
+            interval=opts.drift_interval,
+            seconds=opts.drift_seconds,
+            repairs=opts.repairs,
+            log=log,
+        )
+        results["drift"] = {"run": finished(info), **section}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -255,6 +300,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--churn-objects", type=int, default=300, help="objects the churn updates (300)")
     parser.add_argument("--trials", type=int, default=None, help="policy propagation trials (100)")
     parser.add_argument("--refills", type=int, default=None, help="OPA kill/restart rounds (3)")
+    parser.add_argument(
+        "--policy-modules", type=int, default=None, help="modules of the policy load, 1 in 20 failing (200)"
+    )
+    parser.add_argument(
+        "--drift-interval", type=float, default=1.0, help="drift check interval while measured, s (1)"
+    )
+    parser.add_argument(
+        "--drift-seconds", type=float, default=None, help="seconds with the drift check off, then on (20)"
+    )
+    parser.add_argument("--repairs", type=int, default=None, help="drift repairs timed (4)")
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
@@ -276,6 +331,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "churn_seconds": 8.0 if quick else 30.0,
         "trials": 20 if quick else 100,
         "refills": 2 if quick else 3,
+        "policy_modules": 60 if quick else 200,
+        "drift_seconds": 8.0 if quick else 20.0,
+        "repairs": 1 if quick else 4,
     }
     for key, value in defaults.items():
         if getattr(opts, key) is None:
@@ -287,7 +345,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return opts
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+def write(results: dict[str, Any], out: Path, phases: list[str] | None = None) -> None:
+    """Writes the results; a run of some phases (`phases`) keeps the other phases' published figures."""
+    previous = out / "benchmarks.json"
+    if phases is not None and previous.exists():
+        results = report.merge(orjson.loads(previous.read_bytes()), results, phases)
     report.write_json(results, out / "benchmarks.json")
     images = report.plots(results, out / "benchmarks")
     report.write_markdown(out / "benchmarks.md", report.generated_markdown(results, images, "benchmarks"))
@@ -313,7 +375,7 @@ def main() -> None:
         results = asyncio.run(run(opts, stack))
     finally:
         stack.stop()
-    write(results, out)
+    write(results, out, opts.only)
 
 
 if __name__ == "__main__":

@@ -226,18 +226,47 @@ class Opa:
         if status != 200:
             raise RuntimeError(f"PUT policy {policy_id}: HTTP {status}: {payload[:300]!r}")
 
+    async def request_metrics(self) -> list[RequestCount]:
+        """OPA's own count and total time of the requests it served, per handler, method and status."""
+        _, payload = await self.request("GET", "/metrics")
+        found: dict[tuple[str, str, int], RequestCount] = {}
+        for line in payload.decode().splitlines():
+            match = _REQUEST_METRIC.match(line)
+            if match is None:
+                continue
+            labels = dict(_LABEL.findall(match.group("labels")))
+            key = (labels.get("handler", ""), labels.get("method", "").lower(), int(labels.get("code", 0)))
+            sample = found.setdefault(key, RequestCount(*key))
+            if match.group("kind") == "count":
+                sample.count = int(float(match.group("value")))
+            else:
+                sample.seconds = float(match.group("value"))
+        return list(found.values())
+
     async def writes(self) -> int:
         """Write requests (PUT, PATCH, DELETE) OPA counted on /v1/data and /v1/policies (its /metrics)."""
-        _, payload = await self.request("GET", "/metrics")
-        total = 0.0
-        for line in payload.decode().splitlines():
-            if (
-                line.startswith("http_request_duration_seconds_count")
-                and re.search(r'handler="v1/(data|policies)"', line)
-                and re.search(r'method="(put|patch|delete)"', line, re.IGNORECASE)
-            ):
-                total += float(line.rsplit(" ", 1)[1])
-        return int(total)
+        return sum(
+            s.count
+            for s in await self.request_metrics()
+            if s.handler in ("v1/data", "v1/policies") and s.method in ("put", "patch", "delete")
+        )
+
+
+_REQUEST_METRIC = re.compile(
+    r"^http_request_duration_seconds_(?P<kind>count|sum)\{(?P<labels>[^}]*)\} (?P<value>\S+)$"
+)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass
+class RequestCount:
+    """One series of OPA's http_request_duration_seconds: requests served and their total seconds."""
+
+    handler: str
+    method: str
+    code: int
+    count: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

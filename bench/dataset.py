@@ -17,8 +17,16 @@ from bench.common import JSON
 
 PER_NAMESPACE = 1000
 POLICY_NAMESPACE = "bench-policies"
+RULES_NAMESPACE = "bench-rules"  # the policy-load phase's modules, which only its own kopa loads
 # Everything replication skips: the API server's own namespaces, `default`, and the policy ConfigMaps.
-IGNORED_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system", POLICY_NAMESPACE)
+IGNORED_NAMESPACES = (
+    "default",
+    "kube-node-lease",
+    "kube-public",
+    "kube-system",
+    POLICY_NAMESPACE,
+    RULES_NAMESPACE,
+)
 FIELD_SELECTOR = ",".join(f"metadata.namespace!={ns}" for ns in IGNORED_NAMESPACES)
 REPLICATE_PATH = ["kubernetes", "configmaps"]
 # Size of the settings text: with metadata the API server adds, the replicated object is about 2 KB.

@@ -54,14 +54,20 @@ class Stack:
         self.opa.kill()
         self.opa.start()
 
-    def kopa(self, name: str, *extra: str) -> KopaProcess:
-        """kopa replicating v1/configmaps (all bench namespaces) and loading policies from bench-policies."""
+    def kopa(
+        self, name: str, *extra: str, namespaces: str = POLICY_NAMESPACE, replicate: bool = True
+    ) -> KopaProcess:
+        """kopa replicating v1/configmaps (all bench namespaces, unless not `replicate`) and loading
+        policies and data from `namespaces` (bench-policies)."""
+        replication = [
+            "--replicate=v1/configmaps",
+            f"--replicate-ignore-namespaces={','.join(IGNORED_NAMESPACES)}",
+        ]
         args: list[str] = [
             f"--kubeconfig={self.kube.admin_kubeconfig}",
             f"--opa-url={self.opa.api_url}",
-            f"--namespaces={POLICY_NAMESPACE}",
-            "--replicate=v1/configmaps",
-            f"--replicate-ignore-namespaces={','.join(IGNORED_NAMESPACES)}",
+            f"--namespaces={namespaces}",
+            *(replication if replicate else []),
             "--log-level=info",
             *extra,
         ]
