@@ -65,12 +65,14 @@ class ConfigMapSync:
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """The writer's entry point. A new OPA process (ALL is queued for it) is first loaded with
-        everything again, in order; ALL otherwise (the queue overflowed) syncs every ConfigMap kopa knows;
-        CHECK compares OPA with the books and repairs what differs."""
+        everything again, in order, from the books. ALL stands for every ConfigMap of the source at its
+        latest state (the queue folds keys into it), so it syncs every ConfigMap kopa knows, after the
+        refill too: a change the books have not seen yet is only in the stores. CHECK compares OPA with the
+        books and repairs what differs."""
         objects = objects_only(keys)
         if self.filled_epoch != self.process.epoch:
             await self.refill()
-        elif ALL in keys:
+        if ALL in keys:
             objects = sorted(set(objects) | self.known())
         if CHECK in keys:
             await self.check()
@@ -104,6 +106,12 @@ class ConfigMapSync:
             touched.add(key)
             await self.data.set_configmap(key, _texts(data_store.get(key) if data_store else None))
         self.filled_epoch = epoch
+        log.info(
+            "loaded ConfigMaps into OPA again: %d policy modules (%d refused), %d data documents",
+            self.policies.loaded_count,
+            self.policies.failed_count,
+            self.data.document_count(),
+        )
         self._report(touched)
 
     async def check(self) -> int:

@@ -160,3 +160,17 @@ async def test_a_refill_cut_short_starts_again_from_the_beginning() -> None:
     c.opa.refuse_token_after = None
     assert await c.sync.apply([ALL]) == []
     assert set(c.opa.policies) == {f"ns/p{i}/p.rego" for i in range(3)}
+
+
+async def test_all_after_a_restart_also_brings_changes_the_books_have_not_seen() -> None:
+    """Found by the differential test: a change folded into ALL while OPA restarted was lost, because the
+    refill loads what the books hold and the change was only in the store."""
+    c = ConfigMaps()
+    key = ObjectKey("ns", "p")
+    await c.sync.apply([c.put(c.policies, key, {"p.rego": "package p\n\nv := 0\n"})])
+    await c.process.check()
+    c.opa.restart()
+    await c.process.check()
+    c.put(c.policies, key, {"p.rego": "package p\n\nv := 1\n"})  # its key folded into the queued ALL
+    assert await c.sync.apply([ALL]) == []
+    assert c.opa.policies == {"ns/p/p.rego": "package p\n\nv := 1\n"}
