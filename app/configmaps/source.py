@@ -16,7 +16,7 @@ from app.configmaps.policies import PolicyBook
 from app.configmaps.status import StatusReporter
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.kube.client import KubeClient
-from app.model import Key, Store, WorkKey
+from app.model import Store, WorkKey
 from app.opa.client import OpaClient
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
@@ -72,12 +72,10 @@ class ConfigMapSource:
             "data": Store("data", same_resource_version),
             "policies": Store("policies", same_resource_version),
         }
-
-        def emit(key: Key) -> None:
-            add(WorkKey(SOURCE, key))
-
         self.collections = selection.collections()
-        self.watchers = [Watcher(kube, c, self.stores[kind], emit, dict) for kind, c in self.collections]
+        self.watchers = [
+            Watcher(kube, c, self.stores[kind], SOURCE, add, convert=dict) for kind, c in self.collections
+        ]
         selected = ConfigMapStores(
             policies=self.stores["policies"] if selection.policies else None,
             data=self.stores["data"] if selection.data else None,

@@ -19,14 +19,14 @@ from typing import Any, Generic, Protocol, TypeVar
 import anyio
 
 from app.kube.client import KubeApiError, KubeGone, KubeUnavailable, ListResult, WatchEvent
-from app.model import Key, ObjectKey, Store
+from app.model import ObjectKey, Store, WorkKey
 from app.pipeline.workqueue import Backoff
 
 log = logging.getLogger(__name__)
 
-# Tells the queue that an object (or, with a marker, the whole source) changed; never blocks (the queue
-# bounds itself by collapsing a source's keys into its ALL marker when full).
-Emit = Callable[[Key], None]
+# The queue's add: tells it that an object of a source (or, with a marker, the whole source) changed; never
+# blocks (the queue bounds itself by collapsing a source's keys into its ALL marker when full).
+Add = Callable[[WorkKey], None]
 V = TypeVar("V")
 
 
@@ -95,8 +95,9 @@ class ListWatch(Protocol):
 class Watcher(Generic[V]):
     """One producer. run() never returns on its own; cancel it to stop.
 
-    `convert` turns an API object into what the store keeps. With `emit_initial=False` the first list
-    emits nothing per object and calls `on_synced` instead (replication loads a collection in one write).
+    `convert` turns an API object into what the store keeps; each change adds `WorkKey(source, key)` to the
+    queue. With `emit_initial=False` the first list adds nothing per object and calls `on_synced` instead
+    (replication loads a collection in one write).
     """
 
     def __init__(
@@ -104,9 +105,10 @@ class Watcher(Generic[V]):
         client: ListWatch,
         collection: Collection,
         store: Store[V],
-        emit: Emit,
-        convert: Callable[[dict[str, Any]], V],
+        source: str,
+        add: Add,
         *,
+        convert: Callable[[dict[str, Any]], V],
         emit_initial: bool = True,
         on_synced: Callable[[], None] | None = None,
         watch_seconds: tuple[int, int] = (240, 300),
@@ -116,7 +118,8 @@ class Watcher(Generic[V]):
         self.client = client
         self.collection = collection
         self.store = store
-        self.emit = emit
+        self.source = source
+        self.add = add
         self.convert = convert
         self.synced = anyio.Event()
         self.stats = WatchStats()
@@ -192,10 +195,13 @@ class Watcher(Generic[V]):
         """Whether a watch the server ended worked: it delivered an event, or lasted MIN_WATCH_SECONDS."""
         return self._progress or time.monotonic() - self._watch_began >= MIN_WATCH_SECONDS
 
+    def _emit(self, key: ObjectKey) -> None:
+        self.add(WorkKey(self.source, key))
+
     async def _relist(self) -> str:
         c = self.collection
         initial = not self.synced.is_set()
-        emit = self.emit if self._emit_initial or not initial else None
+        emit = self._emit if self._emit_initial or not initial else None
         seen: set[ObjectKey] = set()
         resource_version = ""
         async for page in self.client.list_pages(
@@ -240,5 +246,5 @@ class Watcher(Generic[V]):
             key = ObjectKey.of(event.object)
             deleted = event.type == "DELETED"
             if self.store.pop(key) if deleted else self.store.put(key, self.convert(event.object)):
-                self.emit(key)
+                self._emit(key)
         return resource_version

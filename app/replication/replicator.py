@@ -14,7 +14,7 @@ import anyio
 
 from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
 from app.kube.resources import GroupVersionResource
-from app.model import ALL, Key, Store, WorkKey
+from app.model import ALL, Store, WorkKey
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher
@@ -76,11 +76,8 @@ class ReplicatedResource:
             field_selector=field_selector,
         )
 
-    def emit(self, key: Key) -> None:
-        self._add(WorkKey(self.source, key))
-
     def _load_whole(self) -> None:
-        self.emit(ALL)
+        self._add(WorkKey(self.source, ALL))
 
     async def run(self) -> None:
         """Replicates for as long as kopa runs; waits for the resource first if it is not served yet."""
@@ -104,8 +101,9 @@ class ReplicatedResource:
                 self.kube,
                 self._collection(),
                 self.store,
-                self.emit,
-                convert,
+                self.source,
+                self._add,
+                convert=convert,
                 emit_initial=False,
                 on_synced=self._load_whole,
             )

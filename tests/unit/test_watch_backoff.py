@@ -13,7 +13,7 @@ import pytest
 
 from app.kube.client import KubeClient
 from app.kube.config import KubeConnection
-from app.model import Key, Store
+from app.model import Store, WorkKey
 from app.pipeline.watcher import Collection, Watcher, same_resource_version
 from tests.unit.fake_api import PATH, FakeApi, WatchMode, serving
 
@@ -30,7 +30,7 @@ async def watch_for_a_while(mode: WatchMode) -> tuple[FakeApi, dict[str, int]]:
             host=api.url, authorization=None, ssl_context=False, namespace="default", source="test"
         )
 
-        def emit(key: Key) -> None:
+        def add(work: WorkKey) -> None:
             pass
 
         def convert(obj: dict[str, Any]) -> dict[str, Any]:
@@ -38,7 +38,7 @@ async def watch_for_a_while(mode: WatchMode) -> tuple[FakeApi, dict[str, int]]:
 
         store: Store[dict[str, Any]] = Store("test", same_resource_version)
         async with KubeClient(connection) as client:
-            watcher = Watcher(client, Collection(PATH, "default"), store, emit, convert)
+            watcher = Watcher(client, Collection(PATH, "default"), store, "test", add, convert=convert)
             with anyio.move_on_after(WINDOW):
                 await watcher.run()
         return api, watcher.stats.restarts
