@@ -27,6 +27,8 @@ MARKER_PATH = ["system", "kopa"]
 class MarkerWriter(Protocol):
     async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None: ...
 
+    async def delete_data(self, path: Sequence[str]) -> bool: ...
+
 
 @dataclass
 class SourceState:
@@ -82,6 +84,14 @@ class Readiness:
             return
         except (OpaUnavailable, OpaError) as exc:
             log.warning("could not write the readiness marker to OPA: %s", exc)
+            return
+        # OPA may have restarted between the check and the write (a retried PUT lands in the new process):
+        # a marker in a process kopa has not refilled would say "ready" too early, so take it back.
+        if not await self.process.check() or self.process.epoch != epoch:
+            try:
+                await self.opa.delete_data(MARKER_PATH)
+            except (OpaUnavailable, OpaError) as exc:
+                log.warning("could not take back a readiness marker written into a new OPA: %s", exc)
             return
         refill = self.loaded_epoch is not None
         self.loaded_epoch = epoch

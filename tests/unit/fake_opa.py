@@ -36,6 +36,7 @@ class FakeOpa:
         self.writes: list[tuple[str, str]] = []  # (method, path) of every accepted or refused write
         self.refuse_writes_under: str | None = None  # a path prefix whose writes OPA refuses (400)
         self.refuse_token_after: int | None = None  # writes accepted before OPA refuses kopa's token (401)
+        self.restart_before_put: bool = False  # the next data PUT lands in a new process (a retried PUT)
 
     # --- the process ---
 
@@ -67,6 +68,9 @@ class FakeOpa:
         if callable(document):
             document = b"".join([piece async for piece in document()])
         self._check_refused("PUT", path)
+        if self.restart_before_put:
+            self.restart_before_put = False
+            self.restart()
         self._parent(path[:-1], create=True)[path[-1]] = orjson.loads(document)
 
     async def delete_data(self, path: Sequence[str]) -> bool:
