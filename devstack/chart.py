@@ -29,6 +29,7 @@ from devstack.processes import HOST, ManagedProcess, free_port
 
 __all__ = [
     "CHART",
+    "IMAGE_VALUES",
     "RBAC_KINDS",
     "ChartError",
     "Helm",
@@ -45,6 +46,12 @@ __all__ = [
 CHART = repo_root() / "helm" / "kopa"
 
 Obj = dict[str, Any]
+
+# kopa's image is a required value (it is not published anywhere): renders here name a stand-in, as a user
+# names the image they built and pushed. Nothing pulls it: LocalPod runs kopa from this checkout.
+IMAGE_VALUES: Mapping[str, Any] = {
+    "mgmt": {"image": {"repository": "registry.example.com/kopa", "tag": "0.1.0"}}
+}
 
 RBAC_KINDS = ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 
@@ -113,6 +120,10 @@ class Helm:
         path.write_text(yaml.safe_dump(dict(values), sort_keys=False), encoding="utf-8")
         return path
 
+    def image_values(self) -> Path:
+        """A values file naming kopa's image (IMAGE_VALUES), the one value the chart requires."""
+        return self.values_file(IMAGE_VALUES, "image")
+
     def template(
         self,
         values: Mapping[str, Any] | None = None,
@@ -121,14 +132,16 @@ class Helm:
         namespace: str = "kopa-system",
         values_files: Sequence[Path] = (),
         extra: Sequence[str] = (),
+        image: bool = True,
     ) -> Rendered:
-        """`helm template` of the chart with `values_files`, then `values` (later ones win); the objects it
-        renders."""
+        """`helm template` of the chart with IMAGE_VALUES (unless not `image`), `values_files`, then `values`
+        (later ones win); the objects it renders."""
         result = self.run(
             "template",
             release,
             str(CHART),
             f"--namespace={namespace}",
+            *([f"--values={self.image_values()}"] if image else []),
             *(f"--values={path}" for path in values_files),
             f"--values={self.values_file(values or {})}",
             *extra,

@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from devstack import chart
-from devstack.chart import CHART, HelmError, LocalPod, Rendered, container, opa_image_tag, rbac_objects
+from devstack.chart import (
+    CHART,
+    IMAGE_VALUES,
+    HelmError,
+    LocalPod,
+    Rendered,
+    container,
+    opa_image_tag,
+    rbac_objects,
+)
 from tests.conftest import require_binaries
 
 __all__ = [
     "CHART",
     "CLUSTER_SCOPED",
+    "IMAGE_VALUES",
     "Helm",
     "HelmError",
     "LocalPod",

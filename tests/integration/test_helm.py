@@ -161,7 +161,10 @@ def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> subproce
 @pytest.mark.parametrize("case", ["defaults", "replication", "webhook-on", "observability", "mgmt-off"])
 def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> None:
     values = helm.values_file(case_values(case, "kopa-system", user_tls))
-    result = helm.run("lint", str(CHART), "--strict", f"--values={values}", "--namespace=kopa-system")
+    image = helm.image_values()
+    result = helm.run(
+        "lint", str(CHART), "--strict", f"--values={image}", f"--values={values}", "--namespace=kopa-system"
+    )
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
     findings = [line for line in result.stdout.splitlines() if re.match(r"\[(INFO|WARNING|ERROR)\]", line)]
     assert findings == [], result.stdout
@@ -624,7 +627,15 @@ def test_install_then_upgrade_keeps_the_certificate_and_the_ca_bundle(
     admission = client.AdmissionregistrationV1Api(k8s)
     chart = str(CHART)
     base = helm_kube.values_file({"mgmt": {"namespaces": [namespace]}})
-    release = ["kopa", chart, f"--namespace={namespace}", f"--values={base}", "--timeout=60s"]
+    image = helm_kube.image_values()
+    release = [
+        "kopa",
+        chart,
+        f"--namespace={namespace}",
+        f"--values={image}",
+        f"--values={base}",
+        "--timeout=60s",
+    ]
 
     def deployment() -> Any:
         return apps.read_namespaced_deployment("kopa", namespace)
@@ -707,7 +718,9 @@ def test_a_fresh_install_makes_a_new_certificate(
 ) -> None:
     """lookup reuses only this release's own Secret: another install (or `helm template`) gets its own CA."""
     try:
-        helm_kube.run("install", "kopa", str(CHART), f"--namespace={namespace}")
+        helm_kube.run(
+            "install", "kopa", str(CHART), f"--namespace={namespace}", f"--values={helm_kube.image_values()}"
+        )
         installed = installed_secret(core_v1, namespace)
     finally:
         helm_kube.run("uninstall", "kopa", f"--namespace={namespace}", check=False)

@@ -45,7 +45,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* kopa's image: required, and not kube-mgmt's (which would get kopa's flags and probes). */}}
 {{- define "kopa.mgmtImage" -}}
+{{- $repository := .Values.mgmt.image.repository }}
+{{- if not $repository }}
+{{- fail "mgmt.image.repository is required: kopa's image is not published. Build it from kopa's Dockerfile (docker build --build-arg COMMIT=$(git rev-parse --short HEAD) --build-arg VERSION=0.1.0 -t <registry>/kopa:0.1.0 .), push it, and install with --set mgmt.image.repository=<registry>/kopa --set mgmt.image.tag=0.1.0 (helm/kopa/README.md, Install)" }}
+{{- end }}
+{{- if regexMatch "(^|/)openpolicyagent/kube-mgmt$" $repository }}
+{{- fail (printf "mgmt.image.repository is %s, kube-mgmt's image: it does not take kopa's flags or serve kopa's probes. Set mgmt.image.repository (and mgmt.image.tag) to the kopa image you built and pushed (helm/kopa/README.md, Install)" $repository) }}
+{{- end }}
 {{- printf "%s:%s" .Values.mgmt.image.repository (.Values.mgmt.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
