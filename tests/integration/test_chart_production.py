@@ -8,12 +8,26 @@ only, scoped to namespaces this test makes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import shlex
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from kubernetes import client
 
+from devstack.certs import TestCA
+from devstack.demo import run_kubectl, webhook_is_loopback
+from devstack.kube import KubeCluster
+from devstack.processes import HOST, wait_until
+from tests.conftest import API_TIMEOUT, namespace_name, require_binaries
 from tests.integration.chart import CHART, Helm, HelmError, Rendered
 
 pytestmark = pytest.mark.integration
@@ -76,3 +90,265 @@ def test_the_readme_install_steps_render_with_the_image_they_build(helm: Helm) -
     rendered = Rendered.parse(result.stdout, ns)
     assert rendered.container("mgmt")["image"] == built
     assert rendered.container("init")["image"] == built
+
+
+def notes(kube: KubeCluster, tmp_path: Path, values: dict[str, Any], namespace: str = "opa") -> str:
+    """The chart's NOTES for `values` (helm renders NOTES.txt only on install: a client-side dry run, with
+    the session's API server as the cluster helm asks for its version)."""
+    helm = Helm(tmp_path / "notes-helm", kube.admin_kubeconfig)
+    result = helm.run(
+        "install", "kopa", str(CHART), f"--namespace={namespace}", "--dry-run=client", "--output=json",
+        f"--values={helm.image_values()}", f"--values={helm.values_file(values)}",
+    )  # fmt: skip
+    text: str = json.loads(result.stdout)["info"]["notes"]
+    return text
+
+
+# --- 3. webhook safety -------------------------------------------------------------------------------------
+
+CHART_CONDITIONS = [
+    {
+        "name": "not-a-lease",
+        "expression": (
+            "!(request.resource.group == 'coordination.k8s.io' && request.resource.resource == 'leases')"
+        ),
+    },
+    {
+        "name": "not-an-event",
+        "expression": (
+            "!(request.resource.resource == 'events' && request.resource.group in ['', 'events.k8s.io'])"
+        ),
+    },
+]
+
+
+def test_notes_warn_about_a_failing_webhook_and_name_what_it_never_sees(
+    kube: KubeCluster, tmp_path: Path
+) -> None:
+    failing = notes(kube, tmp_path, {"admissionController": {"enabled": True, "failurePolicy": "Fail"}})
+    assert "WARNING: failurePolicy Fail" in failing, failing
+    assert "opa, kube-system, kube-node-lease" in failing and "leases and events" in failing, failing
+    ignoring = notes(kube, tmp_path, {"admissionController": {"enabled": True}})
+    assert "failurePolicy Ignore" in ignoring and "WARNING: failurePolicy" not in ignoring, ignoring
+
+
+def webhook_of(rendered: Rendered) -> dict[str, Any]:
+    (config,) = rendered.of_kind("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+    (webhook,) = config["webhooks"]
+    hook: dict[str, Any] = webhook
+    return hook
+
+
+def test_the_webhook_never_sees_its_own_namespace_the_control_plane_leases_or_events(helm: Helm) -> None:
+    webhook = webhook_of(helm.template({"admissionController": {"enabled": True}}, namespace="opa"))
+    assert webhook["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "openpolicyagent.org/webhook", "operator": "NotIn", "values": ["ignore"]},
+            {
+                "key": "kubernetes.io/metadata.name",
+                "operator": "NotIn",
+                "values": ["opa", "kube-system", "kube-node-lease"],
+            },
+        ]
+    }
+    assert webhook["matchConditions"] == CHART_CONDITIONS
+
+
+def test_a_users_namespace_selector_and_conditions_combine_with_the_charts(helm: Helm) -> None:
+    mine = {"key": "team", "operator": "Exists"}
+    condition = {"name": "not-dry-run", "expression": "!request.dryRun"}
+    values = {
+        "admissionController": {
+            "enabled": True,
+            "namespaceSelector": {"matchLabels": {"env": "prod"}, "matchExpressions": [mine]},
+            "excludedNamespaces": ["kube-system", "opa", "monitoring"],
+            "matchConditions": [condition],
+        }
+    }
+    webhook = webhook_of(helm.template(values, namespace="opa"))
+    assert webhook["namespaceSelector"] == {
+        "matchLabels": {"env": "prod"},
+        "matchExpressions": [
+            mine,
+            {
+                "key": "kubernetes.io/metadata.name",
+                "operator": "NotIn",
+                "values": ["opa", "kube-system", "monitoring"],
+            },
+        ],
+    }
+    assert webhook["matchConditions"] == [*CHART_CONDITIONS, condition]
+    # A selector without expressions (helm merges maps: the default's list goes only when replaced) still
+    # excludes the release's namespace.
+    values["admissionController"].update(namespaceSelector={"matchExpressions": []}, excludedNamespaces=[])
+    webhook = webhook_of(helm.template(values, namespace="opa"))
+    assert webhook["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["opa"]}]
+    }
+
+
+class Recorder:
+    """An HTTPS admission webhook on 127.0.0.1 that allows everything and records what it was asked:
+    (namespace, group, resource, name) of each AdmissionReview."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        ca = TestCA(tmp_path / "webhook-ca")
+        cert, key = ca.issue("webhook", ips=[HOST], dns=[])
+        self.ca_pem = ca.ca_file.read_text(encoding="utf-8")
+        self.seen: list[tuple[str, str, str, str]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                request = review["request"]
+                resource = request["resource"]
+                recorder.seen.append(
+                    (
+                        request.get("namespace", ""),
+                        resource["group"],
+                        resource["resource"],
+                        request.get("name", ""),
+                    )
+                )
+                body = json.dumps(
+                    {**review, "response": {"uid": request["uid"], "allowed": True}, "request": None}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://{HOST}:{self.server.server_address[1]}"
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Recorder]:
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join(timeout=10)
+
+
+def lease(name: str) -> client.V1Lease:
+    return client.V1Lease(
+        metadata=client.V1ObjectMeta(name=name), spec=client.V1LeaseSpec(holder_identity="node")
+    )
+
+
+def configmap(name: str) -> client.V1ConfigMap:
+    return client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data={"a": "b"})
+
+
+def event(name: str, namespace: str) -> client.CoreV1Event:
+    return client.CoreV1Event(
+        metadata=client.V1ObjectMeta(name=name),
+        involved_object=client.V1ObjectReference(kind="ConfigMap", name="x", namespace=namespace),
+        reason="Test",
+        message="test",
+        type="Normal",
+    )
+
+
+def test_the_api_server_never_sends_a_node_lease_an_event_or_the_releases_own_namespace_to_opa(
+    helm: Helm, kube: KubeCluster, k8s: client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    """The chart's webhook, created for real with a loopback URL and failurePolicy Fail, scoped by the
+    user's selector to this test's namespaces and kube-node-lease: the chart's exclusions still keep
+    kube-node-lease, the release's namespace, leases and events away; a ConfigMap elsewhere is sent."""
+    require_binaries("kubectl")
+    core = client.CoreV1Api(k8s)
+    leases = client.CoordinationV1Api(k8s)
+    release_ns = namespace_name("release")
+    core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=release_ns)), _request_timeout=API_TIMEOUT
+    )
+    recorder = Recorder(tmp_path)
+    scope = [namespace, release_ns, "kube-node-lease"]
+    values = {
+        "admissionController": {
+            "enabled": True,
+            "url": recorder.url,
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+            "namespaceSelector": {
+                "matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": scope}
+                ]
+            },
+        },
+        "generateCerts": False,
+        "CA": recorder.ca_pem,
+        "cert": "unused",
+        "key": "unused",
+    }
+    (config,) = helm.template(values, release="kopa", namespace=release_ns).of_kind(
+        "ValidatingWebhookConfiguration"
+    )
+    assert webhook_is_loopback(config), config
+    config["metadata"]["name"] = f"{release_ns}-kopa"
+    name = f"{release_ns}-kopa"
+    node_lease = f"kopa-test-node-{release_ns[-6:]}"
+    admin = kube.admin_kubeconfig
+    with recorder.running():
+        try:
+            created = run_kubectl(admin, "create", "-f", "-", stdin=yaml.safe_dump(config))
+            assert created.returncode == 0, created.stderr
+            # The webhook is in effect once a ConfigMap in scope reaches the recorder (the API server
+            # loads webhook configurations asynchronously).
+            probes = iter(range(1000))
+
+            def sent() -> bool:
+                core.create_namespaced_config_map(namespace, configmap(f"probe-{next(probes)}"))
+                return any(seen[2] == "configmaps" and seen[0] == namespace for seen in recorder.seen)
+
+            wait_until(sent, timeout=30, what="the webhook configuration in effect")
+            recorder.seen.clear()
+
+            leases.create_namespaced_lease("kube-node-lease", lease(node_lease))
+            leases.patch_namespaced_lease(
+                node_lease, "kube-node-lease", {"spec": {"holderIdentity": "again"}}
+            )
+            core.create_namespaced_config_map("kube-node-lease", configmap(node_lease))
+            core.create_namespaced_config_map(release_ns, configmap("opa-own"))
+            leases.create_namespaced_lease(namespace, lease("app-lease"))
+            core.create_namespaced_event(namespace, event("app-event", namespace))
+            # events.k8s.io/v1 (kubectl: the Python client rewrites eventTime's microseconds away).
+            event_v1 = {
+                "apiVersion": "events.k8s.io/v1",
+                "kind": "Event",
+                "metadata": {"name": "app-event-v1", "namespace": namespace},
+                "eventTime": "2026-01-01T00:00:00.000000Z",
+                "reportingController": "kopa.test/chart",
+                "reportingInstance": "test",
+                "action": "Test",
+                "reason": "Test",
+                "type": "Normal",
+                "regarding": {"kind": "ConfigMap", "name": "x", "namespace": namespace},
+            }
+            created = run_kubectl(admin, "create", "-f", "-", stdin=json.dumps(event_v1))
+            assert created.returncode == 0, created.stderr
+            assert recorder.seen == [], "sent to OPA: " + repr(recorder.seen)
+            core.create_namespaced_config_map(namespace, configmap("after"))
+            assert recorder.seen == [(namespace, "", "configmaps", "after")]
+        finally:
+            run_kubectl(admin, "delete", "validatingwebhookconfiguration", name, "--ignore-not-found")
+            with contextlib.suppress(client.ApiException):
+                leases.delete_namespaced_lease(node_lease, "kube-node-lease")
+            with contextlib.suppress(client.ApiException):
+                core.delete_namespaced_config_map(node_lease, "kube-node-lease")
+            with contextlib.suppress(client.ApiException):
+                core.delete_namespaced_config_map("opa-own", release_ns)
+            with contextlib.suppress(client.ApiException):
+                core.delete_namespace(release_ns)
