@@ -352,3 +352,60 @@ def test_the_api_server_never_sends_a_node_lease_an_event_or_the_releases_own_na
                 core.delete_namespaced_config_map("opa-own", release_ns)
             with contextlib.suppress(client.ApiException):
                 core.delete_namespace(release_ns)
+
+
+# --- 4. high availability ----------------------------------------------------------------------------------
+
+
+def test_defaults_spread_the_pods_and_never_block_a_drain_or_a_rollout(helm: Helm) -> None:
+    rendered = helm.template({"replicas": 3})
+    (spread,) = rendered.pod_spec["topologySpreadConstraints"]
+    assert spread == {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": rendered.deployment["spec"]["selector"]["matchLabels"]},
+        "matchLabelKeys": ["pod-template-hash"],
+    }
+    pdb = rendered.one("PodDisruptionBudget")["spec"]
+    assert pdb == {
+        "maxUnavailable": 1,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": {"matchLabels": rendered.deployment["spec"]["selector"]["matchLabels"]},
+    }
+    # OPA keeps answering after SIGTERM until the endpoints drop the pod, within the pod's grace period.
+    args = rendered.args("opa")
+    wait = int(next(a for a in args if a.startswith("--shutdown-wait-period=")).split("=")[1])
+    grace = int(next(a for a in args if a.startswith("--shutdown-grace-period=")).split("=")[1])
+    assert wait >= 5
+    assert wait + grace <= rendered.pod_spec["terminationGracePeriodSeconds"]
+    # With one replica the PDB still lets a drain evict the pod.
+    assert helm.template().one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_spread_and_pdb_of_the_users_replace_the_charts(helm: Helm) -> None:
+    zone = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+    rendered = helm.template(
+        {"replicas": 3, "topologySpreadConstraints": [zone], "podDisruptionBudget": {"minAvailable": 2}}
+    )
+    assert rendered.pod_spec["topologySpreadConstraints"] == [zone]
+    pdb = rendered.one("PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] == 2 and "maxUnavailable" not in pdb
+    assert not helm.template({"podDisruptionBudget": {"enabled": False}}).of_kind("PodDisruptionBudget")
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"podDisruptionBudget": {"minAvailable": 1}}, "would block every node drain"),
+        ({"replicas": 2, "podDisruptionBudget": {"minAvailable": 2}}, "would block every node drain"),
+        (
+            {"shutdownWaitPeriod": 25, "terminationGracePeriodSeconds": 30},
+            "exceed terminationGracePeriodSeconds",
+        ),
+    ],
+)
+def test_values_that_would_block_drains_or_cut_shutdown_short_are_refused(
+    helm: Helm, values: dict[str, Any], complaint: str
+) -> None:
+    assert complaint in refusal(helm, values)

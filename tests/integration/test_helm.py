@@ -320,6 +320,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert r.kinds() == [
             "ConfigMap",
             "Deployment",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Secret",
@@ -479,7 +480,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert dashboard["metadata"]["annotations"] == {"grafana_folder": "OPA"}
         assert json.loads(dashboard["data"]["kopa.json"])["uid"] == "kopa-overview"
-        assert r.one("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+        assert r.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
         config = yaml.safe_load(r.secret_data("kopa-config")["config.yaml"])
         assert config == {"decision_logs": {"console": True}}
         assert "--config-file=/config/config.yaml" in r.args("opa")
