@@ -409,3 +409,21 @@ def test_values_that_would_block_drains_or_cut_shutdown_short_are_refused(
     helm: Helm, values: dict[str, Any], complaint: str
 ) -> None:
     assert complaint in refusal(helm, values)
+
+
+# --- 10. a ServiceMonitor with nothing to scrape -----------------------------------------------------------
+
+
+def test_a_service_monitor_with_nothing_to_scrape_is_refused(helm: Helm) -> None:
+    values = {
+        "serviceMonitor": {"enabled": True},
+        "mgmt": {"enabled": False},
+        "prometheus": {"enabled": False},
+    }
+    message = refusal(helm, values)
+    assert "serviceMonitor.enabled has nothing to scrape" in message and "prometheus.enabled=true" in message
+    values["prometheus"] = {"enabled": True}
+    rendered = helm.template(values)
+    (endpoint,) = rendered.one("ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == "opa-metrics"
+    assert [p["name"] for p in rendered.one("Service", "kopa-metrics")["spec"]["ports"]] == ["opa-metrics"]
