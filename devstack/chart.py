@@ -40,6 +40,7 @@ __all__ = [
     "container",
     "flag_values",
     "opa_image_tag",
+    "parse_quantity",
     "rbac_objects",
 ]
 
@@ -219,6 +220,23 @@ class Rendered:
         return decoded
 
 
+_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1,
+}  # fmt: skip
+
+
+def parse_quantity(quantity: str) -> int:
+    """A Kubernetes quantity ("512Mi", "1G", "2") as a whole number, rounded up as the kubelet does."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", quantity.strip())
+    if match is None:
+        raise ChartError(f"not a quantity LocalPod understands: {quantity!r}")
+    number, suffix = float(match.group(1)), match.group(2) or ""
+    if suffix == "m":
+        return -(-int(number) // 1000)
+    return int(-(-number * _SUFFIXES[suffix] // 1))
+
+
 def container(pod_spec: Mapping[str, Any], name: str) -> Obj:
     for item in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
         if item["name"] == name:
@@ -319,11 +337,22 @@ class LocalPod:
         return [self.localize(container_name, arg) for arg in self.rendered.args(container_name)]
 
     def env(self, container_name: str) -> dict[str, str]:
+        """The container's environment: literal values, and a resourceFieldRef to a limit (in bytes or
+        cores, as the kubelet gives it with divisor 1), which is left out when no limit is set (the kubelet
+        would give the node's capacity)."""
         values = {}
         for var in self.rendered.container(container_name).get("env", []):
-            if "value" not in var:
-                raise ChartError(f"LocalPod supports literal env values only, not {var}")
-            values[var["name"]] = self.localize(container_name, str(var["value"]))
+            if "value" in var:
+                values[var["name"]] = self.localize(container_name, str(var["value"]))
+                continue
+            ref = var.get("valueFrom", {}).get("resourceFieldRef")
+            if ref is None or str(ref.get("divisor", "1")) != "1":
+                raise ChartError(f"LocalPod supports literal values and resourceFieldRef only, not {var}")
+            owner = self.rendered.container(ref.get("containerName", container_name))
+            kind, _, resource = str(ref["resource"]).partition(".")
+            quantity = owner.get("resources", {}).get(kind, {}).get(resource)
+            if quantity is not None:
+                values[var["name"]] = str(parse_quantity(str(quantity)))
         return values
 
     def port(self, container_port: int) -> int:

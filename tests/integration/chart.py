@@ -19,6 +19,7 @@ from devstack.chart import (
     Rendered,
     container,
     opa_image_tag,
+    parse_quantity,
     rbac_objects,
 )
 from tests.conftest import require_binaries
@@ -36,6 +37,7 @@ __all__ = [
     "exposed",
     "metric_families",
     "opa_image_tag",
+    "parse_quantity",
     "rbac_objects",
 ]
 

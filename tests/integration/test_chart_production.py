@@ -28,7 +28,7 @@ from devstack.demo import run_kubectl, webhook_is_loopback
 from devstack.kube import KubeCluster
 from devstack.processes import HOST, wait_until
 from tests.conftest import API_TIMEOUT, namespace_name, require_binaries
-from tests.integration.chart import CHART, Helm, HelmError, Rendered
+from tests.integration.chart import CHART, Helm, HelmError, LocalPod, Rendered, parse_quantity
 
 pytestmark = pytest.mark.integration
 
@@ -427,3 +427,40 @@ def test_a_service_monitor_with_nothing_to_scrape_is_refused(helm: Helm) -> None
     (endpoint,) = rendered.one("ServiceMonitor")["spec"]["endpoints"]
     assert endpoint["port"] == "opa-metrics"
     assert [p["name"] for p in rendered.one("Service", "kopa-metrics")["spec"]["ports"]] == ["opa-metrics"]
+
+
+# --- 7. memory ---------------------------------------------------------------------------------------------
+
+
+def test_every_container_has_memory_requests_and_limits_and_opa_a_gomemlimit(
+    helm: Helm, tmp_path: Path
+) -> None:
+    rendered = helm.template()
+    for item in rendered.containers():
+        resources = item["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]), item["name"]
+        assert "memory" in resources["limits"], item["name"]
+        assert parse_quantity(resources["limits"]["memory"]) >= parse_quantity(
+            resources["requests"]["memory"]
+        )
+    (gomemlimit,) = [e for e in rendered.container("opa")["env"] if e["name"] == "GOMEMLIMIT"]
+    assert gomemlimit["valueFrom"] == {
+        "resourceFieldRef": {"containerName": "opa", "resource": "limits.memory", "divisor": "1"}
+    }
+    # What the kubelet gives OPA: the limit in bytes, a number Go's runtime reads as bytes.
+    assert LocalPod(rendered, tmp_path / "pod").env("opa")["GOMEMLIMIT"] == str(2**30)
+    # A limit of the user's is followed; without one the variable is left to the node's capacity.
+    mine = helm.template(
+        {"resources": {"limits": {"memory": "768Mi"}}, "extraEnv": [{"name": "A", "value": "b"}]}
+    )
+    assert LocalPod(mine, tmp_path / "mine").env("opa") == {"GOMEMLIMIT": str(768 * 2**20), "A": "b"}
+    unlimited = helm.template({"resources": {"limits": None}})
+    assert "limits" not in unlimited.container("opa")["resources"]
+    assert "GOMEMLIMIT" not in LocalPod(unlimited, tmp_path / "unlimited").env("opa")
+
+
+@pytest.mark.parametrize(
+    ("quantity", "value"), [("1Gi", 2**30), ("512Mi", 2**29), ("1G", 10**9), ("1500m", 2), ("64", 64)]
+)
+def test_quantities_read_as_the_kubelet_gives_them(quantity: str, value: int) -> None:
+    assert parse_quantity(quantity) == value
