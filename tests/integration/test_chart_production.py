@@ -47,7 +47,7 @@ def refusal(helm: Helm, values: dict[str, Any], *, image: bool = True) -> str:
     return refused.value.result.stderr
 
 
-# --- 1. the image ------------------------------------------------------------------------------------------
+# --- 1. the image -------------------------------------------------------------------------------------------
 
 
 def test_the_kopa_image_is_required_and_the_message_says_how_to_make_it(helm: Helm) -> None:
@@ -104,7 +104,7 @@ def notes(kube: KubeCluster, tmp_path: Path, values: dict[str, Any], namespace: 
     return text
 
 
-# --- 3. webhook safety -------------------------------------------------------------------------------------
+# --- 3. webhook safety --------------------------------------------------------------------------------------
 
 CHART_CONDITIONS = [
     {
@@ -354,7 +354,7 @@ def test_the_api_server_never_sends_a_node_lease_an_event_or_the_releases_own_na
                 core.delete_namespace(release_ns)
 
 
-# --- 4. high availability ----------------------------------------------------------------------------------
+# --- 4. high availability -----------------------------------------------------------------------------------
 
 
 def test_defaults_spread_the_pods_and_never_block_a_drain_or_a_rollout(helm: Helm) -> None:
@@ -411,7 +411,7 @@ def test_values_that_would_block_drains_or_cut_shutdown_short_are_refused(
     assert complaint in refusal(helm, values)
 
 
-# --- 10. a ServiceMonitor with nothing to scrape -----------------------------------------------------------
+# --- 10. a ServiceMonitor with nothing to scrape ------------------------------------------------------------
 
 
 def test_a_service_monitor_with_nothing_to_scrape_is_refused(helm: Helm) -> None:
@@ -429,7 +429,7 @@ def test_a_service_monitor_with_nothing_to_scrape_is_refused(helm: Helm) -> None
     assert [p["name"] for p in rendered.one("Service", "kopa-metrics")["spec"]["ports"]] == ["opa-metrics"]
 
 
-# --- 7. memory ---------------------------------------------------------------------------------------------
+# --- 7. memory ----------------------------------------------------------------------------------------------
 
 
 def test_every_container_has_memory_requests_and_limits_and_opa_a_gomemlimit(
@@ -464,3 +464,32 @@ def test_every_container_has_memory_requests_and_limits_and_opa_a_gomemlimit(
 )
 def test_quantities_read_as_the_kubelet_gives_them(quantity: str, value: int) -> None:
     assert parse_quantity(quantity) == value
+
+
+# --- 8. GitOps: tls.existingSecret --------------------------------------------------------------------------
+
+
+def test_with_an_existing_tls_secret_every_render_is_the_same(helm: Helm) -> None:
+    """Argo CD renders with `helm template` on every sync: generateCerts makes a new CA each time (the
+    pods would restart on every sync); tls.existingSecret (or cert-manager) renders the same bytes."""
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    values = {"tls": {"existingSecret": "opa-tls"}, "CA": ca, "admissionController": {"enabled": True}}
+    assert helm.template(values).text == helm.template(values).text
+    assert helm.template(values={}).text != helm.template(values={}).text, (
+        "generateCerts: a new CA each render"
+    )
+    certificate = {"certManager": {"enabled": True}, "admissionController": {"enabled": True}}
+    assert helm.template(certificate).text == helm.template(certificate).text
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"tls": {"existingSecret": "opa-tls"}, "admissionController": {"enabled": True}}, "needs CA"),
+        ({"tls": {"existingSecret": "opa-tls"}, "certManager": {"enabled": True}}, "choose one"),
+    ],
+)
+def test_an_existing_tls_secret_needs_its_ca_for_the_webhook_and_excludes_cert_manager(
+    helm: Helm, values: dict[str, Any], complaint: str
+) -> None:
+    assert complaint in refusal(helm, values)

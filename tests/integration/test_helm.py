@@ -91,6 +91,7 @@ CASES = [
     "cert-manager-issuer",
     "existing-token",
     "user-certs",
+    "existing-tls",
     "observability",
     "mgmt-off",
 ]
@@ -121,6 +122,11 @@ def case_values(case: str, namespace: str, user_tls: dict[str, str]) -> dict[str
         },
         "existing-token": {"authz": {"mgmtToken": {"secretName": "opa-token", "secretKey": "token"}}},
         "user-certs": {"generateCerts": False, **user_tls},
+        "existing-tls": {
+            "tls": {"existingSecret": "opa-tls"},
+            "CA": user_tls["CA"],
+            "admissionController": {"enabled": True},
+        },
         "observability": {
             "serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"}},
             "prometheus": {"enabled": True},
@@ -257,7 +263,7 @@ def check_invariants(r: Rendered) -> None:
         if "secret" in volume:
             name = volume["secret"]["secretName"]
             certificates = [c["spec"]["secretName"] for c in r.of_kind("Certificate")]
-            assert r.find("Secret", name) or name in certificates or name == "opa-token", volume
+            assert r.find("Secret", name) or name in certificates or name in ("opa-token", "opa-tls"), volume
     opa_args = r.args("opa")
     assert opa_args[:2] == ["run", "--server"]
     (addr,) = r.flag_values("opa", "addr")
@@ -310,7 +316,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
     ns = r.namespace
     bootstrap = r.one("ConfigMap", "kopa-bootstrap")["data"]
     webhooks = r.of_kind("ValidatingWebhookConfiguration") + r.of_kind("MutatingWebhookConfiguration")
-    if case not in ("webhook-on", "webhook-url", "cert-manager"):
+    if case not in ("webhook-on", "webhook-url", "cert-manager", "existing-tls"):
         assert webhooks == [], "the webhook is off by default"
     if case in ("defaults", "two-namespaces", "authz-off", "https-off", "existing-token", "user-certs"):
         assert not r.of_kind("ClusterRole"), (
@@ -456,6 +462,13 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert secret["ca.crt"].decode() == user_tls["CA"]
         assert secret["tls.crt"].decode() == user_tls["cert"]
         assert secret["tls.key"].decode() == user_tls["key"]
+    elif case == "existing-tls":
+        assert not r.of_kind("Secret"), "the chart makes no certificate"
+        certs = next(v for v in r.pod_spec["volumes"] if v["name"] == "certs")
+        assert certs["secret"] == {"secretName": "opa-tls"}
+        (webhook,) = r.one("ValidatingWebhookConfiguration")["webhooks"]
+        assert base64.b64decode(webhook["clientConfig"]["caBundle"]).decode() == user_tls["CA"]
+        assert "--tls-cert-refresh-period=1h" in r.args("opa"), "a renewed certificate is picked up"
     elif case == "observability":
         monitor = r.one("ServiceMonitor")
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -561,7 +574,7 @@ def test_dashboard_charts_every_kopa_metric_and_nothing_else() -> None:
 SECTIONS = {
     "", "image", "authz", "prometheus", "mgmt", "mgmt.replicate", "certManager", "admissionController",
     "rbac", "serviceAccount", "service", "serviceMonitor", "grafanaDashboard", "podDisruptionBudget",
-    "hostNetwork",
+    "hostNetwork", "tls",
 }  # fmt: skip
 
 
