@@ -284,6 +284,12 @@ class LocalPod:
         files: dict[str, bytes]
         if "emptyDir" in volume:
             return path
+        if "projected" in volume and all(
+            "serviceAccountToken" in src or "configMap" in src or "downwardAPI" in src
+            for src in volume["projected"]["sources"]
+        ):
+            # The kubelet's API credentials: left empty here, where kopa is given a kubeconfig instead.
+            return path
         if "configMap" in volume:
             source = self.rendered.one("ConfigMap", volume["configMap"]["name"])
             files = {k: str(v).encode() for k, v in (source.get("data") or {}).items()}

@@ -493,3 +493,33 @@ def test_an_existing_tls_secret_needs_its_ca_for_the_webhook_and_excludes_cert_m
     helm: Helm, values: dict[str, Any], complaint: str
 ) -> None:
     assert complaint in refusal(helm, values)
+
+
+# --- 5. the API token for kopa's container only ----------------------------------------------------------
+
+
+def test_only_kopas_container_gets_a_projected_expiring_token(helm: Helm) -> None:
+    rendered = helm.template()
+    assert rendered.pod_spec["automountServiceAccountToken"] is False
+    (volume,) = [v for v in rendered.pod_spec["volumes"] if v["name"] == "kube-api-access"]
+    sources = volume["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}
+    assert sources[1]["configMap"] == {
+        "name": "kube-root-ca.crt",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
+    assert sources[2]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    for item in rendered.containers():
+        mounts = [m for m in item.get("volumeMounts", []) if m["name"] == "kube-api-access"]
+        if item["name"] == "mgmt":
+            assert mounts == [
+                {
+                    "name": "kube-api-access",
+                    "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                    "readOnly": True,
+                }
+            ]
+        else:
+            assert mounts == [], f"{item['name']} must not get kopa's API credentials"
+    off = helm.template({"mgmt": {"enabled": False}})
+    assert not [v for v in off.pod_spec["volumes"] if v["name"] == "kube-api-access"]

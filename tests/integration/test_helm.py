@@ -296,7 +296,7 @@ def check_invariants(r: Rendered) -> None:
     assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert "kopa-health.rego" in r.one("ConfigMap", "kopa-bootstrap")["data"]
     assert r.pod_spec["serviceAccountName"] == "kopa"
-    assert r.pod_spec["automountServiceAccountToken"] is True
+    assert r.pod_spec["automountServiceAccountToken"] is False, "only kopa's container gets a token"
     (namespaces,) = r.flag_values("mgmt", "namespaces")
     assert namespaces
 
