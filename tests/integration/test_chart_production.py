@@ -495,7 +495,7 @@ def test_an_existing_tls_secret_needs_its_ca_for_the_webhook_and_excludes_cert_m
     assert complaint in refusal(helm, values)
 
 
-# --- 5. the API token for kopa's container only ----------------------------------------------------------
+# --- 5. the API token for kopa's container only -------------------------------------------------------------
 
 
 def test_only_kopas_container_gets_a_projected_expiring_token(helm: Helm) -> None:
@@ -523,3 +523,26 @@ def test_only_kopas_container_gets_a_projected_expiring_token(helm: Helm) -> Non
             assert mounts == [], f"{item['name']} must not get kopa's API credentials"
     off = helm.template({"mgmt": {"enabled": False}})
     assert not [v for v in off.pod_spec["volumes"] if v["name"] == "kube-api-access"]
+
+
+# --- 6. NetworkPolicy and open doors ------------------------------------------------------------------------
+
+
+def test_network_policy_is_off_by_default_and_open_to_the_webhook_when_on(helm: Helm) -> None:
+    assert not helm.template().of_kind("NetworkPolicy")
+    policy = helm.template({"networkPolicy": {"enabled": True}}).one("NetworkPolicy")["spec"]
+    assert policy["ingress"] == [{"ports": [{"port": "opa", "protocol": "TCP"}]}], (
+        "OPA's port from anywhere (the API server), metrics from no one but the node"
+    )
+
+
+def test_notes_warn_about_an_open_api_and_cluster_wide_configmap_patch(
+    kube: KubeCluster, tmp_path: Path
+) -> None:
+    open_api = notes(kube, tmp_path, {"authz": {"enabled": False}})
+    assert "WARNING: authz.enabled=false: OPA's API is open" in open_api, open_api
+    assert "networkPolicy.enabled" in open_api
+    everywhere = notes(kube, tmp_path, {"mgmt": {"namespaces": ["*"]}})
+    assert "patch every ConfigMap in the cluster, kube-system" in everywhere, everywhere
+    default = notes(kube, tmp_path, {})
+    assert "WARNING" not in default and "NOTE:" not in default, default

@@ -92,6 +92,7 @@ CASES = [
     "existing-token",
     "user-certs",
     "existing-tls",
+    "network-policy",
     "observability",
     "mgmt-off",
 ]
@@ -122,6 +123,14 @@ def case_values(case: str, namespace: str, user_tls: dict[str, str]) -> dict[str
         },
         "existing-token": {"authz": {"mgmtToken": {"secretName": "opa-token", "secretKey": "token"}}},
         "user-certs": {"generateCerts": False, **user_tls},
+        "network-policy": {
+            "networkPolicy": {
+                "enabled": True,
+                "opaFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+            },
+            "prometheus": {"enabled": True},
+        },
         "existing-tls": {
             "tls": {"existingSecret": "opa-tls"},
             "CA": user_tls["CA"],
@@ -462,6 +471,19 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert secret["ca.crt"].decode() == user_tls["CA"]
         assert secret["tls.crt"].decode() == user_tls["cert"]
         assert secret["tls.key"].decode() == user_tls["key"]
+    elif case == "network-policy":
+        policy = r.one("NetworkPolicy")["spec"]
+        assert policy["podSelector"] == r.deployment["spec"]["selector"]
+        assert policy["policyTypes"] == ["Ingress"]
+        opa_rule, metrics_rule = policy["ingress"]
+        assert opa_rule == {
+            "ports": [{"port": "opa", "protocol": "TCP"}],
+            "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+        }
+        assert [p["port"] for p in metrics_rule["ports"]] == ["health", "diag"]
+        assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+        names = {p["name"] for c in r.containers() for p in c.get("ports", [])}
+        assert {"opa", "health", "diag"} <= names, "the policy's named ports exist"
     elif case == "existing-tls":
         assert not r.of_kind("Secret"), "the chart makes no certificate"
         certs = next(v for v in r.pod_spec["volumes"] if v["name"] == "certs")
@@ -574,7 +596,7 @@ def test_dashboard_charts_every_kopa_metric_and_nothing_else() -> None:
 SECTIONS = {
     "", "image", "authz", "prometheus", "mgmt", "mgmt.replicate", "certManager", "admissionController",
     "rbac", "serviceAccount", "service", "serviceMonitor", "grafanaDashboard", "podDisruptionBudget",
-    "hostNetwork", "tls",
+    "hostNetwork", "tls", "networkPolicy",
 }  # fmt: skip
 
 
