@@ -530,7 +530,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert not [
             o for o in r.objects if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
         ]
-        assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health?plugins"
         assert r.pod_spec["automountServiceAccountToken"] is False
         assert "kopa-health.rego" not in bootstrap
 
