@@ -546,3 +546,53 @@ def test_notes_warn_about_an_open_api_and_cluster_wide_configmap_patch(
     assert "patch every ConfigMap in the cluster, kube-system" in everywhere, everywhere
     default = notes(kube, tmp_path, {})
     assert "WARNING" not in default and "NOTE:" not in default, default
+
+
+# --- 9. the Grafana dashboard -------------------------------------------------------------------------------
+
+DASHBOARD = CHART / "dashboards" / "kopa.json"
+# A metric selector in a PromQL expression: a metric name and its {...} matchers.
+SELECTOR = re.compile(r"\b((?:kopa|workqueue)_[a-z0-9_]+)(\{[^}]*\})?")
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return loaded
+
+
+def test_every_query_selects_only_the_series_of_kopas_pods() -> None:
+    """workqueue_* is also what every client-go controller exports: each query must select by the pod
+    variable, whose values (All included) come from a metric only kopa has."""
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    for name in ("namespace", "pod"):
+        variable = variables[name]
+        assert "allValue" not in variable, f"${name}'s All must mean the listed values, not .*"
+        assert variable["query"]["query"].startswith("label_values(kopa_ready"), variable["query"]
+    targets = [t for p in board["panels"] if p["type"] != "row" for t in p["targets"]]
+    assert targets
+    for target in targets:
+        selectors = SELECTOR.findall(target["expr"])
+        assert selectors, target["expr"]
+        for metric, matchers in selectors:
+            assert 'namespace=~"$namespace"' in matchers and 'pod=~"$pod"' in matchers, (
+                metric,
+                target["expr"],
+            )
+
+
+def test_stat_panels_do_not_count_a_replicated_gauge_once_per_pod() -> None:
+    for panel in dashboard()["panels"]:
+        if panel["type"] != "stat":
+            continue
+        for target in panel["targets"]:
+            expr = target["expr"]
+            gauge = not re.search(r"_total\b", expr)
+            if gauge:
+                assert not expr.startswith("sum("), (panel["title"], expr)
+
+
+def test_the_dashboard_shows_readiness_and_opa_up_per_pod() -> None:
+    exprs = {p["title"]: p["targets"][0]["expr"] for p in dashboard()["panels"] if p["type"] == "timeseries"}
+    assert exprs["kopa ready, by pod"].startswith("max by (pod) (kopa_ready{")
+    assert exprs["OPA up, by pod"].startswith("max by (pod) (kopa_opa_up{")

@@ -61,7 +61,8 @@ KOPA_METRICS = {
     "workqueue_longest_running_processor_seconds", "workqueue_retries_total", "kopa_opa_requests_total",
     "kopa_opa_request_duration_seconds", "kopa_updates_coalesced_total", "kopa_watch_restarts_total",
     "kopa_replicated_objects", "kopa_policies_loaded", "kopa_policies_failed", "kopa_data_documents_loaded",
-    "kopa_full_syncs_total", "kopa_last_full_sync_timestamp_seconds", "kopa_opa_restarts_total",
+    "kopa_full_syncs_total", "kopa_last_full_sync_timestamp_seconds", "kopa_opa_restarts_total", "kopa_ready",
+    "kopa_opa_up",
 }  # fmt: skip
 
 REPLICATION = {
