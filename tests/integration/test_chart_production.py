@@ -596,3 +596,276 @@ def test_the_dashboard_shows_readiness_and_opa_up_per_pod() -> None:
     exprs = {p["title"]: p["targets"][0]["expr"] for p in dashboard()["panels"] if p["type"] == "timeseries"}
     assert exprs["kopa ready, by pod"].startswith("max by (pod) (kopa_ready{")
     assert exprs["OPA up, by pod"].startswith("max by (pod) (kopa_opa_up{")
+
+
+# --- 2. opa-kube-mgmt's values ------------------------------------------------------------------------------
+
+# opa-kube-mgmt 11.0.7's values files, as fixtures of this test: the same keys and values (its default
+# values.yaml, then its e2e directories' values.yaml).
+KUBE_MGMT_DEFAULTS: dict[str, Any] = {
+    "opa": {},
+    "certManager": {
+        "enabled": False,
+        "rootCACertificateDuration": "43800h",
+        "servingCertificateDuration": "8760h",
+    },
+    "prometheus": {"enabled": False, "port": 8182},
+    "serviceMonitor": {"enabled": False, "interval": "15s", "additionalLabels": {}},
+    "service": {"annotations": {}},
+    "annotations": {},
+    "bootstrapPolicies": {},
+    "admissionController": {
+        "enabled": False,
+        "kind": "ValidatingWebhookConfiguration",
+        "failurePolicy": "Ignore",
+        "namespaceSelector": {
+            "matchExpressions": [
+                {"key": "openpolicyagent.org/webhook", "operator": "NotIn", "values": ["ignore"]}
+            ]
+        },
+        "sideEffect": "None",
+        "rules": [{"operations": ["*"], "apiGroups": ["*"], "apiVersions": ["*"], "resources": ["*"]}],
+    },
+    "generateCerts": True,
+    "CA": "",
+    "cert": "",
+    "key": "",
+    "podDisruptionBudget": {"enabled": False, "minAvailable": 1},
+    "authz": {"enabled": True},
+    "hostNetwork": {"enabled": False},
+    "image": {"repository": "openpolicyagent/opa", "tag": "1.16.1", "pullPolicy": "IfNotPresent"},
+    "imagePullSecrets": [],
+    "useHttps": True,
+    "port": 8181,
+    "extraArgs": [],
+    "extraEnv": [],
+    "mgmt": {
+        "enabled": True,
+        "image": {"repository": "openpolicyagent/kube-mgmt", "tag": "", "pullPolicy": "IfNotPresent"},
+        "extraArgs": [],
+        "extraEnv": [],
+        "resources": {},
+        "namespaces": [],
+        "startupProbe": {
+            "failureThreshold": 5,
+            "httpGet": {"path": "/health", "port": 8181, "scheme": "HTTPS"},
+            "initialDelaySeconds": 20,
+            "successThreshold": 1,
+            "timeoutSeconds": 10,
+        },
+        "data": {"enabled": True},
+        "policies": {"enabled": True},
+        "replicate": {"cluster": [], "namespace": [], "path": "kubernetes", "ignoreNs": [], "auto": False},
+    },
+    "logLevel": "info",
+    "logFormat": "json",
+    "replicas": 1,
+    "affinity": {},
+    "tolerations": [],
+    "nodeSelector": {},
+    "topologySpreadConstraints": [],
+    "resources": {},
+    "rbac": {"create": True, "extraRules": []},
+    "serviceAccount": {"create": True, "annotations": {}, "name": None},
+    "sar": {
+        "enabled": False,
+        "image": {"repository": "lachlanevenson/k8s-kubectl", "tag": "latest", "pullPolicy": "IfNotPresent"},
+        "resources": {},
+    },
+    "securityContext": {"enabled": False, "runAsNonRoot": True, "runAsUser": 1},
+    "deploymentStrategy": {},
+    "extraContainers": [],
+    "extraVolumes": [],
+    "extraVolumeMounts": [],
+    "extraPorts": [],
+}
+PLAIN = {"useHttps": False, "opa": None, "authz": {"enabled": False}}
+HTTP_STARTUP = {"startupProbe": {"httpGet": {"scheme": "HTTP"}}}
+SERVICES_RULE = [{"apiGroups": [""], "resources": ["services"], "verbs": ["*"]}]
+KUBE_MGMT_E2E: dict[str, dict[str, Any]] = {
+    "custom_config": {
+        "opa": {
+            "services": {"controller": {"url": "https://www.openpolicyagent.org"}},
+            "bundles": {
+                "quickstart": {
+                    "service": "controller",
+                    "resource": "/external-resources/bundles/helm-kubernetes-quickstart",
+                }
+            },
+            "default_decision": "/helm_kubernetes_quickstart/main",
+        }
+    },
+    "custom_mgmt_token": {
+        "e2eMgmtTokenSecret": True,
+        "opa": {"replicas": 2},
+        "authz": {"enabled": True, "mgmtToken": {"secretName": "mgmt-token-secret"}},
+    },
+    "default": {},
+    "labels": {
+        **PLAIN,
+        "mgmt": {
+            **HTTP_STARTUP,
+            "extraArgs": [
+                "--policy-label=qweqwe/policy",
+                "--policy-value=111",
+                "--data-label=asdasd/data",
+                "--data-value=222",
+                "--log-level=debug",
+            ],
+        },
+    },
+    "multi": {**PLAIN, "mgmt": {**HTTP_STARTUP, "extraArgs": ["--log-level=debug"]}},
+    "replicate": {
+        **PLAIN,
+        "mgmt": {
+            "data": {"enabled": False},
+            "policies": {"enabled": False},
+            **HTTP_STARTUP,
+            "replicate": {"ignoreNs": ["ignore-me"], "namespace": ["v1/services"]},
+            "extraArgs": ["--log-level=debug"],
+        },
+        "rbac": {"extraRules": SERVICES_RULE},
+    },
+    "replicate_auto": {
+        **PLAIN,
+        "opa": {"bundles": {"test": {"resource": "file:///bundle/bundle.tar.gz"}}},
+        "mgmt": {
+            "data": {"enabled": False},
+            "policies": {"enabled": False},
+            **HTTP_STARTUP,
+            "replicate": {"ignoreNs": ["ignore-me"], "auto": True},
+            "extraArgs": ["--log-level=debug"],
+        },
+        "rbac": {"extraRules": SERVICES_RULE},
+        "extraVolumes": [{"name": "bundle-vol", "configMap": {"name": "bundle"}}],
+        "extraVolumeMounts": [{"name": "bundle-vol", "mountPath": "/bundle"}],
+    },
+}
+# What a platform team runs: HA, a failing-closed webhook, cert-manager, monitoring, replication, and rules
+# written for kube-mgmt's pods (app: <fullname>).
+PRODUCTION: dict[str, Any] = {
+    "replicas": 3,
+    "mgmt": {
+        "namespaces": ["opa", "policies"],
+        "replicate": {"cluster": ["v1/namespaces"], "namespace": ["networking.k8s.io/v1/ingresses"]},
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    },
+    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+    "admissionController": {"enabled": True, "failurePolicy": "Fail", "timeoutSeconds": 5},
+    "certManager": {"enabled": True},
+    "prometheus": {"enabled": True},
+    "serviceMonitor": {"enabled": True, "additionalLabels": {"release": "kube-prometheus-stack"}},
+    "grafanaDashboard": {"enabled": True},
+    "networkPolicy": {
+        "enabled": True,
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+    },
+    "priorityClassName": "system-cluster-critical",
+    "affinity": {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {
+                        "matchExpressions": [{"key": "app", "operator": "In", "values": ["opa-kopa"]}]
+                    },
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
+    },
+    "service": {"trafficDistribution": "PreferClose"},
+    "extraVolumes": [{"name": "ca-bundle", "configMap": {"name": "corporate-ca"}}],
+    "extraVolumeMounts": [{"name": "ca-bundle", "mountPath": "/etc/corporate-ca", "readOnly": True}],
+}
+KOPA_IMAGE = {"mgmt": {"image": {"repository": "registry.example.com/kopa", "tag": "0.1.0"}}}
+
+
+def kube_mgmt_cases() -> dict[str, list[dict[str, Any]]]:
+    """Values files in helm's order: kube-mgmt's defaults, then an e2e file, then the kopa image."""
+    cases = {
+        f"e2e-{name}": [KUBE_MGMT_DEFAULTS, values, KOPA_IMAGE] for name, values in KUBE_MGMT_E2E.items()
+    }
+    cases["defaults"] = [KUBE_MGMT_DEFAULTS, KOPA_IMAGE]
+    cases["production"] = [PRODUCTION, KOPA_IMAGE]
+    return cases
+
+
+def render_files(
+    helm: Helm, files: list[dict[str, Any]], namespace: str = "opa", release: str = "opa"
+) -> Rendered:
+    paths = [helm.values_file(values, f"file{i}") for i, values in enumerate(files)]
+    return helm.template(release=release, namespace=namespace, values_files=paths, image=False)
+
+
+def test_kube_mgmts_default_values_name_its_image_and_are_refused_with_what_to_set(helm: Helm) -> None:
+    with pytest.raises(HelmError) as refused:
+        render_files(helm, [KUBE_MGMT_DEFAULTS])
+    message = refused.value.result.stderr
+    assert (
+        "openpolicyagent/kube-mgmt, kube-mgmt's image" in message and "Set mgmt.image.repository" in message
+    )
+
+
+@pytest.mark.parametrize("case", sorted(kube_mgmt_cases()))
+def test_kube_mgmt_values_render_and_pass_server_side_dry_run(
+    helm: Helm, kube: KubeCluster, namespace: str, case: str
+) -> None:
+    require_binaries("kubectl")
+    # The production file's watched namespaces, as namespaces this API server has.
+    here = {"mgmt": {"namespaces": [namespace, "default"]}} if case == "production" else {}
+    rendered = render_files(helm, [*kube_mgmt_cases()[case], here], namespace=namespace)
+    assert rendered.container("mgmt")["image"] == "registry.example.com/kopa:0.1.0"
+    checked = [
+        o
+        for o in rendered.objects
+        if o["apiVersion"].split("/")[0] not in ("monitoring.coreos.com", "cert-manager.io")
+        and o["kind"] not in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
+    ]
+    webhooks = [o for o in rendered.objects if o["kind"].endswith("WebhookConfiguration")]
+    manifest = yaml.safe_dump_all(checked + webhooks, sort_keys=False)
+    # --dry-run=server: the webhook names a Service, so it is never created.
+    result = run_kubectl(
+        kube.admin_kubeconfig, "create", "--dry-run=server", "-o", "name", "-f", "-", stdin=manifest
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) == len(checked) + len(webhooks)
+
+
+def test_kube_mgmt_values_are_implemented_or_warned_about(
+    helm: Helm, kube: KubeCluster, tmp_path: Path
+) -> None:
+    auto = render_files(helm, kube_mgmt_cases()["e2e-replicate_auto"])
+    bundle_mount = {"name": "bundle-vol", "mountPath": "/bundle"}
+    assert bundle_mount in auto.container("opa")["volumeMounts"]
+    assert bundle_mount in auto.container("mgmt")["volumeMounts"], "extraVolumeMounts reach kopa too"
+    production = render_files(helm, kube_mgmt_cases()["production"])
+    assert production.one("Service", "opa-kopa")["spec"]["trafficDistribution"] == "PreferClose"
+    assert production.one("Service", "opa-kopa")["spec"]["ports"][0]["port"] == 8181, "kube-mgmt's port"
+    labels = production.deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["app"] == "opa-kopa", "kube-mgmt's label: rules written for its pods match"
+    assert "app" not in production.deployment["spec"]["selector"]["matchLabels"]
+    webhook = webhook_of(production)
+    assert webhook["timeoutSeconds"] == 5
+    dns = helm.template(
+        {"dnsPolicyOverride": "Default", "timeoutSeconds": 7, "admissionController": {"enabled": True}}
+    )
+    assert dns.pod_spec["dnsPolicy"] == "Default"
+    assert webhook_of(dns)["timeoutSeconds"] == 7, "kube-mgmt's top-level timeoutSeconds wins when set"
+    warned = notes(
+        kube,
+        tmp_path,
+        {
+            "mgmt": {"replicate": {"auto": True}, "startupProbe": KUBE_MGMT_DEFAULTS["mgmt"]["startupProbe"]},
+            "sar": {"enabled": True},
+            "e2eMgmtTokenSecret": True,
+        },
+    )
+    for warning in (
+        "mgmt.replicate.auto is ignored",
+        "sar.enabled is ignored",
+        "e2eMgmtTokenSecret",
+        "probes port 8181",
+    ):
+        assert warning in warned, warned

@@ -197,7 +197,6 @@ def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> 
         ({"mgmt": {"namespaces": ["Not_A_Namespace"]}}, "namespaces"),
         ({"mgmt": {"replicate": {"namespace": ["services"]}}}, "namespace"),
         ({"mgmt": {"replicate": {"cluster": "v1/namespaces"}}}, "cluster"),
-        ({"mgmt": {"replicate": {"auto": True}}}, "auto"),
         ({"mgmt": {"logLevel": "loud"}}, "logLevel"),
         ({"mgmt": {"healthPort": 70000}}, "healthPort"),
         ({"admissionController": {"url": "http://opa.example.com"}}, "url"),
@@ -428,7 +427,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert webhook["clientConfig"]["service"] == {
             "name": "kopa",
             "namespace": ns,
-            "port": 443,
+            "port": 8181,
             "path": "/",
         }
         assert webhook["failurePolicy"] == "Ignore"
