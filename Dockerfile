@@ -14,6 +14,9 @@
 #
 # The base is Debian slim because the Helm chart's init container runs /bin/sh and coreutils from this image.
 
+# By tag; for reproducible builds pin the digest your registry resolves it to, e.g.
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> ...
+# (docker buildx imagetools inspect python:3.11-slim-bookworm prints it).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -51,6 +54,18 @@ RUN python -m pip uninstall --yes --quiet pip setuptools wheel \
 COPY --from=test /unit-tests-passed /opt/kopa-unit-tests-passed
 COPY --from=venv /opt/kopa /opt/kopa
 ENV PATH=/opt/kopa/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# The build arguments again (an ARG's scope is its stage), for the image's OCI labels.
+ARG PYTHON_IMAGE
+ARG VERSION=0.0.0
+ARG COMMIT
+LABEL org.opencontainers.image.title="kopa" \
+      org.opencontainers.image.description="Keeps Open Policy Agent in sync with Kubernetes: a successor of kube-mgmt." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${COMMIT}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
+# kopa's health endpoint (/healthz, /readyz, /metrics): --health-endpoint, the chart's mgmt.healthPort.
+EXPOSE 8000
 # The same uid and gid as the Helm chart's securityContext; no home directory, no shell login.
 USER 65532:65532
 ENTRYPOINT ["kopa"]

@@ -16,9 +16,9 @@ demo: $(STAMP) servers
 	$(PY) -m devstack.demo $(DEMO_ARGS)
 
 # Builds (once per version, cached in ~/.cache/kopa/tools) the real servers the tests and the demo run,
-# and helm for the chart's tests.
+# and helm and kube-score for the chart's tests.
 servers:
-	scripts/build-servers.sh opa kube helm
+	scripts/build-servers.sh opa kube helm kube-score
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests devstack bench

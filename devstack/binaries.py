@@ -18,6 +18,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "kube-apiserver": ("KUBERNETES_VERSION", "kubernetes-{version}/kube-apiserver"),
     "kubectl": ("KUBERNETES_VERSION", "kubernetes-{version}/kubectl"),
     "helm": ("HELM_VERSION", "helm-{version}/helm"),
+    "kube-score": ("KUBE_SCORE_VERSION", "kube-score-{version}/kube-score"),
 }
 
 BUILD_HINT = "run `scripts/build-servers.sh` (or `make servers`) to build it"

@@ -29,6 +29,7 @@ from devstack.processes import HOST, ManagedProcess, free_port
 
 __all__ = [
     "CHART",
+    "IMAGE_VALUES",
     "RBAC_KINDS",
     "ChartError",
     "Helm",
@@ -39,12 +40,19 @@ __all__ = [
     "container",
     "flag_values",
     "opa_image_tag",
+    "parse_quantity",
     "rbac_objects",
 ]
 
 CHART = repo_root() / "helm" / "kopa"
 
 Obj = dict[str, Any]
+
+# kopa's image is a required value (it is not published anywhere): renders here name a stand-in, as a user
+# names the image they built and pushed. Nothing pulls it: LocalPod runs kopa from this checkout.
+IMAGE_VALUES: Mapping[str, Any] = {
+    "mgmt": {"image": {"repository": "registry.example.com/kopa", "tag": "0.1.0"}}
+}
 
 RBAC_KINDS = ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 
@@ -113,6 +121,10 @@ class Helm:
         path.write_text(yaml.safe_dump(dict(values), sort_keys=False), encoding="utf-8")
         return path
 
+    def image_values(self) -> Path:
+        """A values file naming kopa's image (IMAGE_VALUES), the one value the chart requires."""
+        return self.values_file(IMAGE_VALUES, "image")
+
     def template(
         self,
         values: Mapping[str, Any] | None = None,
@@ -121,14 +133,16 @@ class Helm:
         namespace: str = "kopa-system",
         values_files: Sequence[Path] = (),
         extra: Sequence[str] = (),
+        image: bool = True,
     ) -> Rendered:
-        """`helm template` of the chart with `values_files`, then `values` (later ones win); the objects it
-        renders."""
+        """`helm template` of the chart with IMAGE_VALUES (unless not `image`), `values_files`, then `values`
+        (later ones win); the objects it renders."""
         result = self.run(
             "template",
             release,
             str(CHART),
             f"--namespace={namespace}",
+            *([f"--values={self.image_values()}"] if image else []),
             *(f"--values={path}" for path in values_files),
             f"--values={self.values_file(values or {})}",
             *extra,
@@ -206,6 +220,23 @@ class Rendered:
         return decoded
 
 
+_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1,
+}  # fmt: skip
+
+
+def parse_quantity(quantity: str) -> int:
+    """A Kubernetes quantity ("512Mi", "1G", "2") as a whole number, rounded up as the kubelet does."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?", quantity.strip())
+    if match is None:
+        raise ChartError(f"not a quantity LocalPod understands: {quantity!r}")
+    number, suffix = float(match.group(1)), match.group(2) or ""
+    if suffix == "m":
+        return -(-int(number) // 1000)
+    return int(-(-number * _SUFFIXES[suffix] // 1))
+
+
 def container(pod_spec: Mapping[str, Any], name: str) -> Obj:
     for item in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
         if item["name"] == name:
@@ -252,6 +283,12 @@ class LocalPod:
         path.mkdir(parents=True, exist_ok=True)
         files: dict[str, bytes]
         if "emptyDir" in volume:
+            return path
+        if "projected" in volume and all(
+            "serviceAccountToken" in src or "configMap" in src or "downwardAPI" in src
+            for src in volume["projected"]["sources"]
+        ):
+            # The kubelet's API credentials: left empty here, where kopa is given a kubeconfig instead.
             return path
         if "configMap" in volume:
             source = self.rendered.one("ConfigMap", volume["configMap"]["name"])
@@ -306,11 +343,22 @@ class LocalPod:
         return [self.localize(container_name, arg) for arg in self.rendered.args(container_name)]
 
     def env(self, container_name: str) -> dict[str, str]:
+        """The container's environment: literal values, and a resourceFieldRef to a limit (in bytes or
+        cores, as the kubelet gives it with divisor 1), which is left out when no limit is set (the kubelet
+        would give the node's capacity)."""
         values = {}
         for var in self.rendered.container(container_name).get("env", []):
-            if "value" not in var:
-                raise ChartError(f"LocalPod supports literal env values only, not {var}")
-            values[var["name"]] = self.localize(container_name, str(var["value"]))
+            if "value" in var:
+                values[var["name"]] = self.localize(container_name, str(var["value"]))
+                continue
+            ref = var.get("valueFrom", {}).get("resourceFieldRef")
+            if ref is None or str(ref.get("divisor", "1")) != "1":
+                raise ChartError(f"LocalPod supports literal values and resourceFieldRef only, not {var}")
+            owner = self.rendered.container(ref.get("containerName", container_name))
+            kind, _, resource = str(ref["resource"]).partition(".")
+            quantity = owner.get("resources", {}).get(kind, {}).get(resource)
+            if quantity is not None:
+                values[var["name"]] = str(parse_quantity(str(quantity)))
         return values
 
     def port(self, container_port: int) -> int:

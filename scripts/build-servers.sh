@@ -3,8 +3,8 @@
 # modules, because this project may not download prebuilt binaries. Each binary is cached outside the
 # repository under a directory named by its version, so a build happens once per version and machine.
 #
-# Usage: scripts/build-servers.sh [opa|kube|helm ...]   (default: opa kube; helm is built on request,
-#        for the Helm chart's tests)
+# Usage: scripts/build-servers.sh [opa|kube|helm|kube-score ...]   (default: opa kube; helm and kube-score
+#        are built on request, for the Helm chart's tests)
 # Env:   KOPA_TOOLS_DIR   where binaries go (default: ~/.cache/kopa/tools)
 #
 # Prints progress and one line per binary with its path. Measured cold on 2 cores: OPA about 2 minutes,
@@ -129,6 +129,19 @@ build_helm() {
   say "helm $HELM_VERSION: built $dest/helm"
 }
 
+# kube-score lints the chart's rendered manifests (tests/integration/test_chart_lint.py).
+build_kube_score() {
+  local dest=$tools_dir/kube-score-$KUBE_SCORE_VERSION
+  if [[ -x $dest/kube-score ]]; then say "kube-score $KUBE_SCORE_VERSION: cached at $dest/kube-score"; return; fi
+  say "kube-score $KUBE_SCORE_VERSION: building (about a minute when cold)"
+  local tmp; tmp=$(mktemp -d); log=$tmp/build.log
+  GOBIN=$tmp go_with_progress kube-score go install -v -trimpath -ldflags="$ldflags_strip" \
+    "github.com/zegl/kube-score/cmd/kube-score@$KUBE_SCORE_VERSION"
+  finish "$tmp" "$dest" kube-score
+  rm -rf "$tmp"
+  say "kube-score $KUBE_SCORE_VERSION: built $dest/kube-score"
+}
+
 command -v go >/dev/null || { echo "build-servers: Go is required (go1.24 or newer) and was not found" >&2; exit 1; }
 mkdir -p "$tools_dir"
 targets=("$@")
@@ -138,7 +151,8 @@ for t in "${targets[@]}"; do
     opa) build_opa ;;
     kube) build_kube ;;
     helm) build_helm ;;
-    *) echo "build-servers: unknown target '$t' (expected opa, kube or helm)" >&2; exit 2 ;;
+    kube-score) build_kube_score ;;
+    *) echo "build-servers: unknown target '$t' (expected opa, kube, helm or kube-score)" >&2; exit 2 ;;
   esac
 done
 say "all binaries are in $tools_dir"

@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from devstack import chart
-from devstack.chart import CHART, HelmError, LocalPod, Rendered, container, opa_image_tag, rbac_objects
+from devstack.chart import (
+    CHART,
+    IMAGE_VALUES,
+    HelmError,
+    LocalPod,
+    Rendered,
+    container,
+    opa_image_tag,
+    parse_quantity,
+    rbac_objects,
+)
 from tests.conftest import require_binaries
 
 __all__ = [
     "CHART",
     "CLUSTER_SCOPED",
+    "IMAGE_VALUES",
     "Helm",
     "HelmError",
     "LocalPod",
@@ -26,6 +37,7 @@ __all__ = [
     "exposed",
     "metric_families",
     "opa_image_tag",
+    "parse_quantity",
     "rbac_objects",
 ]
 

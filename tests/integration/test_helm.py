@@ -61,7 +61,8 @@ KOPA_METRICS = {
     "workqueue_longest_running_processor_seconds", "workqueue_retries_total", "kopa_opa_requests_total",
     "kopa_opa_request_duration_seconds", "kopa_updates_coalesced_total", "kopa_watch_restarts_total",
     "kopa_replicated_objects", "kopa_policies_loaded", "kopa_policies_failed", "kopa_data_documents_loaded",
-    "kopa_full_syncs_total", "kopa_last_full_sync_timestamp_seconds", "kopa_opa_restarts_total",
+    "kopa_full_syncs_total", "kopa_last_full_sync_timestamp_seconds", "kopa_opa_restarts_total", "kopa_ready",
+    "kopa_opa_up",
 }  # fmt: skip
 
 REPLICATION = {
@@ -91,6 +92,8 @@ CASES = [
     "cert-manager-issuer",
     "existing-token",
     "user-certs",
+    "existing-tls",
+    "network-policy",
     "observability",
     "mgmt-off",
 ]
@@ -121,6 +124,19 @@ def case_values(case: str, namespace: str, user_tls: dict[str, str]) -> dict[str
         },
         "existing-token": {"authz": {"mgmtToken": {"secretName": "opa-token", "secretKey": "token"}}},
         "user-certs": {"generateCerts": False, **user_tls},
+        "network-policy": {
+            "networkPolicy": {
+                "enabled": True,
+                "opaFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+            },
+            "prometheus": {"enabled": True},
+        },
+        "existing-tls": {
+            "tls": {"existingSecret": "opa-tls"},
+            "CA": user_tls["CA"],
+            "admissionController": {"enabled": True},
+        },
         "observability": {
             "serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"}},
             "prometheus": {"enabled": True},
@@ -161,7 +177,10 @@ def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> subproce
 @pytest.mark.parametrize("case", ["defaults", "replication", "webhook-on", "observability", "mgmt-off"])
 def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> None:
     values = helm.values_file(case_values(case, "kopa-system", user_tls))
-    result = helm.run("lint", str(CHART), "--strict", f"--values={values}", "--namespace=kopa-system")
+    image = helm.image_values()
+    result = helm.run(
+        "lint", str(CHART), "--strict", f"--values={image}", f"--values={values}", "--namespace=kopa-system"
+    )
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
     findings = [line for line in result.stdout.splitlines() if re.match(r"\[(INFO|WARNING|ERROR)\]", line)]
     assert findings == [], result.stdout
@@ -178,7 +197,6 @@ def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> 
         ({"mgmt": {"namespaces": ["Not_A_Namespace"]}}, "namespaces"),
         ({"mgmt": {"replicate": {"namespace": ["services"]}}}, "namespace"),
         ({"mgmt": {"replicate": {"cluster": "v1/namespaces"}}}, "cluster"),
-        ({"mgmt": {"replicate": {"auto": True}}}, "auto"),
         ({"mgmt": {"logLevel": "loud"}}, "logLevel"),
         ({"mgmt": {"healthPort": 70000}}, "healthPort"),
         ({"admissionController": {"url": "http://opa.example.com"}}, "url"),
@@ -254,7 +272,7 @@ def check_invariants(r: Rendered) -> None:
         if "secret" in volume:
             name = volume["secret"]["secretName"]
             certificates = [c["spec"]["secretName"] for c in r.of_kind("Certificate")]
-            assert r.find("Secret", name) or name in certificates or name == "opa-token", volume
+            assert r.find("Secret", name) or name in certificates or name in ("opa-token", "opa-tls"), volume
     opa_args = r.args("opa")
     assert opa_args[:2] == ["run", "--server"]
     (addr,) = r.flag_values("opa", "addr")
@@ -287,7 +305,7 @@ def check_invariants(r: Rendered) -> None:
     assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert "kopa-health.rego" in r.one("ConfigMap", "kopa-bootstrap")["data"]
     assert r.pod_spec["serviceAccountName"] == "kopa"
-    assert r.pod_spec["automountServiceAccountToken"] is True
+    assert r.pod_spec["automountServiceAccountToken"] is False, "only kopa's container gets a token"
     (namespaces,) = r.flag_values("mgmt", "namespaces")
     assert namespaces
 
@@ -307,7 +325,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
     ns = r.namespace
     bootstrap = r.one("ConfigMap", "kopa-bootstrap")["data"]
     webhooks = r.of_kind("ValidatingWebhookConfiguration") + r.of_kind("MutatingWebhookConfiguration")
-    if case not in ("webhook-on", "webhook-url", "cert-manager"):
+    if case not in ("webhook-on", "webhook-url", "cert-manager", "existing-tls"):
         assert webhooks == [], "the webhook is off by default"
     if case in ("defaults", "two-namespaces", "authz-off", "https-off", "existing-token", "user-certs"):
         assert not r.of_kind("ClusterRole"), (
@@ -317,6 +335,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert r.kinds() == [
             "ConfigMap",
             "Deployment",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Secret",
@@ -408,7 +427,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert webhook["clientConfig"]["service"] == {
             "name": "kopa",
             "namespace": ns,
-            "port": 443,
+            "port": 8181,
             "path": "/",
         }
         assert webhook["failurePolicy"] == "Ignore"
@@ -452,6 +471,26 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert secret["ca.crt"].decode() == user_tls["CA"]
         assert secret["tls.crt"].decode() == user_tls["cert"]
         assert secret["tls.key"].decode() == user_tls["key"]
+    elif case == "network-policy":
+        policy = r.one("NetworkPolicy")["spec"]
+        assert policy["podSelector"] == r.deployment["spec"]["selector"]
+        assert policy["policyTypes"] == ["Ingress"]
+        opa_rule, metrics_rule = policy["ingress"]
+        assert opa_rule == {
+            "ports": [{"port": "opa", "protocol": "TCP"}],
+            "from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+        }
+        assert [p["port"] for p in metrics_rule["ports"]] == ["health", "diag"]
+        assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+        names = {p["name"] for c in r.containers() for p in c.get("ports", [])}
+        assert {"opa", "health", "diag"} <= names, "the policy's named ports exist"
+    elif case == "existing-tls":
+        assert not r.of_kind("Secret"), "the chart makes no certificate"
+        certs = next(v for v in r.pod_spec["volumes"] if v["name"] == "certs")
+        assert certs["secret"] == {"secretName": "opa-tls"}
+        (webhook,) = r.one("ValidatingWebhookConfiguration")["webhooks"]
+        assert base64.b64decode(webhook["clientConfig"]["caBundle"]).decode() == user_tls["CA"]
+        assert "--tls-cert-refresh-period=1h" in r.args("opa"), "a renewed certificate is picked up"
     elif case == "observability":
         monitor = r.one("ServiceMonitor")
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -476,7 +515,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert dashboard["metadata"]["annotations"] == {"grafana_folder": "OPA"}
         assert json.loads(dashboard["data"]["kopa.json"])["uid"] == "kopa-overview"
-        assert r.one("PodDisruptionBudget")["spec"]["minAvailable"] == 1
+        assert r.one("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
         config = yaml.safe_load(r.secret_data("kopa-config")["config.yaml"])
         assert config == {"decision_logs": {"console": True}}
         assert "--config-file=/config/config.yaml" in r.args("opa")
@@ -491,7 +530,7 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert not [
             o for o in r.objects if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
         ]
-        assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health?plugins"
         assert r.pod_spec["automountServiceAccountToken"] is False
         assert "kopa-health.rego" not in bootstrap
 
@@ -557,7 +596,7 @@ def test_dashboard_charts_every_kopa_metric_and_nothing_else() -> None:
 SECTIONS = {
     "", "image", "authz", "prometheus", "mgmt", "mgmt.replicate", "certManager", "admissionController",
     "rbac", "serviceAccount", "service", "serviceMonitor", "grafanaDashboard", "podDisruptionBudget",
-    "hostNetwork",
+    "hostNetwork", "tls", "networkPolicy",
 }  # fmt: skip
 
 
@@ -624,7 +663,15 @@ def test_install_then_upgrade_keeps_the_certificate_and_the_ca_bundle(
     admission = client.AdmissionregistrationV1Api(k8s)
     chart = str(CHART)
     base = helm_kube.values_file({"mgmt": {"namespaces": [namespace]}})
-    release = ["kopa", chart, f"--namespace={namespace}", f"--values={base}", "--timeout=60s"]
+    image = helm_kube.image_values()
+    release = [
+        "kopa",
+        chart,
+        f"--namespace={namespace}",
+        f"--values={image}",
+        f"--values={base}",
+        "--timeout=60s",
+    ]
 
     def deployment() -> Any:
         return apps.read_namespaced_deployment("kopa", namespace)
@@ -707,7 +754,9 @@ def test_a_fresh_install_makes_a_new_certificate(
 ) -> None:
     """lookup reuses only this release's own Secret: another install (or `helm template`) gets its own CA."""
     try:
-        helm_kube.run("install", "kopa", str(CHART), f"--namespace={namespace}")
+        helm_kube.run(
+            "install", "kopa", str(CHART), f"--namespace={namespace}", f"--values={helm_kube.image_values()}"
+        )
         installed = installed_secret(core_v1, namespace)
     finally:
         helm_kube.run("uninstall", "kopa", f"--namespace={namespace}", check=False)

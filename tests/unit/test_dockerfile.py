@@ -7,6 +7,7 @@ and runs the entrypoint from it."""
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -120,3 +121,21 @@ def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     for path in ("app/cli.py", "pyproject.toml", "constraints.txt", "README.md", "tests/unit/test_cli.py"):
         assert not IGNORE.excluded(path), path
     assert not IGNORE.excluded("config.example.yaml"), "the unit tests in the test stage read it"
+
+
+def test_the_image_exposes_kopas_health_port_and_carries_oci_labels() -> None:
+    final = DOCKERFILE.final
+    (expose,) = final.of("EXPOSE")
+    values = yaml.safe_load((REPO / "helm" / "kopa" / "values.yaml").read_text(encoding="utf-8"))
+    assert expose.value == str(values["mgmt"]["healthPort"]), "the chart's kopa port"
+    labels = dict(
+        pair.split("=", 1) for item in final.of("LABEL") for pair in shlex.split(item.value) if "=" in pair
+    )
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert labels["org.opencontainers.image.revision"] == "${COMMIT}"
+    assert labels["org.opencontainers.image.title"] == "kopa"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
+    # The labels' arguments are declared in the final stage (a build argument's scope is its stage).
+    declared = {item.value.partition("=")[0] for item in final.of("ARG")}
+    assert {"VERSION", "COMMIT", "PYTHON_IMAGE"} <= declared

@@ -45,7 +45,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* kopa's image: required, and not kube-mgmt's (which would get kopa's flags and probes). */}}
 {{- define "kopa.mgmtImage" -}}
+{{- $repository := .Values.mgmt.image.repository }}
+{{- if not $repository }}
+{{- fail "mgmt.image.repository is required: kopa's image is not published. Build it from kopa's Dockerfile (docker build --build-arg COMMIT=$(git rev-parse --short HEAD) --build-arg VERSION=0.1.0 -t <registry>/kopa:0.1.0 .), push it, and install with --set mgmt.image.repository=<registry>/kopa --set mgmt.image.tag=0.1.0 (helm/kopa/README.md, Install)" }}
+{{- end }}
+{{- if regexMatch "(^|/)openpolicyagent/kube-mgmt$" $repository }}
+{{- fail (printf "mgmt.image.repository is %s, kube-mgmt's image: it does not take kopa's flags or serve kopa's probes. Set mgmt.image.repository (and mgmt.image.tag) to the kopa image you built and pushed (helm/kopa/README.md, Install)" $repository) }}
+{{- end }}
 {{- printf "%s:%s" .Values.mgmt.image.repository (.Values.mgmt.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
@@ -62,8 +70,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if has "*" .Values.mgmt.namespaces }}true{{ end }}
 {{- end }}
 
+{{/* The Secret OPA's certificate is in: tls.existingSecret, or the chart's (or cert-manager's) own. */}}
 {{- define "kopa.tlsSecretName" -}}
-{{- printf "%s-cert" (include "kopa.fullname" .) }}
+{{- .Values.tls.existingSecret | default (printf "%s-cert" (include "kopa.fullname" .)) }}
 {{- end }}
 
 {{- define "kopa.rootCACertificate" -}}
@@ -93,12 +102,25 @@ caBundle and the pod's checksum all see the same certificate. Returns JSON {"ca"
 generateCerts: an existing Secret of this release (`lookup`) is reused as it is, so an upgrade keeps the
 certificate and the webhook's caBundle, and does not restart the pods. A new CA and certificate are made
 only when there is none (first install, or `helm template`, which cannot look anything up).
+
+tls.existingSecret: the chart neither makes nor reads the Secret (renders are the same every time, as
+GitOps tools that run `helm template` need); the webhook's caBundle is the CA value.
 */}}
 {{- define "kopa.tls" -}}
+{{- if and .Values.tls.existingSecret .Values.certManager.enabled }}
+{{- fail "tls.existingSecret and certManager.enabled both say where OPA's certificate comes from: choose one" }}
+{{- end }}
 {{- if not (hasKey $ "kopaTLS") }}
 {{- $tls := dict }}
 {{- if and .Values.useHttps (not .Values.certManager.enabled) }}
-{{- if .Values.generateCerts }}
+{{- if .Values.tls.existingSecret }}
+{{- if and .Values.admissionController.enabled (not .Values.CA) }}
+{{- fail "tls.existingSecret with admissionController.enabled needs CA: the PEM of the Secret's ca.crt, for the webhook's caBundle (the chart does not read the Secret, so renders stay the same)" }}
+{{- end }}
+{{- with .Values.CA }}
+{{- $_ := set $tls "ca" . }}
+{{- end }}
+{{- else if .Values.generateCerts }}
 {{- $existing := lookup "v1" "Secret" .Release.Namespace (include "kopa.tlsSecretName" .) }}
 {{- if and $existing $existing.data (hasKey $existing.data "ca.crt") (hasKey $existing.data "tls.crt") (hasKey $existing.data "tls.key") }}
 {{- $_ := set $tls "ca" (index $existing.data "ca.crt" | b64dec) }}
