@@ -18,6 +18,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "kube-apiserver": ("KUBERNETES_VERSION", "kubernetes-{version}/kube-apiserver"),
     "kubectl": ("KUBERNETES_VERSION", "kubernetes-{version}/kubectl"),
     "helm": ("HELM_VERSION", "helm-{version}/helm"),
+    "kube-mgmt": ("KUBE_MGMT_VERSION", "kube-mgmt-{version}/kube-mgmt"),
 }
 
 BUILD_HINT = "run `scripts/build-servers.sh` (or `make servers`) to build it"
