@@ -297,14 +297,15 @@ def _side_by_side_verdicts(results: dict[str, Any], table: dict[str, Any]) -> li
                 continue
             k50, k99 = k["lag_p50_ms"]["median"], k["lag_p99_ms"]["median"]
             p50, p99 = p["lag_p50_ms"]["median"], p["lag_p99_ms"]["median"]
-            out.append(
-                {
-                    "target": f"update lag p50 and p99 at {rate:g} updates/s no worse than kube-mgmt's"
-                    f" (medians of {k['lag_p50_ms']['trials']} trials)",
-                    "measured": f"{k50:.1f} / {k99:.1f} ms vs {p50:.1f} / {p99:.1f} ms",
-                    "met": k50 <= p50 and k99 <= p99,
-                }
-            )
+            for label, mine, theirs in (("p50", k50, p50), ("p99", k99, p99)):
+                out.append(
+                    {
+                        "target": f"update lag {label} at {rate:g} updates/s no worse than kube-mgmt's"
+                        f" (medians of {k['lag_p50_ms']['trials']} trials)",
+                        "measured": f"{mine:.1f} ms vs {theirs:.1f} ms",
+                        "met": mine <= theirs,
+                    }
+                )
             kd, pd = k["decision_p99_ms"]["median"], p["decision_p99_ms"]["median"]
             out.append(
                 {
@@ -313,18 +314,6 @@ def _side_by_side_verdicts(results: dict[str, Any], table: dict[str, Any]) -> li
                     "met": kd <= pd,
                 }
             )
-    refill = results.get("refill") or {}
-    peer = refill.get("kube_mgmt")
-    if peer:
-        out.append(
-            {
-                "target": "kube-mgmt refills an OPA that was killed and restarted (for reference: kopa does)",
-                "measured": f"refilled from {peer['noticed']:.2f} s"
-                if peer["noticed"] is not None
-                else f"never: nothing back {peer['waited_seconds']:g} s after OPA was healthy again",
-                "met": peer["noticed"] is not None,
-            }
-        )
     return out
 
 
