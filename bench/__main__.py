@@ -2,15 +2,22 @@
 (the phase names of --only in brackets):
 
   0. kopa with nothing to replicate (its baseline memory) [load];
-  1. initial load of N = 1,000, then 10,000 ConfigMaps, kopa against the floor (and 4: peak RSS) [load];
+  1. initial load of N = 1,000, then 10,000 ConfigMaps, kopa against the floor and Go kube-mgmt (and 4:
+     peak RSS) [load];
   6. initial load of 200 policy modules of which 10 fail for good: time, and the policy PUTs (compiles) it
-     costs OPA; then the PUTs one later change costs [policies];
-  2. churn at each rate, with decisions asked of OPA meanwhile [churn];
+     costs OPA, kopa and kube-mgmt; then the PUTs one later change costs kopa [policies];
+  2. churn at each rate, with decisions asked of OPA meanwhile, kopa and kube-mgmt in turn, several
+     trials [churn];
   3. policy propagation [propagation];
-  5. refill after OPA is killed and restarted (and 4: peak RSS after all of it) [refill];
+  5. refill after OPA is killed and restarted (and 4: peak RSS after all of it); whether kube-mgmt
+     refills [refill];
   7. the drift check: its cost per check (kopa and OPA CPU, OPA requests), with it off and then every
      second, and the time it takes to repair a policy, a data document and a namespace deleted in OPA
      [drift].
+
+Go kube-mgmt runs side by side, with the same flags, when its binary is found: --kube-mgmt PATH, the
+environment variable KOPA_BENCH_KUBE_MGMT, or the tools cache (`scripts/build-servers.sh kube-mgmt`).
+Without it the bench says so and runs kopa alone.
 
 Results go to <out>/benchmarks.json, <out>/benchmarks/*.png and the generated part of <out>/benchmarks.md.
 A run of some phases (--only) replaces only their figures there and keeps the others'. `--quick` is a
@@ -37,7 +44,7 @@ import orjson
 
 from bench import churn, dataset, drift, load, policies, propagation, refill, report
 from bench.common import load_average, poll_until, proc_memory
-from bench.stack import Stack, py_spy
+from bench.stack import KUBE_MGMT, Stack, find_kube_mgmt, py_spy
 from devstack.binaries import read_versions, repo_root
 
 STARTED = time.monotonic()
@@ -148,8 +155,9 @@ async def idle_memory(stack: Stack) -> int:
 
 async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     phases = set(opts.only)
-    options = {k: v for k, v in vars(opts).items() if k not in ("out", "work", "profile")}
+    options = {k: v for k, v in vars(opts).items() if k not in ("out", "work", "profile", "kube_mgmt")}
     results: dict[str, Any] = {"meta": meta(), "options": options}
+    results["meta"]["kube_mgmt"] = opts.kube_mgmt_found
     results["load_average"] = {"start": load_average()}
     sizes: list[int] = opts.sizes
     async with stack.api() as api:
@@ -192,7 +200,28 @@ async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
         section = await policies.policy_load(stack, opts.policy_modules, log)
         results["policies"] = {"run": finished(info), **section}
 
-    if phases & {"churn", "propagation", "refill", "drift"}:
+    if "churn" in phases:
+        log(
+            f"churn at {', '.join(f'{r:g}' for r in opts.rates)} updates/s, {opts.churn_seconds:g} s each,"
+            f" {opts.churn_trials} trials of {' and '.join(stack.sides)}"
+        )
+        info = run_info()
+        section = await churn.churn_phase(
+            stack,
+            n=sizes[-1],
+            rates=opts.rates,
+            seconds=opts.churn_seconds,
+            objects=opts.churn_objects,
+            trials=opts.churn_trials,
+            log=log,
+        )
+        section["churn_run"] = finished(info)
+        results.update(section)
+        kopa_peak = section["churn_peak_rss_bytes"].get("kopa")
+        if kopa_peak:
+            size = await json_size(stack)
+            results["memory"].append(memory_entry(sizes[-1], size, kopa_peak, kopa_peak, "after churn"))
+    if phases & {"propagation", "refill", "drift"}:
         await long_running(opts, stack, sizes[-1], results)
     results["load_average"]["end"] = load_average()
     results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
@@ -222,32 +251,6 @@ async def long_running(opts: argparse.Namespace, stack: Stack, n: int, results: 
             return await opa.data("system/kopa/ready") and await opa.query(dataset.COUNT_QUERY) == n
 
         await poll_until(loaded, bool, interval=0.05, within=300, what="main kopa loaded")
-    if "churn" in phases:
-        namespace, names = churn.churn_objects(n, opts.churn_objects)
-        async with stack.opa_client() as opa:
-            await churn.install_policies(opa, namespace, names)
-        results["decisions_idle"] = await churn.idle_decisions(stack, namespace, names, 5.0)
-        log(f"decisions with no churn: p99 {results['decisions_idle']['decisions']['p99']:.2f} ms")
-        results["churn"] = []
-        pids = {
-            "kopa": kopa.pid,
-            "OPA": stack.opa.pid,
-            "kube-apiserver": stack.kube.apiserver.pid,
-            "etcd": stack.kube.etcd.pid,
-        }
-        for rate in opts.rates:
-            log(f"churn at {rate:g} updates/s for {opts.churn_seconds:g} s over {opts.churn_objects} objects")
-            run = await churn.churn_run(
-                stack,
-                n=n,
-                rate=rate,
-                seconds=opts.churn_seconds,
-                objects=opts.churn_objects,
-                pids={k: v for k, v in pids.items() if v is not None},
-                log=log,
-            )
-            results["churn"].append(run)
-
     if "propagation" in phases:
         log(f"policy propagation, {opts.trials} trials")
         results["propagation"] = await propagation.propagation(stack, opts.trials, log)
@@ -259,12 +262,17 @@ async def long_running(opts: argparse.Namespace, stack: Stack, n: int, results: 
         results["refill"] = await refill.refill(
             stack, kopa, n=n, policies=opts.trials, rounds=opts.refills, log=log
         )
-    done = ", ".join(p for p in ("churn", "propagation", "refill") if p in phases)
+    done = ", ".join(p for p in ("propagation", "refill") if p in phases)
     if kopa.pid is not None and stack.profile_dir is None and done:
         memory = proc_memory(kopa.pid)
         size = await json_size(stack)
         results["memory"].append(memory_entry(n, size, memory["VmHWM"], memory["VmRSS"], f"after {done}"))
     stack.stop_kopa(kopa)
+    if "refill" in phases and KUBE_MGMT in stack.sides:
+        log("refill: does kube-mgmt refill an OPA that was killed and restarted?")
+        results["refill"]["kube_mgmt"] = await refill.peer_refill(
+            stack, n=n, policies=opts.trials, wait=opts.peer_refill_wait, log=log
+        )
 
     if "drift" in phases:
         log(
@@ -295,9 +303,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--sizes", type=ints, default=None, help="initial-load sizes (default 1000,10000)")
     parser.add_argument("--repeats", type=int, default=None, help="initial-load runs per size and side (3)")
-    parser.add_argument("--rates", type=floats, default=None, help="churn rates, updates/s (100,500)")
-    parser.add_argument("--churn-seconds", type=float, default=None, help="seconds per churn rate (30)")
-    parser.add_argument("--churn-objects", type=int, default=300, help="objects the churn updates (300)")
+    parser.add_argument("--rates", type=floats, default=None, help="churn rates, updates/s (10,50,200,400)")
+    parser.add_argument("--churn-seconds", type=float, default=None, help="seconds per churn run (20)")
+    parser.add_argument(
+        "--churn-trials", type=int, default=None, help="churn trials, each every sidecar and rate (3)"
+    )
+    parser.add_argument(
+        "--kube-mgmt",
+        default=None,
+        help="Go kube-mgmt's binary (default: $KOPA_BENCH_KUBE_MGMT, else the tools cache)",
+    )
+    parser.add_argument(
+        "--no-kube-mgmt", action="store_true", help="run kopa alone even when kube-mgmt is there"
+    )
+    parser.add_argument(
+        "--peer-refill-wait",
+        type=float,
+        default=15.0,
+        help="how long the bench waits for kube-mgmt to refill a restarted OPA, s (15)",
+    )
+    parser.add_argument("--churn-objects", type=int, default=100, help="objects the churn updates (100)")
     parser.add_argument("--trials", type=int, default=None, help="policy propagation trials (100)")
     parser.add_argument("--refills", type=int, default=None, help="OPA kill/restart rounds (3)")
     parser.add_argument(
@@ -327,8 +352,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     defaults: dict[str, Any] = {
         "sizes": [1000] if quick else [1000, 10000],
         "repeats": 1 if quick else 3,
-        "rates": [100.0, 500.0],
-        "churn_seconds": 8.0 if quick else 30.0,
+        "rates": [10.0, 50.0, 200.0, 400.0],
+        "churn_seconds": 8.0 if quick else 20.0,
+        "churn_trials": 1 if quick else 3,
         "trials": 20 if quick else 100,
         "refills": 2 if quick else 3,
         "policy_modules": 60 if quick else 200,
@@ -369,7 +395,20 @@ def main() -> None:
     if opts.profile is not None and not py_spy():
         sys.exit("--profile needs py-spy (pip install py-spy into the venv; it is not a dependency)")
     log(f"work directory {work}; results to {out}")
-    stack = Stack(work, profile_dir=opts.profile)
+    binary, where = find_kube_mgmt(opts.kube_mgmt)
+    if opts.no_kube_mgmt:
+        binary, where = None, "not run (--no-kube-mgmt)"
+    if binary is None:
+        log(f"kube-mgmt: {where}; kopa runs alone")
+        opts.kube_mgmt_found = {"found": False, "why": where}
+    else:
+        log(f"kube-mgmt: {where}; it runs side by side with kopa, with the same flags")
+        opts.kube_mgmt_found = {
+            "found": True,
+            "binary": str(binary),
+            "version": read_versions().get("KUBE_MGMT_VERSION"),
+        }
+    stack = Stack(work, profile_dir=opts.profile, kube_mgmt=binary)
     stack.start()
     try:
         results = asyncio.run(run(opts, stack))

@@ -3,25 +3,31 @@
 Method. An updater process merge-patches `data.seq` of K objects round-robin at a fixed rate (open loop:
 update i is due at t_start + i/rate, whatever the answers' latency), writing a sequence number that grows
 with every update (and across runs), and records when the API server acknowledged it (the PATCH
-response). A sampler polls OPA every SAMPLE_INTERVAL for the K sequence numbers (one compiled policy, one
-small answer) and notes, per object, each poll at which its number went up. Update i of object o counts
+response). A sampler process polls OPA every SAMPLE_INTERVAL (1 ms, start to start; one keep-alive
+connection) for the K sequence numbers (one compiled policy, one small answer) and notes, per object,
+each poll at which its number went up. Update i of object o counts
 as visible at the first poll that shows o at seq >= i (a newer update makes the older one visible too:
 that is what coalescing means). Its lag is that poll's answer time minus the acknowledgement: an upper
 bound, too high by at most the resolution, the time from the previous poll's start to that answer (about
-SAMPLE_INTERVAL plus one poll). An acknowledgement can reach the updater after kopa has already seen the
-change in its watch: such a lag is negative, and is reported as it is.
+SAMPLE_INTERVAL plus one poll). What the sampler costs OPA is measured on its own (`sampler_cost`): OPA's
+CPU and the decision latency over a few quiet seconds without it and with it. An acknowledgement can
+reach the updater after kopa has already seen the change in its watch: such a lag is negative, and is
+reported as it is.
 
 Meanwhile a third process asks OPA for a decision that reads replicated data, DECISION_RATE times a
 second, and records each one's latency. OPA's own /metrics count the write requests it served during the
 run. At the end, once the updates have drained, OPA's copy of the whole collection is compared with a list
 from the API server, object by object.
+
+The phase (`churn_phase`) runs each sidecar (kopa, and Go kube-mgmt when it is there) in turn against a
+fresh OPA holding the N objects, every rate per sidecar, and repeats that for several trials, so that a
+drift of the machine hits both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import http.client
 import itertools
 import multiprocessing
@@ -36,13 +42,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from bench.common import JSON, KubeApi, Opa, cpu_seconds, percentile, poll_until, summary
-from bench.dataset import FIELD_SELECTOR, PER_NAMESPACE, name_of, namespace_of, tree
+from bench.common import JSON, KubeApi, Opa, cpu_seconds, percentile, poll_until, proc_memory, summary
+from bench.dataset import COUNT_QUERY, FIELD_SELECTOR, PER_NAMESPACE, name_of, namespace_of, tree
 
 if TYPE_CHECKING:  # the helper processes import this module: keep them light
     from bench.stack import Stack
 
-SAMPLE_INTERVAL = 0.02
+SAMPLE_INTERVAL = 0.001
 DECISION_RATE = 50
 UPDATER_CONNECTIONS = 12
 
@@ -54,12 +60,13 @@ def churn_objects(n: int, objects: int) -> tuple[str, list[str]]:
 
 
 def sample_policy(namespace: str, names: list[str]) -> str:
+    """The sampler's probe: the objects' sequence numbers in the order of `names`, as one string (the
+    cheapest answer for OPA to evaluate and encode: about 5 us an object, measured, plus the request)."""
     listed = ", ".join(f'"{n}"' for n in names)
     return (
         "package benchsample\n\n"
-        f"names := {{{listed}}}\n\n"
-        f'seqs := {{name: to_number(data.kubernetes.configmaps["{namespace}"][name].data.seq) |'
-        " some name in names}\n"
+        f'seqs := concat(",", [data.kubernetes.configmaps["{namespace}"][name].data.seq |'
+        f" some name in [{listed}]])\n"
     )
 
 
@@ -168,7 +175,63 @@ def decisions_main(config: dict[str, Any], out: str, control: Connection) -> Non
     Path(out).write_bytes(orjson.dumps({"rows": rows, "cpu_seconds": time.process_time()}))
 
 
-# --- the sampler (in the bench process) ------------------------------------------------------------------
+# --- the sampler process ---------------------------------------------------------------------------------
+
+
+def sampler_main(config: dict[str, Any], out: str, control: Connection) -> None:
+    """Entry point of the sampler: polls OPA every SAMPLE_INTERVAL (start to start) on one keep-alive
+    connection until told to stop, or told the final numbers and all of them are visible (or `drain` s
+    passed). Writes {changes: {name: [[seq, sent, received, previous sent], ...]}, polls, poll_seconds}."""
+    connection = http.client.HTTPConnection(config["host"], config["port"], timeout=30)
+    interval: float = config["interval"]
+    names: list[str] = config["names"]
+    changes: dict[str, list[list[float]]] = {}
+    last: dict[str, int] = {}
+    poll_seconds: list[float] = []
+    final: dict[str, int] | None = None
+    deadline = float("inf")
+    previous = time.monotonic()
+    ready = False
+    while True:
+        sent = time.monotonic()
+        connection.request("GET", "/v1/data/benchsample/seqs")
+        response = connection.getresponse()
+        payload = response.read()
+        received = time.monotonic()
+        poll_seconds.append(received - sent)
+        value = orjson.loads(payload).get("result") if response.status == 200 else None
+        if isinstance(value, str):
+            for name, seq in zip(names, map(int, value.split(",")), strict=True):
+                if seq != last.get(name):
+                    last[name] = seq
+                    changes.setdefault(name, []).append([seq, sent, received, previous])
+        previous = sent
+        if not ready:
+            control.send("ready")
+            ready = True
+        if control.poll():
+            message = control.recv()
+            if message is None:
+                break
+            final, deadline = message["final"], time.monotonic() + message["drain"]
+        if final is not None and (
+            all(last.get(name, 0) >= seq for name, seq in final.items()) or time.monotonic() > deadline
+        ):
+            break
+        delay = sent + interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    connection.close()
+    Path(out).write_bytes(
+        orjson.dumps(
+            {
+                "changes": changes,
+                "last": last,
+                "poll_seconds": poll_seconds,
+                "cpu_seconds": time.process_time(),
+            }
+        )
+    )
 
 
 @dataclass
@@ -178,25 +241,28 @@ class Samples:
     polls: int = 0
     poll_seconds: list[float] = field(default_factory=list)
     last: dict[str, int] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, found: dict[str, Any]) -> Samples:
+        return cls(
+            changes={k: [(int(c[0]), c[1], c[2], c[3]) for c in v] for k, v in found["changes"].items()},
+            polls=len(found["poll_seconds"]),
+            poll_seconds=found["poll_seconds"],
+            last=found["last"],
+            cpu_seconds=found["cpu_seconds"],
+        )
 
 
-async def sample(opa: Opa, until: float, samples: Samples) -> None:
-    previous = time.monotonic()
-    while True:
-        sent = time.monotonic()
-        if sent >= until:
-            return
-        value = await opa.data("benchsample/seqs")
-        received = time.monotonic()
-        samples.polls += 1
-        samples.poll_seconds.append(received - sent)
-        if isinstance(value, dict):
-            for name, seq in value.items():
-                if seq != samples.last.get(name):
-                    samples.last[name] = int(seq)
-                    samples.changes.setdefault(name, []).append((int(seq), sent, received, previous))
-        previous = sent
-        await asyncio.sleep(max(0.0, sent + SAMPLE_INTERVAL - time.monotonic()))
+def _sampler(stack: Stack, work: Path, name: str, names: list[str]) -> Helper:
+    config = {"host": "127.0.0.1", "port": stack.opa.port, "interval": SAMPLE_INTERVAL, "names": names}
+    return _spawn(sampler_main, config, work / f"samples-{name}.json")
+
+
+async def _ready(helper: Helper) -> None:
+    if not await asyncio.to_thread(helper.control.poll, 60):
+        raise RuntimeError("the churn sampler did not get ready within 60 s")
+    helper.control.recv()
 
 
 def lags(
@@ -264,8 +330,11 @@ async def install_policies(opa: Opa, namespace: str, names: list[str]) -> None:
     await opa.put_policy("bench/decision.rego", DECISION_POLICY)
 
 
-async def idle_decisions(stack: Stack, namespace: str, names: list[str], seconds: float) -> dict[str, Any]:
-    """Decision latency with no churn, as a reference."""
+async def idle_decisions(
+    stack: Stack, namespace: str, names: list[str], seconds: float, with_sampler: bool = False
+) -> dict[str, Any]:
+    """Decision latency with no churn, as a reference; with the churn's sampler polling meanwhile, what
+    the sampler costs OPA (its CPU, and the decisions' latency)."""
     config = {
         "host": "127.0.0.1",
         "port": stack.opa.port,
@@ -275,18 +344,50 @@ async def idle_decisions(stack: Stack, namespace: str, names: list[str], seconds
         "seconds": seconds,
     }
     helper = _spawn(decisions_main, config, stack.work / "decisions-idle.json")
-    await _start_together([helper])
+    sampler = _sampler(stack, stack.work, "idle", names) if with_sampler else None
+    if sampler is not None:
+        await _ready(sampler)
+    opa_cpu = cpu_seconds(stack.opa.pid) if stack.opa.pid else 0.0
+    start = await _start_together([helper])
     await asyncio.to_thread(helper.process.join, seconds + 60)
+    opa_cores = ((cpu_seconds(stack.opa.pid) if stack.opa.pid else 0.0) - opa_cpu) / (
+        time.monotonic() - start
+    )
     rows = helper.result()["rows"]
-    return {"seconds": seconds, "decisions": summary([r[1] for r in rows], 1000, 2)}
+    result = {
+        "seconds": seconds,
+        "decisions": summary([r[1] for r in rows], 1000, 2),
+        "opa_cpu_cores": round(opa_cores, 3),
+    }
+    if sampler is not None:
+        sampler.control.send(None)
+        await asyncio.to_thread(sampler.process.join, 30)
+        samples = Samples.of(sampler.result())
+        result["sampler"] = {
+            "interval_ms": SAMPLE_INTERVAL * 1000,
+            "polls": samples.polls,
+            "poll_ms": summary(samples.poll_seconds, 1000, 3),
+            "cpu_seconds": round(samples.cpu_seconds, 3),
+        }
+    return result
+
+
+def _content(obj: Any) -> Any:
+    """What both sidecars must replicate alike (their metadata differ: kopa drops managedFields): the
+    objects are compared on their data, labels and resourceVersion."""
+    if not isinstance(obj, dict):
+        return obj
+    meta = obj.get("metadata") or {}
+    return (obj.get("data"), meta.get("labels"), meta.get("resourceVersion"))
 
 
 async def equality(api: KubeApi, opa: Opa) -> dict[str, Any]:
     """Compares OPA's copy of the whole collection with the API server's, object by object."""
     items = await api.list_all("/api/v1/configmaps", FIELD_SELECTOR)
-    expected = tree(items)
+    expected = {ns: {n: _content(o) for n, o in objs.items()} for ns, objs in tree(items).items()}
     status, payload = await opa.request("GET", "/v1/data/kubernetes/configmaps")
-    actual: JSON = orjson.loads(payload).get("result") or {} if status == 200 else {}
+    found: JSON = orjson.loads(payload).get("result") or {} if status == 200 else {}
+    actual = {ns: {n: _content(o) for n, o in objs.items()} for ns, objs in found.items()}
     keys = {(ns, n) for ns, objs in expected.items() for n in objs}
     keys |= {(ns, n) for ns, objs in actual.items() for n in objs}
     differing = sum(1 for ns, n in keys if expected.get(ns, {}).get(n) != actual.get(ns, {}).get(n))
@@ -310,8 +411,9 @@ async def churn_run(
         async def seqs() -> Any:
             return await opa.data("benchsample/seqs")
 
+        expected = ",".join(str(current[name]) for name in names)
         await poll_until(
-            seqs, lambda v: v == current, interval=0.05, within=60, what="OPA settled before churn"
+            seqs, lambda v: v == expected, interval=0.05, within=60, what="OPA settled before churn"
         )
         base: dict[str, Any] = {"namespace": namespace, "names": names}
         updater = _spawn(
@@ -332,15 +434,13 @@ async def churn_run(
             {**base, "host": "127.0.0.1", "port": stack.opa.port, "rate": DECISION_RATE, "seconds": seconds},
             work / f"decisions-{rate:g}.json",
         )
+        sampler = _sampler(stack, work, f"{rate:g}", names)
+        await _ready(sampler)
         writes_before = await opa.writes()
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        bench_cpu_before = time.process_time()
-        samples = Samples()
-        sampler = asyncio.create_task(sample(opa, time.monotonic() + seconds + 180.0, samples))
         start = await _start_together([updater, decisions])
         await asyncio.to_thread(updater.process.join, seconds + 120)
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
-        cpu["bench (sampler)"] = time.process_time() - bench_cpu_before
         window = time.monotonic() - start
         await asyncio.to_thread(decisions.process.join, 60)
         updater_out, decisions_out = updater.result(), decisions.result()
@@ -353,12 +453,11 @@ async def churn_run(
             if status == 200:
                 final[names[obj]] = max(final.get(names[obj], 0), seq)
 
-        async def drained() -> bool:
-            return all(samples.last.get(name, 0) >= seq for name, seq in final.items())
-
-        with contextlib.suppress(TimeoutError):  # what never showed is counted below
-            await poll_until(drained, bool, interval=0.05, within=60, what="churn drained")
-        sampler.cancel()
+        # what never showed is counted below
+        sampler.control.send({"final": final, "drain": 60.0})
+        await asyncio.to_thread(sampler.process.join, 120)
+        samples = Samples.of(sampler.result())
+        cpu["bench (sampler)"] = samples.cpu_seconds
         writes = await opa.writes() - writes_before
         equal = await equality(api, opa)
 
@@ -426,4 +525,77 @@ def _paired(updates: list[list[Any]], names: list[str], samples: Samples) -> lis
         at = bisect.bisect_left(index[names[obj]], seq)
         if at < len(index[names[obj]]):
             out.append((update, samples.changes[names[obj]][at][2] - acked))
+    return out
+
+
+# --- the phase: each sidecar in turn, every rate, several trials ----------------------------------------
+
+
+async def churn_phase(
+    stack: Stack,
+    *,
+    n: int,
+    rates: list[float],
+    seconds: float,
+    objects: int,
+    trials: int,
+    log: Any,
+) -> dict[str, Any]:
+    """Trial after trial, each sidecar in turn against a fresh OPA holding the N objects, every rate.
+
+    Returns {"churn": [run, ...] (each with its "side" and "trial"), "decisions_idle": ...,
+    "sampler_cost": ..., "churn_peak_rss_bytes": {side: bytes}}.
+    """
+    namespace, names = churn_objects(n, objects)
+    out: dict[str, Any] = {"churn": [], "churn_peak_rss_bytes": {}}
+    for trial in range(1, trials + 1):
+        for side in stack.sides:
+            stack.fresh_opa()
+            process = stack.sidecar(side, f"churn-{trial}")
+            process.start()
+            try:
+                async with stack.opa_client() as opa:
+
+                    async def count() -> Any:
+                        return await opa.query(COUNT_QUERY)
+
+                    await poll_until(
+                        count, lambda v: v == n, interval=0.05, within=300, what=f"{side} loaded"
+                    )
+                    await install_policies(opa, namespace, names)
+                if "sampler_cost" not in out:
+                    quiet = await idle_decisions(stack, namespace, names, 5.0)
+                    sampled = await idle_decisions(stack, namespace, names, 5.0, with_sampler=True)
+                    out["decisions_idle"] = quiet
+                    out["sampler_cost"] = {"without": quiet, "with": sampled}
+                    log(
+                        f"  no churn: decision p99 {quiet['decisions']['p99']:.2f} ms, OPA"
+                        f" {quiet['opa_cpu_cores']:.3f} cores; with the sampler"
+                        f" ({sampled['sampler']['poll_ms']['p50']:.2f} ms a poll):"
+                        f" {sampled['decisions']['p99']:.2f} ms, OPA {sampled['opa_cpu_cores']:.3f} cores"
+                    )
+                assert process.pid is not None and stack.opa.pid is not None
+                pids = {
+                    side: process.pid,
+                    "OPA": stack.opa.pid,
+                    "kube-apiserver": stack.kube.apiserver.pid,
+                    "etcd": stack.kube.etcd.pid,
+                }
+                for rate in rates:
+                    log(f"  trial {trial}, {side}: {rate:g} updates/s for {seconds:g} s, {objects} objects")
+                    run = await churn_run(
+                        stack,
+                        n=n,
+                        rate=rate,
+                        seconds=seconds,
+                        objects=objects,
+                        pids={k: v for k, v in pids.items() if v is not None},
+                        log=log,
+                    )
+                    out["churn"].append({"side": side, "trial": trial, **run})
+                if process.pid is not None and (side != "kopa" or stack.profile_dir is None):
+                    peak = proc_memory(process.pid)["VmHWM"]
+                    out["churn_peak_rss_bytes"][side] = max(peak, out["churn_peak_rss_bytes"].get(side, 0))
+            finally:
+                stack.stop_sidecar(process)
     return out

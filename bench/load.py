@@ -3,8 +3,9 @@
 Each run starts from an empty OPA (a new process). kopa, or the floor script, is started as a process at
 t0; the bench polls OPA every 20 ms with a count of data.kubernetes.configmaps and stops at the first poll
 that counts N. The time reported is that poll's answer minus t0 (an upper bound; the resolution, from the
-previous poll's start, is recorded too). Runs of the floor, the lean floor and kopa alternate, so that any
-drift of the machine hits all of them. kopa's peak RSS (VmHWM) is read one second after its load is in OPA.
+previous poll's start, is recorded too). Runs of the floor, the lean floor, kopa and (when it is there) Go
+kube-mgmt with the same flags alternate, so that any drift of the machine hits all of them. Each sidecar's
+peak RSS (VmHWM) is read one second after its load is in OPA.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import orjson
 
 from bench.common import Opa, cpu_seconds, load_average, median, poll_until, proc_memory
 from bench.dataset import COUNT_QUERY, FIELD_SELECTOR
-from bench.stack import Stack
+from bench.stack import KOPA, KUBE_MGMT, Stack
 
 POLL = 0.02
 
@@ -36,24 +37,24 @@ async def _until_count(
     return {"seconds": round(seen.received - t0, 4), "resolution": round(seen.resolution, 4)}
 
 
-async def kopa_run(stack: Stack, n: int, name: str) -> dict[str, Any]:
+async def sidecar_run(stack: Stack, n: int, name: str, side: str = KOPA) -> dict[str, Any]:
     stack.fresh_opa()
     async with stack.opa_client() as opa:
-        kopa = stack.kopa(name)
+        process = stack.sidecar(side, name)
         t0 = time.monotonic()
-        kopa.start()
+        process.start()
         try:
-            result: dict[str, Any] = await _until_count(opa, n, t0, f"kopa loading {n} objects")
-            if kopa.pid is not None:
-                result["cpu_seconds"] = round(cpu_seconds(kopa.pid), 3)
+            result: dict[str, Any] = await _until_count(opa, n, t0, f"{side} loading {n} objects")
+            if process.pid is not None:
+                result["cpu_seconds"] = round(cpu_seconds(process.pid), 3)
             result["load_average"] = load_average()
             await asyncio.sleep(1.0)
-            if kopa.pid is not None and stack.profile_dir is None:
-                memory = proc_memory(kopa.pid)
+            if process.pid is not None and (stack.profile_dir is None or side != KOPA):
+                memory = proc_memory(process.pid)
                 result["vmhwm_bytes"] = memory["VmHWM"]
                 result["vmrss_bytes"] = memory["VmRSS"]
         finally:
-            stack.stop_kopa(kopa)
+            stack.stop_sidecar(process)
     return result
 
 
@@ -81,19 +82,35 @@ async def initial_load(stack: Stack, n: int, repeats: int, log: Any) -> dict[str
     kopa: list[dict[str, Any]] = []
     floor: list[dict[str, Any]] = []
     lean: list[dict[str, Any]] = []
+    peer: list[dict[str, Any]] = []
     for i in range(repeats):
         floor.append(await floor_run(stack, n))
         lean.append(await floor_run(stack, n, lean=True))
         log(f"  N={n} floor run {i + 1}: {floor[-1]['seconds']:.2f} s (lean {lean[-1]['seconds']:.2f} s)")
-        kopa.append(await kopa_run(stack, n, f"load-{n}-{i + 1}"))
+        kopa.append(await sidecar_run(stack, n, f"load-{n}-{i + 1}"))
         log(f"  N={n} kopa run {i + 1}: {kopa[-1]['seconds']:.2f} s")
+        if KUBE_MGMT in stack.sides:
+            peer.append(await sidecar_run(stack, n, f"load-{n}-{i + 1}", KUBE_MGMT))
+            log(f"  N={n} kube-mgmt run {i + 1}: {peer[-1]['seconds']:.2f} s")
     kopa_s = median([r["seconds"] for r in kopa])
     floor_s = median([r["seconds"] for r in floor])
     lean_s = median([r["seconds"] for r in lean])
     peaks = [r["vmhwm_bytes"] for r in kopa if "vmhwm_bytes" in r]
     kopa_cpu = median([r["cpu_seconds"] for r in kopa if "cpu_seconds" in r])
     floor_cpu = median([r["cpu_seconds"] for r in floor])
+    side_by_side: dict[str, Any] = {}
+    if peer:
+        peer_s = median([r["seconds"] for r in peer])
+        peer_peaks = [r["vmhwm_bytes"] for r in peer if "vmhwm_bytes" in r]
+        side_by_side = {
+            "kube_mgmt_seconds": round(peer_s, 3),
+            "kube_mgmt_ratio": round(kopa_s / peer_s, 3),  # kopa / kube-mgmt
+            "kube_mgmt_cpu_seconds": round(median([r["cpu_seconds"] for r in peer if "cpu_seconds" in r]), 3),
+            "kube_mgmt_runs": peer,
+            "kube_mgmt_peak_rss_bytes": max(peer_peaks) if peer_peaks else None,
+        }
     return {
+        **side_by_side,
         "n": n,
         "repeats": repeats,
         "kopa_seconds": round(kopa_s, 3),

@@ -14,6 +14,10 @@ the time runs from kopa's process start until OPA holds every good module and ev
 final status annotation (ok, or the error for the failing ones). OPA's own /metrics count the policy PUTs.
 Then one module is edited that no failing module depends on (expected: 1 PUT), and one library that one
 failing module calls (expected: 1 PUT, plus one retry of that module).
+
+When Go kube-mgmt is there, it loads the same ConfigMaps first, with the same flags, into a fresh OPA
+(initial load only); the ConfigMaps are deleted and created again before each sidecar, so that neither
+finds the other's status annotations.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import orjson
 
 from bench.common import Opa, poll_until
 from bench.dataset import RULES_NAMESPACE as NAMESPACE
-from bench.stack import Stack
+from bench.stack import KOPA, KUBE_MGMT, Stack
+from devstack.processes import ManagedProcess
 
 LIBS = 10
 KEY = "policy.rego"
@@ -116,21 +121,33 @@ async def policy_puts(opa: Opa) -> dict[str, int]:
     return counts
 
 
-async def policy_load(stack: Stack, modules: int, log: Any) -> dict[str, Any]:
-    failing = max(1, modules // 20)
-    made = module_set(modules, failing)
-    names_bad = {f"pol-{i:03d}" for i in made["bad"]}
-    good = modules - failing
+async def reset(made: dict[str, Any], stack: Stack) -> None:
+    """The namespace's ConfigMaps deleted and created again: as first written, without status annotations."""
     async with stack.api() as api:
         await api.ensure_namespace(NAMESPACE)
+        await api.checked("DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps")
+
+        async def gone() -> int:
+            page = await api.checked("GET", f"/api/v1/namespaces/{NAMESPACE}/configmaps")
+            return len(page.get("items") or [])
+
+        await poll_until(gone, lambda c: c == 0, interval=0.1, within=60, what="policy ConfigMaps deleted")
         await api.create_all(made["objects"], lambda _: f"/api/v1/namespaces/{NAMESPACE}/configmaps")
+
+
+async def initial(
+    stack: Stack, side: str, made: dict[str, Any], modules: int, within: float
+) -> tuple[dict[str, Any], ManagedProcess]:
+    """One sidecar's initial load of the module set into a fresh OPA; returns it still running."""
+    failing = len(made["bad"])
+    names_bad = {f"pol-{i:03d}" for i in made["bad"]}
+    good = modules - failing
     stack.fresh_opa()
-    kopa = stack.kopa("policies", namespaces=NAMESPACE, replicate=False)
-    result: dict[str, Any] = {"modules": modules, "failing": failing, "libraries": LIBS}
+    process = stack.sidecar(side, "policies", namespaces=NAMESPACE, replicate=False)
     async with stack.api() as api, stack.opa_client() as opa:
         before = await policy_puts(opa)
         t0 = time.monotonic()
-        kopa.start()
+        process.start()
 
         async def loaded() -> Any:
             return await opa.query(LOADED_QUERY)
@@ -149,29 +166,62 @@ async def policy_load(stack: Stack, modules: int, log: Any) -> dict[str, Any]:
                 return False
             return all((orjson.loads(v)["status"] == "error") == (k in names_bad) for k, v in found.items())
 
-        seen_loaded, seen_status = await asyncio.gather(
-            poll_until(loaded, lambda v: v == good, interval=0.05, within=600, what=f"{good} modules"),
-            poll_until(statuses, final, interval=0.1, within=600, what="status annotations"),
-        )
+        try:
+            seen_loaded, seen_status = await asyncio.gather(
+                poll_until(loaded, lambda v: v == good, interval=0.05, within=within, what=f"{good} modules"),
+                poll_until(statuses, final, interval=0.1, within=within, what="status annotations"),
+            )
+        except BaseException:
+            stack.stop_sidecar(process)
+            raise
         await asyncio.sleep(SETTLE)
         after = await policy_puts(opa)
-        example = orjson.loads(seen_status.value[min(names_bad)])["error"]
-        result["initial"] = {
-            "loaded_seconds": round(seen_loaded.received - t0, 3),
-            "statuses_seconds": round(seen_status.received - t0, 3),
-            "seconds": round(max(seen_loaded.received, seen_status.received) - t0, 3),
-            "resolution_seconds": round(max(seen_loaded.resolution, seen_status.resolution), 3),
-            "puts": after["accepted"] + after["refused"] - before["accepted"] - before["refused"],
-            "puts_accepted": after["accepted"] - before["accepted"],
-            "puts_refused": after["refused"] - before["refused"],
-            # each failing module calls one library: the most it may be retried is once per load of it
-            "puts_bound": modules + failing * 1,
-            "example_error": example.get("errors", [example])[0].get("message", ""),
-        }
-        log(
-            f"  policies: {good} loaded in {result['initial']['loaded_seconds']:.2f} s, statuses at"
-            f" {result['initial']['statuses_seconds']:.2f} s, {result['initial']['puts']} PUTs"
-        )
+    example = orjson.loads(seen_status.value[min(names_bad)]).get("error") or {}
+    if isinstance(example, list):
+        example = example[0] if example else {}
+    return {
+        "loaded_seconds": round(seen_loaded.received - t0, 3),
+        "statuses_seconds": round(seen_status.received - t0, 3),
+        "seconds": round(max(seen_loaded.received, seen_status.received) - t0, 3),
+        "resolution_seconds": round(max(seen_loaded.resolution, seen_status.resolution), 3),
+        "puts": after["accepted"] + after["refused"] - before["accepted"] - before["refused"],
+        "puts_accepted": after["accepted"] - before["accepted"],
+        "puts_refused": after["refused"] - before["refused"],
+        # each failing module calls one library: the most it may be retried is once per load of it
+        "puts_bound": modules + failing * 1,
+        "example_error": example.get("errors", [example])[0].get("message", "")
+        if isinstance(example, dict)
+        else str(example),
+    }, process
+
+
+async def policy_load(stack: Stack, modules: int, log: Any) -> dict[str, Any]:
+    failing = max(1, modules // 20)
+    made = module_set(modules, failing)
+    result: dict[str, Any] = {"modules": modules, "failing": failing, "libraries": LIBS}
+    if KUBE_MGMT in stack.sides:
+        # Go kube-mgmt first, with the same flags, on the same ConfigMaps (statuses removed before each).
+        await reset(made, stack)
+        try:
+            peer, process = await initial(stack, KUBE_MGMT, made, modules, within=180)
+        except TimeoutError as exc:
+            result["kube_mgmt"] = {"error": str(exc)}
+            log(f"  policies: kube-mgmt did not finish: {exc}")
+        else:
+            stack.stop_sidecar(process)
+            result["kube_mgmt"] = peer
+            log(
+                f"  policies: kube-mgmt: loaded in {peer['loaded_seconds']:.2f} s, statuses at"
+                f" {peer['statuses_seconds']:.2f} s, {peer['puts']} PUTs"
+            )
+    await reset(made, stack)
+    result["initial"], kopa = await initial(stack, KOPA, made, modules, within=600)
+    good = modules - failing
+    log(
+        f"  policies: {good} loaded in {result['initial']['loaded_seconds']:.2f} s, statuses at"
+        f" {result['initial']['statuses_seconds']:.2f} s, {result['initial']['puts']} PUTs"
+    )
+    async with stack.api() as api, stack.opa_client() as opa:
 
         async def edit(name: str, text: str, package: str, expected_puts: int) -> dict[str, Any]:
             start = await policy_puts(opa)
@@ -213,5 +263,5 @@ async def policy_load(stack: Stack, modules: int, log: Any) -> dict[str, Any]:
             f"  policies: an unrelated change cost {result['unrelated_change']['puts']} PUTs, a change"
             f" to a library {dependents} failing module(s) call cost {result['related_change']['puts']}"
         )
-    stack.stop_kopa(kopa)
+    stack.stop_sidecar(kopa)
     return result

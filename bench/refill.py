@@ -8,6 +8,9 @@ process is spawned:
   marker     data.system.kopa.ready is true again in OPA (what OPA's own readiness check waits for);
   readyz     kopa's /readyz answers 200 again, after it had answered 503 for this restart.
 After each round the bench checks that OPA holds all N objects and every policy.
+
+Go kube-mgmt, when it is there, gets one round of its own (`peer_refill`): loaded with the same N objects
+and policies, OPA killed and started again, and the bench waits a while for anything to come back.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import aiohttp
 
 from bench.common import Opa, poll_until, summary
 from bench.dataset import COUNT_QUERY
-from bench.stack import Stack
+from bench.stack import KUBE_MGMT, Stack
 from devstack.kopa import KopaProcess
 
 POLL = 0.02  # OPA: each poller stops once its condition holds
@@ -112,3 +115,51 @@ async def refill(
         "rounds": results,
         "summary_seconds": {k: summary([r[k] for r in results], 1, 3) for k in keys},
     }
+
+
+async def peer_refill(stack: Stack, *, n: int, policies: int, wait: float, log: Any) -> dict[str, Any]:
+    """Go kube-mgmt holding N objects and the policies; OPA killed and started again, as in a round: does
+    anything come back within `wait` seconds of the new OPA answering /health?"""
+    stack.fresh_opa()
+    process = stack.sidecar(KUBE_MGMT, "refill")
+    process.start()
+    try:
+        async with stack.opa_client() as opa:
+
+            async def loaded() -> Any:
+                return await opa.query(COUNT_QUERY) == n and await opa.query(POLICY_COUNT_QUERY) == policies
+
+            await poll_until(loaded, bool, interval=0.05, within=300, what="kube-mgmt loaded")
+            await asyncio.sleep(2.0)
+            stack.opa.kill()
+            spawned = time.monotonic()
+            stack.opa.process.start()
+
+            async def healthy() -> bool:
+                return await opa.healthy()
+
+            up = (await poll_until(healthy, bool, interval=POLL, within=120, what="OPA healthy")).received
+
+            async def anything() -> Any:
+                return (await opa.query(POLICY_COUNT_QUERY) or 0) + (await opa.query(COUNT_QUERY) or 0)
+
+            try:
+                seen = await poll_until(anything, lambda v: v > 0, interval=POLL, within=wait, what="refill")
+                noticed: float | None = round(seen.received - spawned, 4)
+            except TimeoutError:
+                noticed = None
+            result = {
+                "healthy": round(up - spawned, 4),
+                "waited_seconds": wait,
+                "noticed": noticed,
+                "objects_after_wait": await opa.query(COUNT_QUERY) or 0,
+                "policies_after_wait": await opa.query(POLICY_COUNT_QUERY) or 0,
+            }
+    finally:
+        stack.stop_sidecar(process)
+    log(
+        f"  kube-mgmt: {'refilled from ' + format(noticed, '.2f') + ' s' if noticed else 'nothing back'}"
+        f" {wait:g} s after OPA was healthy again ({result['objects_after_wait']} objects,"
+        f" {result['policies_after_wait']} policies)"
+    )
+    return result

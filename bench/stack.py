@@ -1,4 +1,10 @@
-"""The local real stack the benchmarks run on: etcd + kube-apiserver, one OPA, and kopa as a process."""
+"""The local real stack the benchmarks run on: etcd + kube-apiserver, one OPA, and kopa as a process.
+
+Go kube-mgmt, when its binary is there, runs on the same stack with the same flags, one sidecar at a time
+against a fresh OPA, for the side-by-side figures. The bench finds it through `--kube-mgmt PATH`, the
+environment variable KOPA_BENCH_KUBE_MGMT, or the tools cache (`scripts/build-servers.sh kube-mgmt`);
+without it the bench says so and runs kopa alone.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +20,47 @@ from pathlib import Path
 
 from bench.common import KubeApi, Opa
 from bench.dataset import IGNORED_NAMESPACES, POLICY_NAMESPACE
+from devstack.binaries import BUILD_HINT, MissingBinary, tool_path
 from devstack.kopa import KopaProcess, kopa_process
 from devstack.kube import KubeCluster
 from devstack.opa import OpaServer
+from devstack.processes import ManagedProcess
+
+KOPA = "kopa"
+KUBE_MGMT = "kube-mgmt"
+
+
+def find_kube_mgmt(explicit: str | None) -> tuple[Path | None, str]:
+    """kube-mgmt's binary (option, then KOPA_BENCH_KUBE_MGMT, then the tools cache), and where from or why
+    not. Never looked for beside the repository: a user's `make bench` must not need it."""
+    given = explicit or os.environ.get("KOPA_BENCH_KUBE_MGMT")
+    if given:
+        path = Path(given).expanduser()
+        if path.is_file() and os.access(path, os.X_OK):
+            return path, f"{path} (given)"
+        return None, f"{path} (given) is not an executable file"
+    try:
+        path = tool_path(KUBE_MGMT)
+    except MissingBinary as exc:
+        return None, f"{exc.message.removesuffix(BUILD_HINT)}`scripts/build-servers.sh kube-mgmt` builds it"
+    return path, f"{path} (tools cache)"
 
 
 @dataclass
 class Stack:
     work: Path
     profile_dir: Path | None = None  # when set, kopa runs under py-spy and writes a flame graph per run
+    kube_mgmt: Path | None = None  # Go kube-mgmt's binary: when set, the side-by-side phases run it too
     kube: KubeCluster = field(init=False)
     opa: OpaServer = field(init=False)
     token_file: Path = field(init=False)
     _kopas: list[KopaProcess] = field(default_factory=list)
+    _others: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The sidecars the side-by-side phases run: kopa, and kube-mgmt when its binary is there."""
+        return (KOPA, KUBE_MGMT) if self.kube_mgmt is not None else (KOPA,)
 
     def start(self) -> None:
         self.kube = KubeCluster(self.work / "kube", extra_apiserver_args=["--max-requests-inflight=800"])
@@ -40,6 +74,8 @@ class Stack:
     def stop(self) -> None:
         for kopa in self._kopas:
             self.stop_kopa(kopa)
+        for other in self._others:
+            other.stop()
         self.opa.stop()
         self.kube.stop()
 
@@ -54,23 +90,47 @@ class Stack:
         self.opa.kill()
         self.opa.start()
 
-    def kopa(
-        self, name: str, *extra: str, namespaces: str = POLICY_NAMESPACE, replicate: bool = True
-    ) -> KopaProcess:
-        """kopa replicating v1/configmaps (all bench namespaces, unless not `replicate`) and loading
-        policies and data from `namespaces` (bench-policies)."""
+    def flags(self, namespaces: str = POLICY_NAMESPACE, replicate: bool = True) -> list[str]:
+        """The flags kopa and kube-mgmt both get: replicating v1/configmaps (all bench namespaces, unless
+        not `replicate`) and loading policies and data from `namespaces` (bench-policies)."""
         replication = [
             "--replicate=v1/configmaps",
             f"--replicate-ignore-namespaces={','.join(IGNORED_NAMESPACES)}",
         ]
-        args: list[str] = [
+        return [
             f"--kubeconfig={self.kube.admin_kubeconfig}",
             f"--opa-url={self.opa.api_url}",
             f"--namespaces={namespaces}",
             *(replication if replicate else []),
             "--log-level=info",
-            *extra,
         ]
+
+    def sidecar(
+        self, side: str, name: str, namespaces: str = POLICY_NAMESPACE, replicate: bool = True
+    ) -> ManagedProcess:
+        """kopa (side "kopa") or Go kube-mgmt (side "kube-mgmt"), not yet started, with the same flags."""
+        if side == KOPA:
+            return self.kopa(name, namespaces=namespaces, replicate=replicate)
+        assert self.kube_mgmt is not None, "kube-mgmt is not there"
+        process = ManagedProcess(
+            KUBE_MGMT,
+            [self.kube_mgmt, *self.flags(namespaces, replicate)],
+            self.work / f"kube-mgmt-{name}.log",
+        )
+        self._others.append(process)
+        return process
+
+    def stop_sidecar(self, process: ManagedProcess) -> None:
+        if isinstance(process, KopaProcess):
+            self.stop_kopa(process)
+        else:
+            process.stop()
+
+    def kopa(
+        self, name: str, *extra: str, namespaces: str = POLICY_NAMESPACE, replicate: bool = True
+    ) -> KopaProcess:
+        """kopa with the common flags (see `flags`) and `extra`."""
+        args: list[str] = [*self.flags(namespaces, replicate), *extra]
         process = kopa_process(args, self.work / f"kopa-{name}.log")
         spy = py_spy()
         if self.profile_dir is not None and spy:

@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "kubectl": ("KUBERNETES_VERSION", "kubernetes-{version}/kubectl"),
     "helm": ("HELM_VERSION", "helm-{version}/helm"),
     "kube-score": ("KUBE_SCORE_VERSION", "kube-score-{version}/kube-score"),
+    "kube-mgmt": ("KUBE_MGMT_VERSION", "kube-mgmt-{version}/kube-mgmt"),
 }
 
 BUILD_HINT = "run `scripts/build-servers.sh` (or `make servers`) to build it"

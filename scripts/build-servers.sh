@@ -3,9 +3,12 @@
 # modules, because this project may not download prebuilt binaries. Each binary is cached outside the
 # repository under a directory named by its version, so a build happens once per version and machine.
 #
-# Usage: scripts/build-servers.sh [opa|kube|helm|kube-score ...]   (default: opa kube; helm and kube-score
-#        are built on request, for the Helm chart's tests)
+# Usage: scripts/build-servers.sh [opa|kube|helm|kube-score|kube-mgmt ...]   (default: opa kube; helm and
+#        kube-score are built on request, for the Helm chart's tests; kube-mgmt on request, for the
+#        side-by-side benchmarks)
 # Env:   KOPA_TOOLS_DIR   where binaries go (default: ~/.cache/kopa/tools)
+#        KOPA_PEERS_DIR   where kube-mgmt's source snapshot and its build script are (default: ../shared/peers
+#                         beside the repository); kube-mgmt is skipped, with a note, when they are not there
 #
 # Prints progress and one line per binary with its path. Measured cold on 2 cores: OPA about 2 minutes,
 # kube-apiserver + kubectl + etcd about 6 minutes, helm about 2 minutes.
@@ -142,6 +145,21 @@ build_kube_score() {
   say "kube-score $KUBE_SCORE_VERSION: built $dest/kube-score"
 }
 
+# Go kube-mgmt, for the benchmarks only: its source is not in the repository (nor on the Go module proxy);
+# a snapshot outside it comes with its own build script. Without it the bench runs kopa alone.
+build_kube_mgmt() {
+  local dest=$tools_dir/kube-mgmt-$KUBE_MGMT_VERSION
+  if [[ -x $dest/kube-mgmt ]]; then say "kube-mgmt $KUBE_MGMT_VERSION: cached at $dest/kube-mgmt"; return; fi
+  local peers=${KOPA_PEERS_DIR:-$here/../../shared/peers}
+  if [[ ! -x $peers/build-kube-mgmt.sh ]]; then
+    say "kube-mgmt $KUBE_MGMT_VERSION: no source snapshot in $peers (KOPA_PEERS_DIR); skipped, the bench runs kopa alone"
+    return
+  fi
+  say "kube-mgmt $KUBE_MGMT_VERSION: building from $peers (about 3 minutes when cold)"
+  "$peers/build-kube-mgmt.sh" "$dest" >/dev/null
+  say "kube-mgmt $KUBE_MGMT_VERSION: built $dest/kube-mgmt"
+}
+
 command -v go >/dev/null || { echo "build-servers: Go is required (go1.24 or newer) and was not found" >&2; exit 1; }
 mkdir -p "$tools_dir"
 targets=("$@")
@@ -152,7 +170,8 @@ for t in "${targets[@]}"; do
     kube) build_kube ;;
     helm) build_helm ;;
     kube-score) build_kube_score ;;
-    *) echo "build-servers: unknown target '$t' (expected opa, kube, helm or kube-score)" >&2; exit 2 ;;
+    kube-mgmt) build_kube_mgmt ;;
+    *) echo "build-servers: unknown target '$t' (expected opa, kube, helm, kube-score or kube-mgmt)" >&2; exit 2 ;;
   esac
 done
 say "all binaries are in $tools_dir"

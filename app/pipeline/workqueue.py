@@ -170,13 +170,6 @@ class WorkQueue(Generic[K]):
             self.observer.queued(now - added)
         return key
 
-    async def wait_waiting(self, count: int) -> None:
-        """Returns once at least `count` keys are waiting to be handed out (for batched writes)."""
-        while len(self._queue) < count:
-            if self._ready.is_set():
-                self._ready = anyio.Event()
-            await self._ready.wait()
-
     async def get_batch(self, limit: int) -> list[K]:
         """Waits for one key, then also takes those already waiting, up to `limit` (for batched writes)."""
         return [await self.get(), *self.take_waiting(limit - 1)]

@@ -71,7 +71,9 @@ def converter(
             obj = project(obj, fields)
             meta = obj["metadata"]
         version = meta.pop("resourceVersion", None)
-        digest = hashlib.blake2b(orjson.dumps(obj), digest_size=16).digest()
+        # Sorted keys: a list's items and a watch's objects carry the same fields in another order (kind
+        # and apiVersion are added above, at the end, to list items), and must not count as a change.
+        digest = hashlib.blake2b(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
         if version is not None:
             meta["resourceVersion"] = version
         return Replica(right_sized(orjson.dumps(obj)), digest)

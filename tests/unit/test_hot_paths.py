@@ -44,6 +44,9 @@ def test_a_converted_object_is_compact_json_without_managed_fields() -> None:
     }
     again = convert({"metadata": {"name": "a", "resourceVersion": "8"}, "data": {"k": "v"}})
     assert again.digest == replica.digest, "a new resourceVersion alone is no change"
+    # A watch event's object has kind and apiVersion first; a list's item has none (added at the end).
+    watched = {"kind": "ConfigMap", "apiVersion": "v1", "data": {"k": "v"}, "metadata": {"name": "a"}}
+    assert convert(watched).digest == replica.digest, "the same object in another key order is no change"
 
 
 async def _whole(groups: dict[str, dict[str, bytes]], namespaced: bool) -> tuple[bytes, list[int]]:
@@ -74,35 +77,19 @@ async def test_a_large_collection_is_sent_in_pieces_of_about_chunk_bytes() -> No
     assert max(sizes) < CHUNK + 2 * len(body)
 
 
-async def test_wait_waiting_returns_once_enough_keys_wait() -> None:
-    queue: WorkQueue[str] = WorkQueue("t")
-    queue.add("a")
-    with anyio.move_on_after(0.05) as scope:
-        await queue.wait_waiting(2)
-    assert scope.cancelled_caught
-    async with anyio.create_task_group() as tg:
-
-        async def add_later() -> None:
-            await anyio.sleep(0.02)
-            queue.add("b")
-            queue.add("b")  # coalesced: still two keys
-            queue.add("c")
-
-        tg.start_soon(add_later)
-        with anyio.fail_after(2):
-            await queue.wait_waiting(3)
-    assert len(queue) == 3
-
-
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[list[Key]] = []
         self._called = anyio.Event()
+        self.hold: anyio.Event | None = None  # when set, the next write waits for it (a write in flight)
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         self.calls.append(list(keys))
         self._called.set()
         self._called = anyio.Event()
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            await hold.wait()
         return []
 
     async def wait_calls(self, count: int) -> None:
@@ -118,25 +105,27 @@ class _SameOpa:
         return {"labels": {"id": "one"}}
 
 
-async def test_under_a_stream_a_full_batch_goes_out_without_waiting_the_window(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(worker, "BATCH_WINDOW", 30.0)  # only a full batch (or ALL) can end the wait
+async def test_group_commit_writes_at_once_and_batches_what_arrived_during_a_write() -> None:
     queue: WorkQueue[WorkKey] = WorkQueue("opa")
     handler = Recorder()
     async with anyio.create_task_group() as tg:
         handlers: dict[str, worker.Handler] = {"s": handler}
         tg.start_soon(worker.run_worker, queue, handlers, OpaProcess(_SameOpa(), interval=1.0))
-        queue.add(WorkKey("s", ObjectKey("ns", "first")))  # isolated: written at once
-        await handler.wait_calls(1)
-        queue.add(WorkKey("s", ObjectKey("ns", "k0")))
-        await anyio.sleep(0.05)  # the writer holds k0, waiting for company
-        assert len(handler.calls) == 1
-        for i in range(1, worker.BATCH_TARGET):
+        release = handler.hold = anyio.Event()  # the first write stays in flight until released
+        queue.add(WorkKey("s", ObjectKey("ns", "first")))
+        await handler.wait_calls(1)  # written at once: nothing waits for company
+        for i in range(5):
             queue.add(WorkKey("s", ObjectKey("ns", f"k{i}")))
+            queue.add(WorkKey("s", ObjectKey("ns", f"k{i}")))  # coalesced while waiting
+        await anyio.sleep(0.05)
+        assert len(handler.calls) == 1  # one write at a time
+        release.set()
         await handler.wait_calls(2)
-        assert len(handler.calls[1]) == worker.BATCH_TARGET
-        queue.add(WorkKey("s", ALL))  # a whole load waits for nothing
+        assert handler.calls[1] == [ObjectKey("ns", f"k{i}") for i in range(5)]  # all that arrived, one write
+        queue.add(WorkKey("s", ObjectKey("ns", "later")))  # the writer is idle again: at once
         await handler.wait_calls(3)
-        assert handler.calls[2] == [ALL]
+        assert handler.calls[2] == [ObjectKey("ns", "later")]
+        queue.add(WorkKey("s", ALL))
+        await handler.wait_calls(4)
+        assert handler.calls[3] == [ALL]
         tg.cancel_scope.cancel()
