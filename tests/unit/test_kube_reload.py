@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import ssl
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import anyio
 import pytest
 import yaml
 
-from app.kube.client import KubeClient, KubeUnavailable
+from app.kube.client import KubeClient, KubeUnavailable, WatchEvent
 from app.kube.config import load_connection
 from devstack.certs import TestCA
 from tests.unit.fake_api import PATH, FakeApi, serving
@@ -52,25 +54,37 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLCont
     return ca.ca_file, context
 
 
-async def test_a_watch_survives_a_401_that_only_rotated_the_token(
+@asynccontextmanager
+async def open_watch(
     test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[FakeApi, KubeClient, AsyncGenerator[WatchEvent], Path]]:
+    """A client with a stale token (which the fake refuses) holding a watch open past its first event."""
     ca_file, server_tls = test_ca
     async with serving(FakeApi("hold", valid_token="fresh"), server_tls) as api:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, ca_file, "stale")
         connection = await load_connection(str(kubeconfig))
         async with KubeClient(connection, reload=partial(load_connection, str(kubeconfig))) as client:
             events = client.watch(PATH, resource_version="5", timeout_seconds=60, idle_timeout=60)
-            with anyio.fail_after(10):
-                assert (await anext(events)).type == "BOOKMARK"  # the watch is open
+            try:
+                with anyio.fail_after(10):
+                    assert (await anext(events)).type == "BOOKMARK"  # the watch is open
+                yield api, client, events, kubeconfig
+            finally:
+                await events.aclose()
 
-                write_kubeconfig(kubeconfig, api.url, ca_file, "fresh")  # the token rotated
-                await client.get(PATH + "/x")  # 401, reload, retried with the fresh token
-                assert api.unauthorized == 1
 
-                api.push.set()  # the server sends one more event on the watch opened before the 401
-                event = await anext(events)
-            await events.aclose()
+async def test_a_watch_survives_a_401_that_only_rotated_the_token(
+    test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
+) -> None:
+    ca_file, _ = test_ca
+    async with open_watch(test_ca, tmp_path) as (api, client, events, kubeconfig):
+        with anyio.fail_after(10):
+            write_kubeconfig(kubeconfig, api.url, ca_file, "fresh")  # the token rotated
+            await client.get(PATH + "/x")  # 401, reload, retried with the fresh token
+            assert api.unauthorized == 1
+
+            api.push.set()  # the server sends one more event on the watch opened before the 401
+            event = await anext(events)
     assert event.type == "ADDED"
     assert api.watches == 1, "the watch was opened again: the reload tore the session down"
 
@@ -79,19 +93,13 @@ async def test_a_reload_that_changed_tls_ends_open_watches_as_unavailable(
     test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
 ) -> None:
     """New TLS settings need new connections: the watch ends with an error the watcher retries."""
-    ca_file, server_tls = test_ca
-    async with serving(FakeApi("hold", valid_token="fresh"), server_tls) as api:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, ca_file, "stale")
-        connection = await load_connection(str(kubeconfig))
-        async with KubeClient(connection, reload=partial(load_connection, str(kubeconfig))) as client:
-            events = client.watch(PATH, resource_version="5", timeout_seconds=60, idle_timeout=60)
-            with anyio.fail_after(10):
-                assert (await anext(events)).type == "BOOKMARK"
-                write_kubeconfig(kubeconfig, api.url, ca_file, "fresh", insecure=True)
-                await client.get(PATH + "/x")
-                with pytest.raises(KubeUnavailable):
-                    await anext(events)
-            await events.aclose()
+    ca_file, _ = test_ca
+    async with open_watch(test_ca, tmp_path) as (api, client, events, kubeconfig):
+        with anyio.fail_after(10):
+            write_kubeconfig(kubeconfig, api.url, ca_file, "fresh", insecure=True)
+            await client.get(PATH + "/x")
+            with pytest.raises(KubeUnavailable):
+                await anext(events)
 
 
 async def test_the_tls_fingerprint_follows_the_tls_settings_not_the_token(
