@@ -51,6 +51,9 @@ class ReplicationSettings:
     keep_managed_fields: bool
     selectors: tuple[tuple[GroupVersionResource, str], ...]  # (resource, label selector)
     fields: tuple[tuple[GroupVersionResource, tuple[str, ...]], ...]  # (resource, fields kept)
+    opa_config: str  # --opa-config: "" = no automatic replication
+    analysis_entrypoint: str  # slash-separated path below data
+    analysis_grace_period: float  # seconds
 
 
 @dataclass(frozen=True)

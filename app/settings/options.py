@@ -314,6 +314,41 @@ OPTIONS: tuple[Option[Any], ...] = (
         default_text="none",
     ),
     Option(
+        "opa-config",
+        STRING,
+        "",
+        "Replicate automatically what the policies read: the OPA configuration file OPA runs with (its "
+        "bundles are waited for); kopa analyses the policies OPA holds from the entrypoint and replicates "
+        "every data.<replicate-path>.<resource> they read (kube-mgmt's auto mode).",
+        REPLICATION,
+        metavar="FILE",
+        validate=validators.opa_config_file,
+        default_text="off",
+        field_name="opa_config",
+    ),
+    Option(
+        "analysis-entrypoint",
+        STRING,
+        "main/main",
+        "With --opa-config: the decision whose rules the analysis starts from, as a slash-separated "
+        "path below data (ConfigMap policies are analysed whole, whatever queries them).",
+        REPLICATION,
+        metavar="PATH",
+        validate=validators.data_path,
+        field_name="analysis_entrypoint",
+    ),
+    Option(
+        "analysis-grace-period",
+        DURATION,
+        300.0,
+        "With --opa-config: how long a resource the policies no longer read keeps being replicated before "
+        "kopa stops it and removes its data from OPA (a bundle that flaps costs no reload).",
+        REPLICATION,
+        metavar="DURATION",
+        validate=validators.not_negative,
+        field_name="analysis_grace_period",
+    ),
+    Option(
         "log-level",
         STRING,
         "info",
@@ -406,8 +441,6 @@ LEGACY: tuple[Legacy, ...] = (
     Legacy("policies", STRING_LIST, alias_of="namespaces"),
     Legacy("require-policy-label", BOOL, no_effect="kopa always selects policies by their label"),
     Legacy("replicate-resync", DURATION, alias_of="drift-check-interval"),
-    Legacy("opa-config", STRING, unsupported="automatic replication from bundle analysis"),
-    Legacy("analysis-entrypoint", STRING, unsupported="automatic replication from bundle analysis"),
 )
 
 BY_NAME: dict[str, Option[Any]] = {option.name: option for option in OPTIONS}

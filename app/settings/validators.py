@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.kube.resources import GroupVersionResource
+from app.opa.configuration import bundle_names
 from app.settings.errors import BadItem, SettingsError, shown
 
 
@@ -192,6 +193,13 @@ def resources(value: tuple[str, ...]) -> tuple[str, ...]:
         except ValueError as exc:
             raise BadItem(item, str(exc)) from None
     return tuple(dict.fromkeys(value))
+
+
+def opa_config_file(value: str) -> str:
+    """A file OPA's configuration can be read from (checked at start-up, read again by kopa later)."""
+    if value:
+        bundle_names(value)  # OpaConfigError (a ValueError) carries the one-line reason
+    return value
 
 
 def data_path(value: str) -> str:

@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
         "keep_managed_fields": False,
         "selectors": (),
         "fields": (),
+        "opa_config": "",
+        "analysis_entrypoint": "main/main",
+        "analysis_grace_period": 300.0,
     },
     "logging": {"level": "info", "format": "text"},
     "health_endpoint": "0.0.0.0:8000",
@@ -909,20 +912,34 @@ def test_replicate_resync_is_the_kube_mgmt_name_of_the_drift_check() -> None:
     assert error(["--drift-check-interval=-1s"]).startswith('invalid --drift-check-interval "-1s"')
 
 
+def test_auto_replication_flags_take_kube_mgmts_meaning(tmp_path: Path) -> None:
+    config = tmp_path / "opa.yaml"
+    config.write_text("bundles:\n  test:\n    resource: file:///bundle/bundle.tar.gz\n")
+    loaded = load(f"--opa-config={config}", "--analysis-entrypoint", "/system/main/")
+    assert loaded.replication.opa_config == str(config)
+    assert loaded.replication.analysis_entrypoint == "system/main"
+    assert load("--opa-config=").replication.opa_config == ""
+    assert load("--analysis-grace-period=30s").replication.analysis_grace_period == 30.0
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("content", "reason"),
     [
-        ["--opa-config=/config/opa.yaml"],
-        ["--opa-config", "/config/opa.yaml"],
-        ["--analysis-entrypoint=main/main"],
-        ["--analysis-entrypoint", "main/main"],
-        ["--opa-config="],
+        (None, "cannot read"),
+        ("bundles: [", "is not valid YAML (line 1)"),
+        ("- a\n- b\n", "must hold a mapping"),
     ],
 )
-def test_auto_replication_flags_are_not_supported_yet(argv: list[str]) -> None:
-    message = error(argv)
-    flag = argv[0].partition("=")[0]
-    assert message.startswith(f"{flag} is not supported yet")
+def test_an_unusable_opa_config_stops_start_up_naming_it(
+    tmp_path: Path, content: str | None, reason: str
+) -> None:
+    config = tmp_path / "opa.yaml"
+    if content is not None:
+        config.write_text(content)
+    message = error([f"--opa-config={config}"])
+    assert message.startswith(f'invalid --opa-config "{config}": ')
+    assert reason in message
+    assert "\n" not in message
 
 
 # --- documentation ---------------------------------------------------------------------------------------
