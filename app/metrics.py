@@ -27,7 +27,8 @@ class MetricSources:
 
     queues: list[WorkQueue[Any]] = field(default_factory=list)
     watches: Callable[[], list[tuple[str, WatchStats]]] = list  # (source, stats), asked at each scrape
-    replicated: list[tuple[str, Callable[[], int]]] = field(default_factory=list)  # (resource, count)
+    replicated: Callable[[], list[tuple[str, int]]] = list  # (resource, objects held)
+    analysis: Callable[[], list[tuple[str, str]]] = list  # (resource, state) found by the policy analysis
     policies_loaded: Callable[[], int] = lambda: 0
     policies_failed: Callable[[], int] = lambda: 0
     data_documents: Callable[[], int] = lambda: 0
@@ -135,9 +136,19 @@ class Metrics(Collector):
         replicated = GaugeMetricFamily(
             "kopa_replicated_objects", "Objects kopa holds of each replicated resource.", labels=["resource"]
         )
-        for resource, size in s.replicated:
-            replicated.add_metric([resource], size())
+        for resource, size in s.replicated():
+            replicated.add_metric([resource], size)
         yield replicated
+        analysed = GaugeMetricFamily(
+            "kopa_analysis_resources",
+            "Resources the policies read (--opa-config), by state: replicating, given (by --replicate), "
+            "unresolved, ambiguous, forbidden (RBAC), unreferenced (no longer read, removed after the grace "
+            "period).",
+            labels=["resource", "state"],
+        )
+        for resource, state in s.analysis():
+            analysed.add_metric([resource, state], 1)
+        yield analysed
         yield GaugeMetricFamily(
             "kopa_policies_loaded", "Rego modules loaded in OPA.", value=s.policies_loaded()
         )

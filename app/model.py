@@ -37,10 +37,12 @@ class Marker(enum.Enum):
 
     ALL = "all"  # every object of the source: a first load, a refill, or the queue's overflow
     CHECK = "check"  # compare OPA with kopa's copy and repair what differs (the drift check)
+    REMOVE = "remove"  # take the whole source out of OPA: it is no longer replicated
 
 
 ALL = Marker.ALL
 CHECK = Marker.CHECK
+REMOVE = Marker.REMOVE
 Key = ObjectKey | Marker
 
 

@@ -25,6 +25,7 @@ from app.kube.config import load_connection
 from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
+from app.opa.configuration import bundle_names
 from app.opa.credentials import OpaTls, StaticToken, TokenFile
 from app.opa.process import OpaProcess
 from app.operations.liveness import Liveness, on_opa_request
@@ -33,8 +34,10 @@ from app.operations.supervisor import supervise
 from app.pipeline.periodic import every
 from app.pipeline.worker import Handler, run_worker
 from app.pipeline.workqueue import WorkQueue
+from app.replication.auto import AutoReplication, AutoSettings
 from app.replication.discovery import discover
-from app.replication.replicator import ReplicatedResource, ReplicationOptions
+from app.replication.replicator import ReplicationOptions
+from app.replication.running import Replicators
 from app.server.http import HealthServer
 from app.settings import Settings
 from app.version import version_line
@@ -78,28 +81,29 @@ async def run(settings: Settings) -> None:
             add=queue.add,
             status_observer=metrics.queue_observer("status"),
         )
-        replication = settings.replication
-        found = await discover(kube, replication.namespaced_resources, replication.cluster_resources)
-        resources = [
-            ReplicatedResource(
-                kube=kube,
-                opa=opa,
-                process=process,
-                gvr=gvr,
-                namespaced=gvr in replication.namespaced_resources,
-                info=found[gvr],
-                options=replication_options(settings),
-                add=queue.add,
-            )
-            for gvr in (*replication.namespaced_resources, *replication.cluster_resources)
-        ]
-
-        # The writer's handlers, one per source; a new OPA process gets every source again.
+        # The writer's handlers, one per source; replicated resources add and remove theirs as they come
+        # and go. A new OPA process gets every source again.
         handlers: dict[str, Handler] = {configmaps.name: configmaps.sync}
-        handlers.update({resource.source: resource.sync for resource in resources})
+        component = partial(supervise, on_crash=liveness.crashed)
+        replication = settings.replication
+        replicators = Replicators(
+            kube=kube,
+            opa=opa,
+            process=process,
+            options=replication_options(settings),
+            add=queue.add,
+            handlers=handlers,
+            supervise=component,
+        )
+        found = await discover(kube, replication.namespaced_resources, replication.cluster_resources)
+        for gvr in (*replication.namespaced_resources, *replication.cluster_resources):
+            replicators.start(gvr, gvr in replication.namespaced_resources, found[gvr])
+        auto = auto_replication(
+            settings, opa=opa, kube=kube, process=process, replicators=replicators, configmaps=configmaps
+        )
 
         async def refill() -> None:
-            for source in handlers:
+            for source in list(handlers):
                 queue.add(WorkKey(source, ALL))
 
         process.on_restart(refill)
@@ -109,15 +113,18 @@ async def run(settings: Settings) -> None:
             process,
             pending=lambda: queue.pending,
             retrying=lambda: queue.failing,
-            sources=configmaps.states + [r.state for r in resources],
+            sources=lambda: [
+                *configmaps.states,
+                *replicators.states(),
+                *([auto.state] if auto is not None else []),
+            ],
+            details=auto.report if auto is not None else dict,
         )
         metrics.sources = MetricSources(
             queues=[queue, configmaps.reporter.queue],
-            watches=lambda: [
-                *configmaps.watch_stats(),
-                *((r.source, r.watcher.stats) for r in resources if r.watcher is not None),
-            ],
-            replicated=[(str(r.gvr), r.store.__len__) for r in resources],
+            watches=lambda: [*configmaps.watch_stats(), *replicators.watch_stats()],
+            replicated=replicators.sizes,
+            analysis=auto.counts if auto is not None else list,
             policies_loaded=lambda: configmaps.sync.policies.loaded_count,
             policies_failed=lambda: configmaps.sync.policies.failed_count,
             data_documents=configmaps.sync.data.document_count,
@@ -126,7 +133,7 @@ async def run(settings: Settings) -> None:
             drift_repaired=lambda: {
                 "policy": configmaps.sync.policies.repairs,
                 "data": configmaps.sync.data.repairs,
-                "replicated": sum(r.sync.repairs for r in resources),
+                "replicated": replicators.repairs(),
             },
             ready=lambda: readiness.ready,
             opa_up=lambda: process.available,
@@ -143,7 +150,6 @@ async def run(settings: Settings) -> None:
         if server is not None:
             server.start()
 
-        component = partial(supervise, on_crash=liveness.crashed)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_stop_on_signal, tg, settings.shutdown_timeout)
             tg.start_soon(liveness.run_ticker)
@@ -151,13 +157,14 @@ async def run(settings: Settings) -> None:
                 tg.start_soon(server.run)
             for watcher in configmaps.watchers:
                 tg.start_soon(component, f"watch of {watcher.collection.describe()}", watcher.run)
-            for resource in resources:
-                tg.start_soon(component, f"replication of {resource.gvr}", resource.run)
+            tg.start_soon(replicators.run)
+            if auto is not None:
+                tg.start_soon(component, "policy analysis", auto.run)
             tg.start_soon(component, "OPA writer", writer)
             tg.start_soon(component, "status writer", configmaps.reporter.run)
             tg.start_soon(component, "OPA process check", process.run)
             if settings.opa.drift_check_interval > 0:
-                checks = [WorkKey(source, CHECK) for source in handlers]
+                checks = lambda: [WorkKey(source, CHECK) for source in handlers]  # noqa: E731
                 drift = partial(every, settings.opa.drift_check_interval, queue.add, checks)
                 tg.start_soon(component, "drift check", drift)
     log.info("stopped")
@@ -169,6 +176,41 @@ def configmap_selection(settings: Settings, namespaces: list[str]) -> Selection:
         policies=f"{c.policy_label}={c.policy_value}" if c.enable_policies else "",
         data=f"{c.data_label}={c.data_value}" if c.enable_data else "",
         namespaces=namespaces,
+    )
+
+
+def auto_replication(
+    settings: Settings,
+    *,
+    opa: OpaClient,
+    kube: KubeClient,
+    process: OpaProcess,
+    replicators: Replicators,
+    configmaps: ConfigMapSource,
+) -> AutoReplication | None:
+    """The policy analysis, when --opa-config is given."""
+    replication = settings.replication
+    if not replication.opa_config:
+        return None
+    auto = AutoSettings(
+        entrypoint=replication.analysis_entrypoint.split("/"),
+        prefix=replication.path.split("/"),
+        grace=replication.analysis_grace_period,
+        bundles=bundle_names(replication.opa_config),
+        given=(*replication.namespaced_resources, *replication.cluster_resources),
+    )
+    log.info(
+        "replicating what the policies read from %s (bundles: %s)",
+        "data." + ".".join(auto.entrypoint),
+        ", ".join(auto.bundles) or "none named",
+    )
+    return AutoReplication(
+        opa=opa,
+        kube=kube,
+        process=process,
+        replicators=replicators,
+        settings=auto,
+        configmap_policies=configmaps.sync.policies.held,
     )
 
 

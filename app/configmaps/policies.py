@@ -146,6 +146,10 @@ class PolicyBook:
         await self._retry_failed(changed)
         return {m.configmap for m in self.modules.values()}
 
+    def held(self) -> frozenset[tuple[str, str]]:
+        """(id, text) of every module kopa has loaded into OPA: what the policy analysis compares."""
+        return frozenset((m.id, m.loaded_text) for m in self.modules.values() if m.loaded_text is not None)
+
     @property
     def loaded_count(self) -> int:
         return sum(1 for m in self.modules.values() if m.ok)

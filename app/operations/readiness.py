@@ -9,8 +9,8 @@ at data.system.kopa, so that OPA's own readiness check (a system.health policy) 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -32,17 +32,28 @@ class MarkerWriter(Protocol):
 
 @dataclass
 class SourceState:
-    """One source as readiness sees it: listed yet? missing from the API server?"""
+    """One source as readiness sees it: listed yet? missing from the API server? blocked?"""
 
     name: str
     synced: Callable[[], bool]
     missing: bool = False  # e.g. a CRD not installed: counts as an empty, loaded collection
+    # Why the source cannot load for a cause kopa cannot fix (a resource found by analysis that RBAC
+    # does not grant): reported, but it does not hold readiness; None when there is none.
+    blocked: Callable[[], str | None] = lambda: None
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to wait for before kopa may say ready."""
+        return self.missing or self.synced() or self.blocked() is not None
 
     def describe(self) -> dict[str, Any]:
         if self.missing:
             return {"ready": True, "reason": "not served by the API server yet (CRD missing?); empty"}
         if self.synced():
             return {"ready": True}
+        blocked = self.blocked()
+        if blocked is not None:
+            return {"ready": False, "reason": blocked, "holdsReadiness": False}
         return {
             "ready": False,
             "reason": "first list from the API server, or its load into OPA, not complete",
@@ -58,7 +69,8 @@ class Readiness:
     process: OpaProcess
     pending: Callable[[], int]  # changes not yet written to OPA, retries included
     retrying: Callable[[], int]  # changes OPA did not accept and that wait to be written again
-    sources: list[SourceState] = field(default_factory=list)
+    sources: Callable[[], Iterable[SourceState]] = list  # asked each time: sources come and go
+    details: Callable[[], dict[str, Any]] = dict  # more of /readyz's body (the analysis, when on)
     loaded_epoch: int | None = None  # the OPA epoch (see OpaProcess) that holds everything, if any
 
     @property
@@ -71,7 +83,7 @@ class Readiness:
 
     async def after_batch(self) -> None:
         """Called by the writer after each batch: is everything in this OPA now?"""
-        if self.loaded or self.pending() or not all(s.missing or s.synced() for s in self.sources):
+        if self.loaded or self.pending() or not all(s.settled for s in self.sources()):
             return
         epoch = self.process.epoch
         if not await self.process.check() or self.process.epoch != epoch:
@@ -114,5 +126,6 @@ class Readiness:
             "ready": self.ready,
             "reasons": reasons,
             "pending": self.pending(),
-            "sources": {s.name: s.describe() for s in self.sources},
+            "sources": {s.name: s.describe() for s in self.sources()},
+            **self.details(),
         }

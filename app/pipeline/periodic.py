@@ -13,8 +13,11 @@ import anyio
 from app.model import WorkKey
 
 
-async def every(interval: float, add: Callable[[WorkKey], None], keys: Sequence[WorkKey]) -> None:
+async def every(
+    interval: float, add: Callable[[WorkKey], None], keys: Callable[[], Sequence[WorkKey]]
+) -> None:
+    """`keys` is asked at each tick: the sources may have changed since the last."""
     while True:
         await anyio.sleep(interval)
-        for key in keys:
+        for key in keys():
             add(key)

@@ -71,6 +71,9 @@ class WatchStats:
     restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_REASONS, 0))
     lists: int = 0
     last_list: float | None = None  # wall-clock time of the last complete list
+    # The failure the producer is backing off from, None once a list or a watch works again: readiness
+    # reports it (a 403 is RBAC that does not grant the resource).
+    failure: KubeApiError | KubeUnavailable | None = None
 
 
 class ListWatch(Protocol):
@@ -167,7 +170,11 @@ class Watcher(Generic[V]):
                 self.stats.restarts[kind] += 1
                 failures += 1
                 delay = self._backoff.delay(failures)
-                level = logging.DEBUG if failures == 1 and kind == "timeout" else logging.WARNING
+                # The same failure again (a 403 until RBAC changes) is logged once, then at debug level.
+                again = self.stats.failure is not None and str(self.stats.failure) == str(exc)
+                self.stats.failure = exc
+                quiet = (failures == 1 and kind == "timeout") or again
+                level = logging.DEBUG if quiet else logging.WARNING
                 log.log(
                     level,
                     "watch of %s failed (%s); retrying in %.1fs",
@@ -218,6 +225,7 @@ class Watcher(Generic[V]):
                 emit(key)
         self.stats.lists += 1
         self.stats.last_list = time.time()
+        self.stats.failure = None
         if initial:
             log.debug("listed %s: %d objects", c.describe(), len(seen))
             if self._on_synced is not None:
@@ -238,6 +246,7 @@ class Watcher(Generic[V]):
             idle_timeout=seconds + self._idle_grace,
         ):
             self._progress = True
+            self.stats.failure = None
             rv = (event.object.get("metadata") or {}).get("resourceVersion")
             if rv:
                 resource_version = str(rv)

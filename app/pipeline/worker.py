@@ -85,7 +85,11 @@ async def _write(
     failed: dict[WorkKey, Exception] = {}
     try:
         for source, keys in grouped.items():
-            for key, exc in await handlers[source].apply(keys):
+            handler = handlers.get(source)
+            if handler is None:  # a source that is gone (a retired resource): nothing left to write
+                log.debug("dropping %d keys of %s: no longer a source", len(keys), source)
+                continue
+            for key, exc in await handler.apply(keys):
                 failed[WorkKey(source, key)] = exc
     except OpaUnavailable as exc:
         for work in batch:

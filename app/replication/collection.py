@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from app.model import ALL, CHECK, Key, ObjectKey, Store, objects_only
+from app.model import ALL, CHECK, REMOVE, Key, ObjectKey, Store, objects_only
 from app.opa.client import Chunks, OpaError
 from app.opa.process import OpaProcess
 from app.replication.objects import Replica
@@ -84,6 +84,7 @@ class CollectionSync:
     full_syncs: int = 0
     writes: int = 0
     repairs: int = 0
+    removed: bool = False  # taken out of OPA for good (REMOVE): every later key is a no-op
     _rotation: int = 0
 
     @property
@@ -93,7 +94,22 @@ class CollectionSync:
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """The writer's entry point. ALL (a first load, a refill, the queue's overflow) and a new OPA
-        process are one PUT of the whole collection; CHECK is the drift check of one namespace."""
+        process are one PUT of the whole collection; CHECK is the drift check of one namespace; REMOVE
+        deletes the collection from OPA, after which the source writes nothing more (its watch has been
+        stopped; a refill queued before that must not bring it back)."""
+        if self.removed:
+            return []
+        if REMOVE in keys:
+            try:
+                await self.opa.delete_data(self.path)
+            except OpaError as exc:
+                log.warning("removing %s from OPA failed: %s", "/".join(self.path), exc)
+                return [(REMOVE, exc)]
+            self.removed = True
+            self.applied.clear()
+            self.per_namespace.clear()
+            log.info("removed %s from OPA", "/".join(self.path))
+            return []
         if not self.loaded or ALL in keys:
             try:
                 await self.put_collection()

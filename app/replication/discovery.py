@@ -86,3 +86,36 @@ async def discover(
             )
         found[gvr] = info
     return found
+
+
+async def served_resources(client: Discovery) -> dict[str, list[ResourceInfo]]:
+    """Every resource the API server serves, by plural, at its group's preferred version (as kubectl and
+    kube-mgmt resolve a plural). One plural can be served by several groups (`events`: core and
+    events.k8s.io): the caller decides. Subresources (`pods/log`) are left out."""
+    versions = [("", "v1")]
+    groups = await client.get("/apis")
+    for group in groups.get("groups") or []:
+        preferred = (group.get("preferredVersion") or {}).get("version")
+        if group.get("name") and preferred:
+            versions.append((str(group["name"]), str(preferred)))
+    found: dict[str, list[ResourceInfo]] = {}
+    for group_name, version in versions:
+        gv = GroupVersionResource(group_name, version, "")
+        try:
+            listing = await client.get(gv.api_path)
+        except KubeApiError as exc:
+            if exc.status in (404, 503):  # an aggregated API that is not available right now
+                log.debug("discovery of %s failed: %s", gv.api_version, exc)
+                continue
+            raise
+        for entry in listing.get("resources") or []:
+            name = str(entry.get("name") or "")
+            if not name or "/" in name:
+                continue
+            info = ResourceInfo(
+                GroupVersionResource(group_name, version, name),
+                bool(entry.get("namespaced")),
+                str(entry.get("kind", "")),
+            )
+            found.setdefault(name, []).append(info)
+    return found

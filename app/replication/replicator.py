@@ -48,7 +48,10 @@ class ReplicatedResource:
         info: ResourceInfo | None,
         options: ReplicationOptions,
         add: Callable[[WorkKey], None],
+        required: bool = True,
     ) -> None:
+        """`required=False` (a resource found by analysis): a 403 is reported and does not hold readiness;
+        a resource named in the settings must load, so its 403 does."""
         self.kube = kube
         self.gvr = gvr
         self.namespaced = namespaced
@@ -60,10 +63,19 @@ class ReplicatedResource:
         self.sync = CollectionSync(opa, process, [*options.path, gvr.resource], self.store, namespaced)
         self.watcher: Watcher[Replica] | None = None
         self.state = SourceState(self.source, self._synced, missing=info is None)
+        if not required:
+            self.state.blocked = self.forbidden
 
     def _synced(self) -> bool:
         """Listed, and the collection is in OPA (a failing PUT keeps kopa not ready)."""
         return self.watcher is not None and self.watcher.synced.is_set() and self.sync.loaded
+
+    def forbidden(self) -> str | None:
+        """Why the resource cannot be read, when the API server refuses kopa (RBAC), else None."""
+        failure = self.watcher.stats.failure if self.watcher is not None else None
+        if isinstance(failure, KubeApiError) and failure.status == 403 and not self._synced():
+            return f"not readable: {failure.message or failure}"
+        return None
 
     def _collection(self) -> Collection:
         field_selector = ""
