@@ -16,6 +16,7 @@ from devstack.chart import (
     IMAGE_VALUES,
     HelmError,
     LocalPod,
+    Obj,
     Rendered,
     container,
     opa_image_tag,
@@ -36,6 +37,7 @@ __all__ = [
     "dashboard_metric_names",
     "exposed",
     "metric_families",
+    "mounted_file",
     "opa_image_tag",
     "parse_quantity",
     "rbac_objects",
@@ -58,6 +60,30 @@ class Helm(chart.Helm):
     def __init__(self, home: Path, kubeconfig: Path | None = None) -> None:
         require_binaries("helm")
         super().__init__(home, kubeconfig)
+
+
+# --- files in the pod ---------------------------------------------------------------------------------------
+
+
+def mounted_file(rendered: Rendered, container_name: str, path: str) -> tuple[Obj, str, bool]:
+    """Where a file a container reads comes from: (the pod's volume, the file's key in the volume's Secret
+    or ConfigMap, whether the mount is read-only), through the container's mount whose path is the longest
+    prefix of `path`."""
+    mounts = [
+        mount
+        for mount in rendered.container(container_name).get("volumeMounts", [])
+        if path.startswith(mount["mountPath"].rstrip("/") + "/")
+    ]
+    if not mounts:
+        raise AssertionError(f"container {container_name} mounts nothing at {path}")
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    (volume,) = [v for v in rendered.pod_spec["volumes"] if v["name"] == mount["name"]]
+    key = path.removeprefix(mount["mountPath"].rstrip("/") + "/")
+    source = volume.get("secret") or volume.get("configMap") or {}
+    for item in source.get("items") or []:
+        if item["path"] == key:
+            key = item["key"]
+    return volume, key, bool(mount.get("readOnly"))
 
 
 # --- metrics -----------------------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ from devstack.demo import run_kubectl, webhook_is_loopback
 from devstack.kube import KubeCluster
 from devstack.processes import HOST, wait_until
 from tests.conftest import API_TIMEOUT, namespace_name, require_binaries
-from tests.integration.chart import CHART, Helm, HelmError, LocalPod, Rendered, parse_quantity
+from tests.integration.chart import (
+    CHART,
+    Helm,
+    HelmError,
+    LocalPod,
+    Rendered,
+    mounted_file,
+    parse_quantity,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -840,6 +848,7 @@ def test_kube_mgmt_values_are_implemented_or_warned_about(
     bundle_mount = {"name": "bundle-vol", "mountPath": "/bundle"}
     assert bundle_mount in auto.container("opa")["volumeMounts"]
     assert bundle_mount in auto.container("mgmt")["volumeMounts"], "extraVolumeMounts reach kopa too"
+    check_reads_opas_configuration(auto)
     production = render_files(helm, kube_mgmt_cases()["production"])
     assert production.one("Service", "opa-kopa")["spec"]["trafficDistribution"] == "PreferClose"
     assert production.one("Service", "opa-kopa")["spec"]["ports"][0]["port"] == 8181, "kube-mgmt's port"
@@ -857,15 +866,139 @@ def test_kube_mgmt_values_are_implemented_or_warned_about(
         kube,
         tmp_path,
         {
-            "mgmt": {"replicate": {"auto": True}, "startupProbe": KUBE_MGMT_DEFAULTS["mgmt"]["startupProbe"]},
+            "mgmt": {"startupProbe": KUBE_MGMT_DEFAULTS["mgmt"]["startupProbe"]},
             "sar": {"enabled": True},
             "e2eMgmtTokenSecret": True,
         },
     )
     for warning in (
-        "mgmt.replicate.auto is ignored",
         "sar.enabled is ignored",
         "e2eMgmtTokenSecret",
         "probes port 8181",
     ):
         assert warning in warned, warned
+
+
+# --- 10. auto-replication (issue 15) ------------------------------------------------------------------------
+
+
+def check_reads_opas_configuration(rendered: Rendered) -> None:
+    """kopa's --opa-config is the file OPA's --config-file names, mounted read-only from the same volume."""
+    (opa_config,) = rendered.flag_values("mgmt", "opa-config")
+    (config_file,) = rendered.flag_values("opa", "config-file")
+    assert opa_config == config_file
+    kopa_volume, kopa_key, read_only = mounted_file(rendered, "mgmt", opa_config)
+    assert (kopa_volume, kopa_key) == mounted_file(rendered, "opa", config_file)[:2]
+    assert read_only
+    assert kopa_key in rendered.secret_data(kopa_volume["secret"]["secretName"])
+
+
+def probe_target(rendered: Rendered, probe: dict[str, Any]) -> tuple[str, str, str]:
+    """(the container whose port a probe of the pod reaches, its path, its scheme)."""
+    http_get = probe["httpGet"]
+    for item in rendered.pod_spec["containers"]:
+        for port in item.get("ports", []):
+            if http_get["port"] in (port.get("name"), port["containerPort"]):
+                return item["name"], http_get["path"], http_get.get("scheme", "HTTP")
+    raise AssertionError(f"no container of the pod listens on {http_get['port']}")
+
+
+# Paths each container of the pod answers a probe on: kopa's own (/health is kube-mgmt's, answered as
+# /readyz: test_operations.py), OPA's /health and its custom /health/ready.
+PROBE_PATHS = {"mgmt": {"/healthz", "/readyz", "/health"}, "opa": {"/health", "/health/ready"}}
+
+
+@pytest.mark.parametrize("over", ["the chart's defaults", "kube-mgmt's defaults"])
+def test_kube_mgmts_auto_replication_values_install_with_a_server_dry_run(
+    kube: KubeCluster, namespace: str, tmp_path: Path, over: str
+) -> None:
+    """opa-kube-mgmt's e2e values for auto mode, as its users have them (alone, or over its default values
+    file): `helm install --dry-run=server` against the real API server, then every object it would create
+    through the API server's own dry-run."""
+    require_binaries("kubectl")
+    e2e = [KUBE_MGMT_E2E["replicate_auto"], KOPA_IMAGE]
+    layers = [KUBE_MGMT_DEFAULTS, *e2e] if over == "kube-mgmt's defaults" else e2e
+    helm = Helm(tmp_path / "helm", kube.admin_kubeconfig)
+    files = [helm.values_file(values, f"file{i}") for i, values in enumerate(layers)]
+    result = helm.run(
+        "install", "opa", str(CHART), f"--namespace={namespace}", "--dry-run=server", "--output=json",
+        *(f"--values={path}" for path in files),
+    )  # fmt: skip
+    release = json.loads(result.stdout)
+    rendered = Rendered.parse(release["manifest"], namespace)
+    check_reads_opas_configuration(rendered)
+    assert yaml.safe_load(rendered.secret_data("opa-kopa-config")["config.yaml"]) == {
+        "bundles": {"test": {"resource": "file:///bundle/bundle.tar.gz"}}
+    }
+    assert rendered.flag_values("mgmt", "replicate-ignore-namespaces") == ["ignore-me"]
+    assert "--log-level=debug" in rendered.args("mgmt")
+    # Its services are granted through rbac.extraRules, as in its e2e test; autoRead is empty: no role.
+    assert rendered.one("ClusterRole", f"{namespace}-opa-kopa-extra")["rules"] == SERVICES_RULE
+    assert not rendered.find("ClusterRole", f"{namespace}-opa-kopa-auto")
+    # Its startup probe (HTTP) reaches something that answers it: kopa's /healthz over the chart's
+    # defaults, OPA's /health (plain HTTP here) over kube-mgmt's.
+    where, path, scheme = probe_target(rendered, rendered.container("mgmt")["startupProbe"])
+    assert path in PROBE_PATHS[where] and scheme == "HTTP", (where, path, scheme)
+    assert where == ("mgmt" if over == "the chart's defaults" else "opa")
+    notes_text = release["info"]["notes"]
+    assert "Auto-replication is on" in notes_text, notes_text
+    assert "services (core group): * (rbac.extraRules)" in notes_text, notes_text
+    assert "WARNING: mgmt.replicate.auto" not in notes_text, notes_text
+    created = run_kubectl(
+        kube.admin_kubeconfig, "create", "--dry-run=server", "-o", "name", "-f", "-",
+        stdin=yaml.safe_dump_all(rendered.objects, sort_keys=False),
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert len(created.stdout.split()) == len(rendered.objects)
+
+
+def test_notes_say_what_auto_mode_may_read_and_warn_when_nothing(kube: KubeCluster, tmp_path: Path) -> None:
+    opa = {"bundles": {"main": {"resource": "file:///bundle/bundle.tar.gz"}}}
+    read = [
+        {"apiGroups": [""], "resources": ["services", "namespaces"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"]},
+    ]
+    granted = notes(
+        kube,
+        tmp_path,
+        {"opa": opa, "mgmt": {"replicate": {"auto": True, "autoRead": read, "cluster": ["v1/nodes"]}}},
+    )
+    for line in (
+        "  - services, namespaces (core group): get, list, watch (mgmt.replicate.autoRead)",
+        "  - ingresses (networking.k8s.io): get, list, watch (mgmt.replicate.autoRead)",
+        "  - v1/nodes: get, list, watch (mgmt.replicate.cluster)",
+    ):
+        assert line in granted.splitlines(), granted
+    assert "/config/config.yaml" in granted
+    words = " ".join(granted.split())
+    assert 'kopa reports it as "not readable (403)" in /readyz and its logs, and replicates the rest' in words
+    assert "The chart grants no Secrets unless you list them." in words
+    assert "WARNING" not in granted and "accepted and ignored" not in granted, granted
+    nothing = notes(kube, tmp_path, {"opa": opa, "mgmt": {"replicate": {"auto": True}}})
+    assert "WARNING: mgmt.replicate.auto is on but the chart grants it nothing to read" in nothing, nothing
+    # Rules of rbac.extraRules that list and watch count; one that only gets does not.
+    extra = notes(
+        kube,
+        tmp_path,
+        {
+            "opa": opa,
+            "mgmt": {"replicate": {"auto": True}},
+            "rbac": {"extraRules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]},
+        },
+    )
+    assert "grants it nothing to read" in extra and "nodes" not in extra, extra
+    off = notes(kube, tmp_path, {"mgmt": {"replicate": {"autoRead": read}}})
+    assert "NOTE: mgmt.replicate.autoRead is set but mgmt.replicate.auto is off" in off, off
+    assert "Auto-replication" not in off
+
+
+def test_kube_mgmts_health_path_on_kopas_port_still_probes_kopa(kube: KubeCluster, tmp_path: Path) -> None:
+    """opa-kube-mgmt's auto mode probed kube-mgmt's /health on port 8000: in kopa's values those probes
+    reach kopa, which answers /health as /readyz, and NOTES do not take them for probes of OPA."""
+    health = {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 10}
+    values = {"mgmt": {"startupProbe": health, "readinessProbe": health}}
+    rendered = Helm(tmp_path / "helm").template(values)
+    for probe in ("startupProbe", "readinessProbe"):
+        where, path, _ = probe_target(rendered, rendered.container("mgmt")[probe])
+        assert (where, path) == ("mgmt", "/health"), probe
+    assert "probes port" not in notes(kube, tmp_path, values)

@@ -34,6 +34,7 @@ from tests.integration.chart import (
     HelmError,
     Rendered,
     dashboard_metric_names,
+    mounted_file,
     opa_image_tag,
 )
 
@@ -53,6 +54,7 @@ KOPA_FLAGS = {
     "replicate-path", "replicate-ignore-namespaces", "replicate-keep-managed-fields", "replicate-selector",
     "replicate-fields", "health-endpoint", "shutdown-timeout", "opa-auth-token", "opa-auth-token-file",
     "opa-ca-file", "opa-allow-insecure", "opa-client-cert-file", "opa-client-key-file", "opa-check-interval",
+    "opa-config", "analysis-entrypoint", "analysis-grace-period",
 }  # fmt: skip
 
 KOPA_METRICS = {
@@ -77,6 +79,18 @@ REPLICATION = {
     "fields": {"v1/namespaces": ["metadata.labels", "metadata.name"]},
 }
 
+# Auto-replication: OPA's configuration names a bundle (its policies are what kopa analyses), and auto mode
+# may read what autoRead lists, besides the statically replicated services.
+AUTO_OPA = {
+    "services": {"bundles": {"url": "https://bundles.example.com"}},
+    "bundles": {"authz": {"service": "bundles", "resource": "bundles/authz.tar.gz"}},
+}
+AUTO_READ = [
+    {"apiGroups": [""], "resources": ["services", "namespaces"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"]},
+]
+READ = ["get", "list", "watch"]
+
 MASK_POLICY = 'package system.log\n\nmask contains "/input/request/object/data"\n'
 
 CASES = [
@@ -86,6 +100,7 @@ CASES = [
     "https-off",
     "all-namespaces",
     "replication",
+    "auto-replication",
     "webhook-on",
     "webhook-url",
     "cert-manager",
@@ -108,6 +123,10 @@ def case_values(case: str, namespace: str, user_tls: dict[str, str]) -> dict[str
         "https-off": {"useHttps": False},
         "all-namespaces": {"mgmt": {"namespaces": ["*"]}},
         "replication": {"mgmt": {"replicate": REPLICATION}},
+        "auto-replication": {
+            "opa": AUTO_OPA,
+            "mgmt": {"replicate": {"auto": True, "autoRead": AUTO_READ, "namespace": ["v1/services"]}},
+        },
         "webhook-on": {"admissionController": {"enabled": True}},
         "webhook-url": {
             "admissionController": {
@@ -174,7 +193,9 @@ def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> subproce
 # --- lint and schema ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["defaults", "replication", "webhook-on", "observability", "mgmt-off"])
+@pytest.mark.parametrize(
+    "case", ["defaults", "replication", "auto-replication", "webhook-on", "observability", "mgmt-off"]
+)
 def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> None:
     values = helm.values_file(case_values(case, "kopa-system", user_tls))
     image = helm.image_values()
@@ -210,6 +231,18 @@ def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> 
         ({"opa": True}, "opa"),
         ({"opa": "decision_logs: {}"}, "opa"),
         ({"mgmt": {"replicas": 2}}, "replicas"),
+        ({"mgmt": {"replicate": {"auto": "yes"}}}, "auto"),
+        ({"mgmt": {"replicate": {"autoRead": {"apiGroups": [""], "resources": ["pods"]}}}}, "autoRead"),
+        ({"mgmt": {"replicate": {"autoRead": [{"resources": ["pods"]}]}}}, "apiGroups"),
+        ({"mgmt": {"replicate": {"autoRead": [{"apiGroups": [""], "resources": []}]}}}, "resources"),
+        (
+            {
+                "mgmt": {
+                    "replicate": {"autoRead": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]}]}
+                }
+            },
+            "verbs",
+        ),
     ],
 )
 def test_values_schema_rejects_wrong_types_and_unknown_keys(
@@ -230,6 +263,23 @@ def test_values_schema_rejects_wrong_types_and_unknown_keys(
         ({"mgmt": {"replicate": {"selectors": {"v1/pods": "a=b"}}}}, "not replicated"),
         ({"mgmt": {"replicate": {"namespace": ["v1/pods"], "cluster": ["v1/pods"]}}}, "either namespaced"),
         ({"bootstrapPolicies": {"authz": "package x"}}, "the chart's own"),
+        ({"mgmt": {"replicate": {"auto": True}}}, "mgmt.replicate.auto needs opa"),
+        (
+            {
+                "opa": AUTO_OPA,
+                "mgmt": {"replicate": {"auto": True, "autoRead": [{"apiGroups": [""], "resources": ["*"]}]}},
+            },
+            "a wildcard would grant Secrets",
+        ),
+        (
+            {
+                "opa": AUTO_OPA,
+                "mgmt": {
+                    "replicate": {"auto": True, "autoRead": [{"apiGroups": ["*"], "resources": ["pods"]}]}
+                },
+            },
+            "a wildcard would grant Secrets",
+        ),
     ],
 )
 def test_chart_refuses_contradictory_values(helm: Helm, values: dict[str, Any], complaint: str) -> None:
@@ -420,6 +470,8 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert r.flag_values("mgmt", "replicate-fields") == ["v1/namespaces=metadata.labels,metadata.name"]
         assert r.flag_values("mgmt", "replicate-path") == ["kubernetes"]
         assert r.one("Role")["metadata"]["namespace"] == ns, "ConfigMaps stay namespaced"
+    elif case == "auto-replication":
+        check_auto_replication(r)
     elif case == "webhook-on":
         (webhook,) = r.one("ValidatingWebhookConfiguration")["webhooks"]
         ca = r.secret_data("kopa-cert")["ca.crt"]
@@ -535,11 +587,57 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
         assert "kopa-health.rego" not in bootstrap
 
 
+def check_auto_replication(r: Rendered) -> None:
+    """kopa reads OPA's own configuration file, from the same Secret, read-only; auto mode may read exactly
+    what autoRead lists, with read verbs only; static replication keeps its own rules."""
+    ns = r.namespace
+    (opa_config,) = r.flag_values("mgmt", "opa-config")
+    (config_file,) = r.flag_values("opa", "config-file")
+    assert opa_config == config_file, "kopa reads the file OPA reads"
+    kopa_volume, kopa_key, kopa_read_only = mounted_file(r, "mgmt", opa_config)
+    opa_volume, opa_key, _ = mounted_file(r, "opa", config_file)
+    assert (kopa_volume, kopa_key) == (opa_volume, opa_key), "the same volume and key as OPA's"
+    assert kopa_read_only, "kopa cannot write OPA's configuration"
+    assert kopa_volume["secret"]["secretName"] == "kopa-config"
+    assert yaml.safe_load(r.secret_data("kopa-config")[kopa_key]) == AUTO_OPA
+    assert not r.flag_values("mgmt", "analysis-entrypoint"), "kopa's default, kube-mgmt's main/main"
+    auto = r.one("ClusterRole", f"{ns}-kopa-auto")
+    assert rules_of(auto) == [{**rule, "verbs": READ} for rule in AUTO_READ]
+    binding = r.one("ClusterRoleBinding", f"{ns}-kopa-auto")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": auto["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kopa", "namespace": ns}]
+    assert rules_of(r.one("ClusterRole", f"{ns}-kopa-replicate")) == [
+        {"apiGroups": [""], "resources": ["services"], "verbs": READ}
+    ]
+    assert r.flag_values("mgmt", "replicate") == ["v1/services"]
+    granted = [rule for role in r.of_kind("ClusterRole", "Role") for rule in rules_of(role)]
+    assert not [rule for rule in granted if "secrets" in rule["resources"] or "*" in rule["resources"]]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_helm_template_matrix(helm: Helm, case: str, user_tls: dict[str, str]) -> None:
     rendered = helm.template(case_values(case, "kopa-system", user_tls), namespace="kopa-system")
     check_invariants(rendered)
     check_case(case, rendered, user_tls)
+
+
+def test_auto_read_is_granted_only_with_auto_and_changing_it_restarts_no_pod(helm: Helm) -> None:
+    plain = {"useHttps": False, "opa": AUTO_OPA}  # no generated certificate: two renders can be compared
+    off = helm.template({**plain, "mgmt": {"replicate": {"autoRead": AUTO_READ}}})
+    assert not off.find("ClusterRole", "kopa-system-kopa-auto"), "autoRead alone grants nothing"
+    assert not off.flag_values("mgmt", "opa-config")
+    assert not any(m["name"] == "config" for m in off.container("mgmt")["volumeMounts"]), (
+        "without auto, kopa does not see OPA's configuration"
+    )
+    nothing = helm.template({**plain, "mgmt": {"replicate": {"auto": True}}})
+    assert not nothing.of_kind("ClusterRole"), "no empty ClusterRole"
+    assert nothing.flag_values("mgmt", "opa-config") == ["/config/config.yaml"]
+    more = helm.template({**plain, "mgmt": {"replicate": {"auto": True, "autoRead": AUTO_READ}}})
+    assert more.deployment == nothing.deployment, "a new grant is an RBAC change only: the pods stay"
 
 
 def test_chart_ships_the_opa_version_kopa_is_tested_against() -> None:

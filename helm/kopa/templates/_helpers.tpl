@@ -179,3 +179,35 @@ Argument: a list of such strings. Returns a JSON list of rules, one per API grou
 {{- define "kopa.scheme" -}}
 {{- if .Values.useHttps }}https{{ else }}http{{ end }}
 {{- end }}
+
+{{/* Where OPA's configuration file (the Secret <fullname>-config, from the opa value) is mounted: OPA reads it
+with --config-file, and with mgmt.replicate.auto kopa reads the same file with --opa-config. */}}
+{{- define "kopa.opaConfigDir" -}}
+/config
+{{- end }}
+
+{{- define "kopa.opaConfigFile" -}}
+{{ include "kopa.opaConfigDir" . }}/config.yaml
+{{- end }}
+
+{{/*
+The rules of mgmt.replicate.autoRead, with read verbs only. Refuses a wildcard: a "*" resource would grant
+Secrets (and everything else) without naming them. Returns a JSON list of rules.
+*/}}
+{{- define "kopa.autoReadRules" -}}
+{{- $rules := list }}
+{{- range $i, $rule := .Values.mgmt.replicate.autoRead }}
+{{- if or (has "*" $rule.apiGroups) (has "*" $rule.resources) }}
+{{- fail (printf "mgmt.replicate.autoRead[%d] has a \"*\": name the API groups and resources auto mode may read (a wildcard would grant Secrets too); rbac.extraRules takes any rule if you really mean it" $i) }}
+{{- end }}
+{{- $rules = append $rules (dict "apiGroups" $rule.apiGroups "resources" $rule.resources "verbs" (list "get" "list" "watch")) }}
+{{- end }}
+{{- $rules | toJson }}
+{{- end }}
+
+{{/* One RBAC rule in words for NOTES: "services, endpoints (core group)", "ingresses (networking.k8s.io)". */}}
+{{- define "kopa.ruleInWords" -}}
+{{- $groups := list }}
+{{- range .apiGroups }}{{ $groups = append $groups (eq . "" | ternary "core group" .) }}{{ end }}
+{{- printf "%s (%s)" (join ", " .resources) (join ", " $groups) }}
+{{- end }}
