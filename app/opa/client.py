@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import anyio
 import orjson
 from tenacity import (
     AsyncRetrying,
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # Large collection PUTs take OPA seconds to apply; a wedged OPA must still not hang kopa forever.
 REQUEST_TIMEOUT = 120.0
+# Answers larger than this are parsed off the event loop (orjson takes about 40 ms per MB here).
+LARGE_ANSWER = 1 << 20
 
 
 # (endpoint, method, status code or "error", seconds): what the metrics layer records per request.
@@ -220,8 +223,14 @@ class OpaClient(OwnedSession):
         return status != 404
 
     async def list_policies(self) -> list[dict[str, Any]]:
+        """Every module with its AST: megabytes for a few hundred modules, so a large answer is parsed in a
+        worker thread rather than holding up the event loop (and the writer) for a few hundred ms."""
         _, payload = await self.request("GET", "policies")
-        return list(orjson.loads(payload).get("result") or [])
+        if len(payload) > LARGE_ANSWER:
+            parsed = await anyio.to_thread.run_sync(orjson.loads, payload)
+        else:
+            parsed = orjson.loads(payload)
+        return list(parsed.get("result") or [])
 
     async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:
         """Writes a JSON document (serialized, or produced in pieces), creating missing parents."""

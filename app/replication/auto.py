@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
@@ -148,9 +149,10 @@ class AutoReplication:
             digest = _digest(policies)
             if fingerprint != self._analysed or digest != self._digest:
                 roots = {policy_id for policy_id, _ in fingerprint.configmap_policies}
-                self.result = analyse(
-                    policies, entrypoint=self.settings.entrypoint, prefix=self.settings.prefix, roots=roots
-                )
+                # Pure CPU (0.1 s for 300 modules of 20 rules here): off the event loop, like the parse.
+                entry, prefix = self.settings.entrypoint, self.settings.prefix
+                walk = partial(analyse, policies, entrypoint=entry, prefix=prefix, roots=roots)
+                self.result = await anyio.to_thread.run_sync(walk)
                 self.analysed_at = datetime.now(UTC).isoformat(timespec="seconds")
                 self._digest = digest
                 log.debug(
