@@ -29,6 +29,8 @@ class MetricSources:
     watches: Callable[[], list[tuple[str, WatchStats]]] = list  # (source, stats), asked at each scrape
     replicated: Callable[[], list[tuple[str, int]]] = list  # (resource, objects held)
     analysis: Callable[[], list[tuple[str, str]]] = list  # (resource, state) found by the policy analysis
+    # (entrypoint found, references without a constant plural), None when the analysis is off or not run
+    analysis_problems: Callable[[], tuple[bool, int] | None] = lambda: None
     policies_loaded: Callable[[], int] = lambda: 0
     policies_failed: Callable[[], int] = lambda: 0
     data_documents: Callable[[], int] = lambda: 0
@@ -149,6 +151,19 @@ class Metrics(Collector):
         for resource, state in s.analysis():
             analysed.add_metric([resource, state], 1)
         yield analysed
+        problems = s.analysis_problems()
+        if problems is not None:
+            found, unbounded = problems
+            yield GaugeMetricFamily(
+                "kopa_analysis_entrypoint_found",
+                "1 when the policies OPA holds define --analysis-entrypoint.",
+                value=float(found),
+            )
+            yield GaugeMetricFamily(
+                "kopa_analysis_unbounded_references",
+                "References under the replicate path whose resource is not a constant (not replicated).",
+                value=unbounded,
+            )
         yield GaugeMetricFamily(
             "kopa_policies_loaded", "Rego modules loaded in OPA.", value=s.policies_loaded()
         )

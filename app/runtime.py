@@ -125,6 +125,7 @@ async def run(settings: Settings) -> None:
             watches=lambda: [*configmaps.watch_stats(), *replicators.watch_stats()],
             replicated=replicators.sizes,
             analysis=auto.counts if auto is not None else list,
+            analysis_problems=auto.problems if auto is not None else lambda: None,
             policies_loaded=lambda: configmaps.sync.policies.loaded_count,
             policies_failed=lambda: configmaps.sync.policies.failed_count,
             data_documents=configmaps.sync.data.document_count,

@@ -270,6 +270,12 @@ class AutoReplication:
             section["unbounded"] = list(self.result.unbounded)
         return {"analysis": section}
 
+    def problems(self) -> tuple[bool, int] | None:
+        """(entrypoint found, references without a constant plural) for the metrics; None before a run."""
+        if self.result is None:
+            return None
+        return self.result.entrypoint_found, len(self.result.unbounded)
+
     def counts(self) -> list[tuple[str, str]]:
         """(resource or plural, state) for the metric."""
         return [(entry.resource or plural, entry.state) for plural, entry in sorted(self.found.items())]

@@ -424,6 +424,7 @@ def test_a_missing_entrypoint_is_reported_and_kopa_still_gets_ready(
     assert section["entrypoint"] == "data.system.main" and section["entrypointFound"] is False
     assert resources_of(section) == {}
     wait_log(kopa, "entrypoint data.system.main not found")
+    assert metric(scrape(kopa), "kopa_analysis_entrypoint_found") == 0
 
 
 def test_kopa_waits_for_the_configured_bundle_before_it_says_ready(
