@@ -16,7 +16,14 @@ One module per job, each depending only on those above it:
 from app.settings.docs import example_config, help_text
 from app.settings.errors import HelpRequested, SettingsError
 from app.settings.kinds import ASSIGNMENTS, BOOL, DURATION, STRING, STRING_LIST, Kind
-from app.settings.model import ConfigMapSettings, LoggingSettings, OpaSettings, ReplicationSettings, Settings
+from app.settings.model import (
+    BundleSettings,
+    ConfigMapSettings,
+    LoggingSettings,
+    OpaSettings,
+    ReplicationSettings,
+    Settings,
+)
 from app.settings.options import GROUPS, OPTIONS, Group, Option, env_var
 from app.settings.sources import load_settings
 
@@ -28,6 +35,7 @@ __all__ = [
     "OPTIONS",
     "STRING",
     "STRING_LIST",
+    "BundleSettings",
     "ConfigMapSettings",
     "Group",
     "HelpRequested",

@@ -57,6 +57,21 @@ class ReplicationSettings:
 
 
 @dataclass(frozen=True)
+class BundleSettings:
+    """Bundle mode: where kopa serves its bundle, who may fetch it, and which roots are not kopa's."""
+
+    endpoint: str  # "host:port"; "" = push mode
+    token_file: str
+    tls_cert_file: str
+    tls_key_file: str
+    reserved_roots: tuple[str, ...]  # slash-separated paths below data
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """How much kopa logs, and in which form."""
 
@@ -72,6 +87,7 @@ class Settings:
     opa: OpaSettings
     configmaps: ConfigMapSettings
     replication: ReplicationSettings
+    bundle: BundleSettings
     logging: LoggingSettings
     health_endpoint: str  # "host:port" of the probe and metrics server; "" = off
     shutdown_timeout: float  # seconds

@@ -33,9 +33,10 @@ KUBERNETES = Group("Connection to Kubernetes")
 OPA = Group("Connection to OPA", section="opa", prefix="opa-")
 POLICIES_AND_DATA = Group("Policies and data", section="configmaps")
 REPLICATION = Group("Replication of Kubernetes resources", section="replication", prefix="replicate-")
+BUNDLE = Group("Bundle mode", section="bundle", prefix="bundle-")
 LOGGING = Group("Logging", section="logging", prefix="log-")
 OTHER = Group("Other")
-GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, LOGGING, OTHER)
+GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, BUNDLE, LOGGING, OTHER)
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,56 @@ OPTIONS: tuple[Option[Any], ...] = (
         metavar="DURATION",
         validate=validators.not_negative,
         field_name="analysis_grace_period",
+    ),
+    Option(
+        "bundle-endpoint",
+        STRING,
+        "",
+        "Bundle mode: serve OPA's bundle protocol at this address (GET /bundles/kopa) instead of writing "
+        "into one OPA, so any number of OPAs can download what kopa holds; opa-url then names the private "
+        "OPA that checks each policy before it enters the bundle. Empty: push mode.",
+        BUNDLE,
+        metavar="ADDR",
+        validate=validators.address,
+        default_text="off",
+    ),
+    Option(
+        "bundle-token-file",
+        STRING,
+        "",
+        "File whose first line is the bearer token OPAs must send to the bundle endpoint (required in "
+        "bundle mode); re-read when it changes.",
+        BUNDLE,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "bundle-tls-cert-file",
+        STRING,
+        "",
+        "PEM certificate the bundle endpoint serves TLS with (with bundle-tls-key-file); without it, HTTP.",
+        BUNDLE,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "bundle-tls-key-file",
+        STRING,
+        "",
+        "PEM private key of bundle-tls-cert-file.",
+        BUNDLE,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "bundle-reserved-roots",
+        STRING_LIST,
+        ("system",),
+        "Paths below data that belong to OPA itself or to other bundles (slash-separated): a policy whose "
+        "package, or data whose path, overlaps one is refused, never put into kopa's bundle.",
+        BUNDLE,
+        metavar="PATH",
+        validate=validators.data_paths,
     ),
     Option(
         "log-level",

@@ -15,9 +15,16 @@ import yaml
 from app.settings.errors import SettingsError, bare, describe, shown, suggestion
 from app.settings.flags import read_flags
 from app.settings.given import Given, Where, checked, parse_value
-from app.settings.model import ConfigMapSettings, LoggingSettings, OpaSettings, ReplicationSettings, Settings
+from app.settings.model import (
+    BundleSettings,
+    ConfigMapSettings,
+    LoggingSettings,
+    OpaSettings,
+    ReplicationSettings,
+    Settings,
+)
 from app.settings.options import BY_NAME, GROUPS, LEGACY_BY_NAME, OPTIONS
-from app.settings.validators import check_opa_connection, resolve_replication
+from app.settings.validators import check_bundle_mode, check_opa_connection, resolve_replication
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Given]:
@@ -127,6 +134,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     values["config"] = config_file
     resolve_replication(values)
     check_opa_connection(values)
+    check_bundle_mode(values)
     sections: dict[str, dict[str, Any]] = {group.section: {} for group in GROUPS}
     for name, value in values.items():
         section, _, field = BY_NAME[name].attribute.rpartition(".")
@@ -136,6 +144,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         opa=OpaSettings(**sections["opa"]),
         configmaps=ConfigMapSettings(**sections["configmaps"]),
         replication=ReplicationSettings(**sections["replication"]),
+        bundle=BundleSettings(**sections["bundle"]),
         logging=LoggingSettings(**sections["logging"]),
         warnings=tuple(flags.warnings),
     )

@@ -209,6 +209,16 @@ def data_path(value: str) -> str:
     return "/".join(segments)
 
 
+def data_paths(value: tuple[str, ...]) -> tuple[str, ...]:
+    checked = []
+    for item in value:
+        try:
+            checked.append(data_path(item))
+        except ValueError as exc:
+            raise BadItem(item, str(exc)) from None
+    return tuple(dict.fromkeys(checked))
+
+
 _SELECTOR_REQUIREMENT = re.compile(
     r"\s*(!?[^\s=!,()]+)"  # key, or !key (does not exist); checked as a qualified name below
     r"(?:\s*(==|=|!=)\s*([-A-Za-z0-9_.]*)"  # equality
@@ -282,6 +292,34 @@ def check_opa_connection(values: dict[str, Any]) -> None:
         missing = "--opa-client-key-file" if cert else "--opa-client-cert-file"
         given = "--opa-client-cert-file" if cert else "--opa-client-key-file"
         raise SettingsError(f"invalid {given}: mutual TLS needs {missing} too")
+
+
+def check_bundle_mode(values: dict[str, Any]) -> None:
+    """Bundle mode needs its token; TLS needs both files; what bundle mode does not do yet stops start-up."""
+    cert, key = values["bundle-tls-cert-file"], values["bundle-tls-key-file"]
+    if bool(cert) != bool(key):
+        missing = "--bundle-tls-key-file" if cert else "--bundle-tls-cert-file"
+        given = "--bundle-tls-cert-file" if cert else "--bundle-tls-key-file"
+        raise SettingsError(f"invalid {given}: TLS needs {missing} too")
+    if not values["bundle-endpoint"]:
+        return
+    if not values["bundle-token-file"]:
+        raise SettingsError(
+            "invalid --bundle-endpoint: bundle mode needs --bundle-token-file (OPAs must send it)"
+        )
+    if values["opa-config"]:
+        raise SettingsError(
+            "invalid --opa-config: automatic replication is not available in bundle mode yet "
+            "(give the resources with --replicate)"
+        )
+    first = values["replicate-path"].split("/")
+    for root in values["bundle-reserved-roots"]:
+        segments = root.split("/")
+        if segments[: len(first)] == first[: len(segments)]:
+            raise SettingsError(
+                f"invalid --replicate-path {shown(values['replicate-path'])}: it overlaps the reserved root "
+                f"{shown(root)} (--bundle-reserved-roots)"
+            )
 
 
 def resolve_replication(values: dict[str, Any]) -> None:

@@ -56,6 +56,13 @@ DEFAULTS: dict[str, Any] = {
         "analysis_entrypoint": "main/main",
         "analysis_grace_period": 300.0,
     },
+    "bundle": {
+        "endpoint": "",
+        "token_file": "",
+        "tls_cert_file": "",
+        "tls_key_file": "",
+        "reserved_roots": ("system",),
+    },
     "logging": {"level": "info", "format": "text"},
     "health_endpoint": "0.0.0.0:8000",
     "shutdown_timeout": 10.0,
@@ -1144,3 +1151,42 @@ def test_log_format_and_shutdown_timeout() -> None:
     assert loaded.logging.format == "json"
     assert loaded.shutdown_timeout == 2.5
     assert "must be text or json" in error(["--log-format=xml"])
+
+
+# --- bundle mode -------------------------------------------------------------------------------------------
+
+
+def test_bundle_mode_settings() -> None:
+    loaded = load(
+        "--bundle-endpoint=:8443",
+        "--bundle-token-file=/t",
+        "--bundle-reserved-roots=system,/other/bundle/",
+    )
+    assert loaded.bundle.enabled
+    assert loaded.bundle.reserved_roots == ("system", "other/bundle")
+    assert not load().bundle.enabled
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bundle-endpoint=:8443"], "bundle mode needs --bundle-token-file"),
+        (["--bundle-tls-cert-file=/c"], "TLS needs --bundle-tls-key-file too"),
+        (
+            ["--bundle-endpoint=:8443", "--bundle-token-file=/t", "--replicate-path=system/kube"],
+            'overlaps the reserved root "system"',
+        ),
+        (["--bundle-reserved-roots=a//b"], "invalid --bundle-reserved-roots"),
+    ],
+)
+def test_bundle_mode_refusals(argv: list[str], message: str) -> None:
+    """Bundle mode without its token, TLS with one file, and what bundle mode cannot do yet stop start-up
+    with one line naming the setting."""
+    assert message in error(argv)
+
+
+def test_bundle_mode_refuses_automatic_replication(tmp_path: Path) -> None:
+    opa_config = tmp_path / "opa.yaml"
+    opa_config.write_text("bundles: {}\n", encoding="utf-8")
+    message = error(["--bundle-endpoint=:8443", "--bundle-token-file=/t", f"--opa-config={opa_config}"])
+    assert message.startswith("invalid --opa-config: automatic replication is not available in bundle mode")
