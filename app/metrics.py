@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from app.pipeline.watcher import WatchStats
 from app.pipeline.workqueue import WorkQueue
+from app.server.bundle import BundleStats
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -37,6 +38,7 @@ class MetricSources:
     opa_restarts: Callable[[], int] = lambda: 0
     opa_refusals: Callable[[], int] = lambda: 0
     drift_repaired: Callable[[], dict[str, int]] = dict  # kind -> repairs
+    bundle: BundleStats | None = None  # the bundle endpoint's answers, in bundle mode
     ready: Callable[[], bool] = lambda: False
     opa_up: Callable[[], bool] = lambda: False
 
@@ -194,6 +196,27 @@ class Metrics(Collector):
         for kind, count in sorted(s.drift_repaired().items()):
             drift.add_metric([kind], count)
         yield drift
+        if s.bundle is not None:
+            responses = CounterMetricFamily(
+                "kopa_bundle_responses",
+                "Answers of the bundle endpoint, by kind (snapshot, delta, not_modified, unauthorized, "
+                "unavailable).",
+                labels=["kind"],
+            )
+            sent = CounterMetricFamily(
+                "kopa_bundle_sent_bytes", "Bytes of bundles sent, by kind (snapshot, delta).", labels=["kind"]
+            )
+            for kind, count in sorted(s.bundle.responses.items()):
+                responses.add_metric([kind], count)
+            for kind, count in sorted(s.bundle.sent_bytes.items()):
+                if kind in ("snapshot", "delta"):
+                    sent.add_metric([kind], count)
+            yield from (responses, sent)
+            yield GaugeMetricFamily(
+                "kopa_bundle_requests_held",
+                "Bundle requests held now: long polls, and requests waiting for the first complete load.",
+                value=float(s.bundle.held),
+            )
         yield GaugeMetricFamily(
             "kopa_ready", "1 when OPA holds everything kopa should have put there.", value=float(s.ready())
         )

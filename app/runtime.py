@@ -19,6 +19,8 @@ from functools import partial
 import anyio
 from anyio.abc import TaskGroup
 
+from app.bundle.state import BundleState
+from app.bundle.target import BundleTarget, Publication
 from app.configmaps.source import ConfigMapSource, Selection
 from app.kube.client import KubeClient
 from app.kube.config import load_connection
@@ -38,6 +40,7 @@ from app.replication.auto import AutoReplication, AutoSettings
 from app.replication.discovery import discover
 from app.replication.replicator import ReplicationOptions
 from app.replication.running import Replicators
+from app.server.bundle import BundleServer, server_tls
 from app.server.http import HealthServer
 from app.settings import Settings
 from app.version import version_line
@@ -57,8 +60,9 @@ async def run(settings: Settings) -> None:
     connection = await load_connection(settings.kubeconfig)
     namespaces = list(settings.configmaps.namespaces) or [connection.namespace]
     log.info(
-        "%s starting: OPA at %s, Kubernetes at %s, namespaces %s",
+        "%s starting: %s at %s, Kubernetes at %s, namespaces %s",
         version_line(),
+        "bundle mode, policies checked by the OPA" if settings.bundle.enabled else "OPA",
         settings.opa.url,
         connection.host,
         ", ".join(namespaces),
@@ -71,11 +75,16 @@ async def run(settings: Settings) -> None:
         ) as queue,
     ):
         process = OpaProcess(opa, settings.opa.check_interval)
+        # Bundle mode: the handlers write into the bundle (each policy checked by the OPA at --opa-url
+        # first), which the bundle server hands to the OPAs; push mode: straight into that OPA.
+        bundle = BundleState() if settings.bundle.enabled else None
+        target = BundleTarget(bundle, opa, reserved_roots(settings)) if bundle is not None else opa
+        bundle_server = await start_bundle_server(settings, bundle) if bundle is not None else None
 
         # Producers: each keeps its source's store and adds changed keys to the queue.
         configmaps = ConfigMapSource(
             kube=kube,
-            opa=opa,
+            opa=target,
             process=process,
             selection=configmap_selection(settings, namespaces),
             add=queue.add,
@@ -88,7 +97,7 @@ async def run(settings: Settings) -> None:
         replication = settings.replication
         replicators = Replicators(
             kube=kube,
-            opa=opa,
+            opa=target,
             process=process,
             options=replication_options(settings),
             add=queue.add,
@@ -109,7 +118,7 @@ async def run(settings: Settings) -> None:
         process.on_restart(refill)
 
         readiness = Readiness(
-            opa,
+            Publication(bundle) if bundle is not None else opa,
             process,
             pending=lambda: queue.pending,
             retrying=lambda: queue.failing,
@@ -136,6 +145,7 @@ async def run(settings: Settings) -> None:
                 "data": configmaps.sync.data.repairs,
                 "replicated": replicators.repairs(),
             },
+            bundle=bundle_server.stats if bundle_server is not None else None,
             ready=lambda: readiness.ready,
             opa_up=lambda: process.available,
         )
@@ -156,6 +166,8 @@ async def run(settings: Settings) -> None:
             tg.start_soon(liveness.run_ticker)
             if server is not None:
                 tg.start_soon(server.run)
+            if bundle_server is not None:
+                tg.start_soon(bundle_server.run)
             for watcher in configmaps.watchers:
                 tg.start_soon(component, f"watch of {watcher.collection.describe()}", watcher.run)
             tg.start_soon(replicators.run)
@@ -164,11 +176,28 @@ async def run(settings: Settings) -> None:
             tg.start_soon(component, "OPA writer", writer)
             tg.start_soon(component, "status writer", configmaps.reporter.run)
             tg.start_soon(component, "OPA process check", process.run)
-            if settings.opa.drift_check_interval > 0:
+            # In bundle mode nothing else writes the bundle, and OPA refuses API writes under its roots.
+            if settings.opa.drift_check_interval > 0 and bundle is None:
                 checks = lambda: [WorkKey(source, CHECK) for source in handlers]  # noqa: E731
                 drift = partial(every, settings.opa.drift_check_interval, queue.add, checks)
                 tg.start_soon(component, "drift check", drift)
     log.info("stopped")
+
+
+def reserved_roots(settings: Settings) -> list[list[str]]:
+    return [root.split("/") for root in settings.bundle.reserved_roots]
+
+
+async def start_bundle_server(settings: Settings, state: BundleState) -> BundleServer:
+    """The bundle endpoint, bound; raises CredentialsError or ServerError (one line) when it cannot be."""
+    token = TokenFile(settings.bundle.token_file, setting="--bundle-token-file")
+    token.load()
+    b = settings.bundle
+    tls = server_tls(b.tls_cert_file, b.tls_key_file) if b.tls_cert_file else None
+    host, _, port = b.endpoint.rpartition(":")
+    server = BundleServer(state, host.strip("[]"), int(port), token=token, ssl_context=tls)
+    await server.start()
+    return server
 
 
 def configmap_selection(settings: Settings, namespaces: list[str]) -> Selection:

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from app.configmaps.data import DataBook
-from app.configmaps.policies import PolicyBook
+from app.configmaps.data import DataApi, DataBook
+from app.configmaps.policies import PolicyApi, PolicyBook
 from app.configmaps.status import StatusReporter
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.kube.client import KubeClient
 from app.model import Store, WorkKey
-from app.opa.client import OpaClient
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher, WatchStats, same_resource_version
 from app.pipeline.workqueue import QueueObserver
 
 SOURCE = "configmaps"
+
+
+class ConfigMapApi(PolicyApi, DataApi, Protocol):
+    """What the books write to: OPA's REST client in push mode, the bundle in bundle mode."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ConfigMapSource:
         self,
         *,
         kube: KubeClient,
-        opa: OpaClient,
+        opa: ConfigMapApi,
         process: OpaProcess,
         selection: Selection,
         add: Callable[[WorkKey], None],

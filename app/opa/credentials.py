@@ -66,6 +66,7 @@ class TokenFile:
 
     path: str
     check_every: float = 0.0
+    setting: str = "--opa-auth-token-file"  # named in errors
     _token: str | None = field(default=None, repr=False)
     _stamp: tuple[int, int, int] | None = None
     _checked: float = 0.0
@@ -77,9 +78,9 @@ class TokenFile:
             with open(self.path, encoding="utf-8") as stream:
                 line = stream.readline().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise CredentialsError(f"invalid --opa-auth-token-file {self.path}: {_reason(exc)}") from None
+            raise CredentialsError(f"invalid {self.setting} {self.path}: {_reason(exc)}") from None
         if not line:
-            raise CredentialsError(f"invalid --opa-auth-token-file {self.path}: the file is empty")
+            raise CredentialsError(f"invalid {self.setting} {self.path}: the file is empty")
         self._token = line
         self._stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         self._checked = time.monotonic()

@@ -1,0 +1,223 @@
+"""The bundle endpoint (`--bundle-endpoint`): OPA's bundle service API, serving kopa's one bundle.
+
+OPA (1.16, `v1/download/download.go`) asks `GET <service url>/<resource>` with `If-None-Match: <the ETag it
+holds>` and `Prefer: modes=snapshot,delta` plus `;wait=N` once long polling is on. Long polling turns on (and
+stays on) when an answer carries `Content-Type: application/vnd.openpolicyagent.bundles`, which every answer
+here does. The answers:
+
+- 401 without the bearer token (`--bundle-token-file`, re-read when it changes; compared in constant time,
+  never logged);
+- 503 until the bundle first reflects the cluster (`BundleState.published`): a request is held up to its
+  `wait` (or `UNPUBLISHED_HOLD` without one, below OPA's 10 s response-header timeout) in case that happens;
+- 304 when the client's ETag is the current revision, after holding the request until the state changes or
+  its `wait` ends;
+- 200 with a delta bundle when the client prefers deltas, its ETag is a revision still in the log, and only
+  data changed since (same roots, same modules: `BundleState.since`); a snapshot otherwise.
+
+The ETag is the revision, a content digest, so two kopa replicas with the same state answer alike. The server
+runs on kopa's main event loop, where the state lives; it only reads the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+from aiohttp import web
+
+from app.bundle import tarball
+from app.bundle.state import BundleState, Revision
+from app.opa.credentials import CredentialsError
+from app.server.http import WILDCARD_HOSTS, ServerError, dual_stack_socket, ipv4_wildcard_socket
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/vnd.openpolicyagent.bundles"
+BUNDLE_NAME = "kopa"
+# Longest hold of a long poll, whatever the client asks.
+MAX_WAIT = 600.0
+# How long a request without `wait` is held while the bundle is not published yet.
+UNPUBLISHED_HOLD = 5.0
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """What OPA's `Prefer` header asks: the bundle modes it takes, and how long it waits (None: no long
+    poll)."""
+
+    delta: bool = False
+    wait: float | None = None
+
+    @classmethod
+    def parse(cls, header: str) -> Preferences:
+        delta, wait = False, None
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == "modes":
+                delta = "delta" in [m.strip() for m in value.split(",")]
+            elif name == "wait":
+                with contextlib.suppress(ValueError):
+                    wait = min(max(float(value), 0.0), MAX_WAIT)
+        return cls(delta, wait)
+
+
+def etag_of(header: str) -> str:
+    """The revision an `If-None-Match` names (OPA sends back the ETag as it got it)."""
+    value = header.strip()
+    value = value.removeprefix("W/")
+    return value.strip('"')
+
+
+@dataclass
+class BundleStats:
+    """Answers and bytes sent, by kind (snapshot, delta, not_modified, unauthorized, unavailable)."""
+
+    responses: Counter[str] = field(default_factory=Counter)
+    sent_bytes: Counter[str] = field(default_factory=Counter)
+    held: int = 0  # requests held now (long polls, and requests waiting for the first complete load)
+
+
+class BundleServer:
+    def __init__(
+        self,
+        state: BundleState,
+        host: str,
+        port: int,
+        *,
+        token: Callable[[], str | None],
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.state = state
+        self.host = host
+        self.port = port
+        self.stats = BundleStats()
+        self._token = token
+        self._ssl = ssl_context
+        self._snapshot: tuple[str, bytes] | None = None
+        self._deltas: dict[tuple[str, str], bytes] = {}
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(f"/bundles/{BUNDLE_NAME}", self.serve)
+        return app
+
+    async def start(self) -> None:
+        """Binds the address (before kopa's tasks start, so a taken port stops start-up with one line)."""
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        try:
+            await self._start(self._runner)
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        log.info(
+            "serving the bundle at %s://%s:%d/bundles/%s", self._scheme, self.host, self.port, BUNDLE_NAME
+        )
+
+    async def run(self) -> None:
+        """Serves until cancelled, then closes the listener and the connections."""
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if self._runner is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._runner.cleanup()
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self._ssl is not None else "http"
+
+    async def _start(self, runner: web.AppRunner) -> None:
+        try:
+            if self.host in WILDCARD_HOSTS:
+                sock = dual_stack_socket(self.port) or ipv4_wildcard_socket(self.port)
+                site: web.BaseSite = web.SockSite(runner, sock, ssl_context=self._ssl)
+            else:
+                site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl)
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ServerError(f"cannot serve the bundle on {self.host}:{self.port}: {reason}") from None
+
+    def _authorized(self, request: web.Request) -> bool:
+        expected = self._token()
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if not expected or scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+    def _answer(self, kind: str, status: int, body: bytes = b"", etag: str = "") -> web.Response:
+        headers = {"Content-Type": CONTENT_TYPE}
+        if etag:
+            headers["ETag"] = f'"{etag}"'
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="kopa"'
+        self.stats.responses[kind] += 1
+        self.stats.sent_bytes[kind] += len(body)
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def serve(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._answer("unauthorized", 401, b"a bearer token is required\n")
+        prefer = Preferences.parse(request.headers.get("Prefer", ""))
+        held = etag_of(request.headers.get("If-None-Match", ""))
+        self.stats.held += 1
+        try:
+            hold = prefer.wait if prefer.wait is not None else UNPUBLISHED_HOLD
+            with anyio.move_on_after(hold):
+                await self.state.published.wait()
+            if not self.state.published.is_set():
+                return self._answer("unavailable", 503, b"kopa has not loaded the cluster yet\n")
+            current = self.state.current
+            if held == current.revision and prefer.wait is not None:
+                with anyio.move_on_after(max(prefer.wait - 1.0, 0.0)):
+                    while held == current.revision:
+                        await self.state.wait_changed()
+                        current = self.state.current
+        finally:
+            self.stats.held -= 1
+        if held == current.revision:
+            return self._answer("not_modified", 304, etag=current.revision)
+        if prefer.delta and held:
+            body = self._delta(held, current)
+            if body is not None:
+                return self._answer("delta", 200, body, current.revision)
+        return self._answer("snapshot", 200, self._snapshot_of(current), current.revision)
+
+    def _snapshot_of(self, current: Revision) -> bytes:
+        if self._snapshot is None or self._snapshot[0] != current.revision:
+            body = tarball.snapshot(current.revision, current.roots, self.state.modules, self.state.data)
+            self._snapshot = (current.revision, body)
+        return self._snapshot[1]
+
+    def _delta(self, base: str, current: Revision) -> bytes | None:
+        key = (base, current.revision)
+        if key not in self._deltas:
+            operations = self.state.since(base)
+            if not operations:
+                return None
+            if len(self._deltas) >= 16:
+                self._deltas.clear()
+            self._deltas[key] = tarball.delta(current.revision, current.roots, operations)
+        return self._deltas[key]
+
+
+def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The bundle endpoint's TLS context; CredentialsError names the settings when the files do not load."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CredentialsError(
+            f"invalid --bundle-tls-cert-file/--bundle-tls-key-file {cert_file}, {key_file}: {reason}"
+        ) from None
+    return context

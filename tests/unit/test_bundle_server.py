@@ -1,0 +1,162 @@
+"""The bundle endpoint's answers, over HTTP on loopback: the token, 503 before the first complete load, 304
+for a current ETag, long polls woken by a change, and when a delta is sent rather than a snapshot. Real OPAs
+downloading from kopa are in tests/integration/test_bundle_mode.py."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from collections.abc import AsyncIterator
+
+import aiohttp
+import anyio
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
+
+from app.bundle.state import BundleState
+from app.server.bundle import CONTENT_TYPE, BundleServer, Preferences, etag_of
+from tests.unit.polling import until
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "a-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LONG_POLL = "modes=snapshot,delta;wait=30"
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[BundleState, BundleServer, str]]:
+    state = BundleState()
+    server = BundleServer(state, "127.0.0.1", 0, token=lambda: TOKEN)
+    async with TestServer(server.app(), host="127.0.0.1") as test_server:
+        yield state, server, str(test_server.make_url("/bundles/kopa"))
+
+
+async def get(url: str, **headers: str) -> tuple[int, CIMultiDict[str], bytes]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.get(url, headers=headers) as response,
+    ):
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+def files_of(body: bytes) -> set[str]:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(body))) as tar:
+        return set(tar.getnames())
+
+
+async def test_the_token_is_required(served: tuple[BundleState, BundleServer, str]) -> None:
+    state, server, url = served
+    state.publish()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        status, answer, body = await get(url, **headers)
+        assert status == 401
+        assert TOKEN.encode() not in body
+        assert answer["WWW-Authenticate"].startswith("Bearer")
+    assert (await get(url, **AUTH))[0] == 200
+    assert server.stats.responses["unauthorized"] == 3
+
+
+async def test_nothing_is_served_before_the_bundle_reflects_the_cluster(
+    served: tuple[BundleState, BundleServer, str],
+) -> None:
+    """Before the first complete load the endpoint answers 503, so OPA activates no partial bundle and its
+    /health?bundles stays unready; a long poll waiting then is answered as soon as it is published."""
+    state, server, url = served
+    await state.put_data(["ns", "cm", "k"], b'{"partial":true}')
+    assert (await get(url, Prefer="modes=snapshot,delta;wait=0", **AUTH))[0] == 503
+    async with anyio.create_task_group() as tg:
+        answers: list[int] = []
+
+        async def poll() -> None:
+            answers.append((await get(url, Prefer=LONG_POLL, **AUTH))[0])
+
+        tg.start_soon(poll)
+        await until(lambda: server.stats.held == 1)
+        state.publish()
+    assert answers == [200]
+
+
+async def test_current_etag_gets_304_and_a_long_poll_wakes_on_a_change(
+    served: tuple[BundleState, BundleServer, str],
+) -> None:
+    state, server, url = served
+    state.publish()
+    await state.put_data(["ns", "cm", "k"], b'{"v":1}')
+    status, headers, body = await get(url, **AUTH)
+    assert (status, headers["Content-Type"]) == (200, CONTENT_TYPE)
+    etag = headers["ETag"]
+    assert etag == f'"{state.current.revision}"'
+    assert files_of(body) == {"/.manifest", "/data.json"}
+
+    assert (await get(url, **{"If-None-Match": etag}, **AUTH))[0] == 304
+    with anyio.fail_after(5):  # held for wait minus one second, then 304
+        status, headers, _ = await get(url, **{"If-None-Match": etag, "Prefer": "wait=1.5"}, **AUTH)
+    assert (status, headers["ETag"]) == (304, etag)
+
+    answers: list[tuple[int, CIMultiDict[str], bytes]] = []
+    with anyio.fail_after(5):  # far less than the 30 s the long poll may wait
+        async with anyio.create_task_group() as tg:
+
+            async def poll() -> None:
+                answers.append(await get(url, **{"If-None-Match": etag, "Prefer": LONG_POLL}, **AUTH))
+
+            tg.start_soon(poll)
+            await until(lambda: server.stats.held == 1)
+            await state.put_data(["ns", "cm", "k"], b'{"v":2}')
+    status, headers, body = answers[0]
+    assert status == 200
+    assert headers["ETag"] == f'"{state.current.revision}"'
+    assert files_of(body) == {"/.manifest", "/patch.json"}
+    assert server.stats.responses == {"snapshot": 1, "not_modified": 2, "delta": 1}
+
+
+async def test_delta_or_snapshot(served: tuple[BundleState, BundleServer, str]) -> None:
+    """A delta only for a client that takes deltas, holds a revision kopa still has in its log, and when only
+    data changed since; a snapshot otherwise."""
+    state, server, url = served
+    state.publish()
+    await state.put_data(["ns", "cm", "k"], b'{"v":1}')
+    base = f'"{state.current.revision}"'
+    await state.put_data(["ns", "cm", "k"], b'{"v":2}')
+
+    def kind(body: bytes) -> str:
+        return "delta" if "/patch.json" in files_of(body) else "snapshot"
+
+    async def answer(etag: str, prefer: str = "modes=snapshot,delta") -> str:
+        status, _, body = await get(url, **{"If-None-Match": etag, "Prefer": prefer}, **AUTH)
+        assert status == 200
+        return kind(body)
+
+    assert await answer(base) == "delta"
+    patch = orjson.loads(_member(await _body(url, base), "/patch.json"))
+    assert patch == {"data": [{"op": "upsert", "path": "/ns/cm/k", "value": {"v": 2}}]}
+    assert await answer(base, "modes=snapshot") == "snapshot"
+    assert await answer('"unknown"') == "snapshot"
+    assert await answer("") == "snapshot"
+    state.put_module("ns/cm/p.rego", "package ns.p\n")
+    assert await answer(base) == "snapshot"
+    assert server.stats.sent_bytes["delta"] > 0
+
+
+async def _body(url: str, etag: str) -> bytes:
+    return (await get(url, **{"If-None-Match": etag, "Prefer": "modes=snapshot,delta"}, **AUTH))[2]
+
+
+def _member(body: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(body))) as tar:
+        member = tar.extractfile(name)
+        assert member is not None
+        return member.read()
+
+
+def test_prefer_and_etag_parsing() -> None:
+    """As OPA 1.16 sends them: `Prefer: modes=snapshot,delta;wait=N`, the ETag back as it got it."""
+    assert Preferences.parse("modes=snapshot,delta;wait=30") == Preferences(True, 30.0)
+    assert Preferences.parse("modes=snapshot") == Preferences(False, None)
+    assert Preferences.parse("wait=99999").wait == 600.0
+    assert Preferences.parse("wait=x") == Preferences(False, None)
+    assert etag_of('"abc"') == etag_of('W/"abc"') == etag_of("abc") == "abc"

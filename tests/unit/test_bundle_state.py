@@ -1,0 +1,203 @@
+"""The bundle's content: its revision (a content digest), the log of data changes that deltas are made of,
+and the checks a module passes before it enters the bundle. The real OPAs' view of the same is in
+tests/integration/test_bundle_mode.py."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+
+from app.bundle import tarball
+from app.bundle.state import BundleState, Operation
+from app.bundle.target import BundleTarget
+from app.opa.client import OpaError
+
+pytestmark = pytest.mark.anyio
+
+SERVICES = ["kubernetes", "services"]
+
+
+def patch(*ops: dict[str, Any]) -> bytes:
+    return orjson.dumps(list(ops))
+
+
+async def test_the_revision_is_a_digest_of_the_content_not_of_its_history() -> None:
+    """Two kopa replicas that reached the same state by different writes (one PUT of a collection, or a
+    PUT and patches; modules in another order) serve the same revision, so one ETag is good for both."""
+    one, two = BundleState(), BundleState()
+    await one.put_data(SERVICES, b'{"ns":{"a":{"x":1},"b":{"y":[1,2]}}}')
+    one.put_module("ns/cm/a.rego", "package a\n")
+    one.put_module("ns/cm/b.rego", "package b\n")
+
+    two.put_module("ns/cm/b.rego", "package b\n")
+    await two.put_data(SERVICES, b'{"ns":{"a":{"x":0}}}')
+    await two.patch_data(SERVICES, patch({"op": "add", "path": "/ns/b", "value": {"y": [1, 2]}}))
+    two.put_module("ns/cm/a.rego", "package a\n")
+    await two.patch_data(SERVICES, patch({"op": "replace", "path": "/ns/a/x", "value": 1}))
+
+    assert one.current.revision == two.current.revision
+    await two.patch_data(SERVICES, patch({"op": "replace", "path": "/ns/a/x", "value": 2}))
+    assert one.current.revision != two.current.revision
+
+
+async def test_writes_that_end_where_they_started_make_no_revision() -> None:
+    state = BundleState()
+    await state.put_data(["ns", "cm", "k"], b'{"a":1}')
+    first = state.current
+    await state.put_data(["ns", "cm", "k"], b'{"a":2}')
+    await state.put_data(["ns", "cm", "k"], b'{"a":1}')
+    assert state.current == first
+    await state.put_data(["ns", "cm", "k"], b'{"a":1}')  # the same document: not even a change
+    assert state.current == first
+
+
+async def test_a_delta_carries_the_data_operations_since_the_base() -> None:
+    state = BundleState()
+    await state.put_data(SERVICES, b'{"ns":{"a":{"x":1}}}')
+    base = state.current.revision
+    await state.patch_data(SERVICES, patch({"op": "add", "path": "/ns/b", "value": {"y": 2}}))
+    middle = state.current.revision
+    await state.delete_data([*SERVICES, "ns", "a"])
+    operations = state.since(base)
+    assert operations == [
+        Operation("upsert", ("kubernetes", "services", "ns", "b"), b'{"y":2}'),
+        Operation("remove", ("kubernetes", "services", "ns", "a")),
+    ]
+    assert state.since(middle) == [Operation("remove", ("kubernetes", "services", "ns", "a"))]
+    assert state.since(state.current.revision) == []
+
+
+@pytest.mark.parametrize("change", ["module", "roots", "unknown base", "trimmed"])
+async def test_a_snapshot_when_a_delta_cannot_do(change: str) -> None:
+    """OPA refuses a delta that changes the roots, and a delta cannot carry policies; a base kopa does not
+    know (another replica's, or one trimmed from the log) cannot be patched either."""
+    state = BundleState(log_entries=3)
+    await state.put_data(["ns", "cm", "k"], b'{"a":1}')
+    base = state.current.revision
+    await state.put_data(["ns", "cm", "k"], b'{"a":2}')
+    if change == "module":
+        state.put_module("ns/cm/p.rego", "package ns.policy\n")
+    elif change == "roots":
+        await state.put_data(["other", "cm", "k"], b"{}")
+    elif change == "unknown base":
+        base = "0" * 32
+    else:
+        for value in range(3, 6):
+            await state.put_data(["ns", "cm", "k"], orjson.dumps({"a": value}))
+            state.commit()
+    assert state.since(base) is None
+
+
+async def test_a_patch_applies_all_or_nothing() -> None:
+    """As OPA: 404 when an operation's path is missing, and nothing of the patch stays."""
+    state = BundleState()
+    await state.put_data(SERVICES, b'{"ns":{"a":{"x":1}}}')
+    before = state.current
+    bad = patch(
+        {"op": "remove", "path": "/ns/a"},
+        {"op": "add", "path": "/gone/b", "value": {}},
+    )
+    with pytest.raises(OpaError) as info:
+        await state.patch_data(SERVICES, bad)
+    assert info.value.status == 404
+    assert await state.get_data(SERVICES) == {"ns": {"a": {"x": 1}}}
+    assert state.current == before
+    assert not await state.delete_data(["not", "there"])
+
+
+async def test_roots_are_the_first_segments_of_what_the_bundle_holds() -> None:
+    state = BundleState()
+    assert not state.current.roots  # OPA takes "roots": [] as owning nothing (not everything, as no roots)
+    await state.put_data(SERVICES, b"{}")
+    await state.put_data(["team-a", "settings", "k.json"], b"{}")
+    state.put_module("team-a/cm/p.rego", "# comment\npackage admission.pods\n")
+    assert state.current.roots == ("admission", "kubernetes", "team-a")
+
+
+def files_of(body: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(body))) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+
+
+async def test_bundle_files() -> None:
+    """OPA reads only `.rego` files as modules: ids get the suffix when their key has none."""
+    state = BundleState()
+    state.put_module("ns/cm/plain", "package a\n")
+    state.put_module("ns/cm/b.rego", "package b\n")
+    state.put_module("ns/cm/c", "package c\n")
+    state.put_module("ns/cm/c.rego", "package c2\n")
+    await state.put_data(["ns", "cm2", "k"], b'{"v":1}')
+    current = state.current
+    files = files_of(tarball.snapshot(current.revision, current.roots, state.modules, state.data))
+    assert orjson.loads(files["/.manifest"]) == {
+        "revision": current.revision,
+        "roots": ["a", "b", "c", "c2", "ns"],
+    }
+    assert orjson.loads(files["/data.json"]) == {"ns": {"cm2": {"k": {"v": 1}}}}
+    assert files["/ns/cm/plain.rego"] == b"package a\n"
+    assert files["/ns/cm/b.rego"] == b"package b\n"
+    assert files["/ns/cm/c/module.rego"] == b"package c\n"
+    assert files["/ns/cm/c.rego"] == b"package c2\n"
+
+    delta = files_of(tarball.delta("r2", current.roots, [Operation("upsert", ("a/b", "~c"), b"1")]))
+    assert set(delta) == {"/.manifest", "/patch.json"}
+    assert orjson.loads(delta["/patch.json"]) == {"data": [{"op": "upsert", "path": "/a~1b/~0c", "value": 1}]}
+
+
+class Validator:
+    """The validation OPA: refuses the texts it is told to, like a compile error."""
+
+    def __init__(self) -> None:
+        self.refuse: set[str] = set()
+        self.held: dict[str, str] = {}
+
+    async def put_policy(self, policy_id: str, text: str) -> None:
+        if text in self.refuse:
+            raise OpaError(400, "invalid_parameter", "error(s) occurred", {"code": "rego_type_error"})
+        self.held[policy_id] = text
+
+    async def delete_policy(self, policy_id: str) -> bool:
+        return self.held.pop(policy_id, None) is not None
+
+
+def target(reserved: Sequence[Sequence[str]] = (("system",),)) -> tuple[BundleTarget, Validator]:
+    validator = Validator()
+    return BundleTarget(BundleState(), validator, reserved), validator
+
+
+async def test_a_module_enters_the_bundle_only_once_the_validation_opa_accepted_it() -> None:
+    bundle, validator = target()
+    validator.refuse.add("package bad\nx := y\n")
+    await bundle.put_policy("ns/cm/ok.rego", "package ok\n")
+    with pytest.raises(OpaError):
+        await bundle.put_policy("ns/cm/bad.rego", "package bad\nx := y\n")
+    assert bundle.state.modules == {"ns/cm/ok.rego": "package ok\n"}
+    assert validator.held == bundle.state.modules
+    assert await bundle.delete_policy("ns/cm/ok.rego")
+    assert bundle.state.modules == {} == validator.held
+
+
+@pytest.mark.parametrize("package", ["system.authz", "system", "other.bundle.deep"])
+async def test_a_package_in_a_reserved_root_is_refused_with_a_reason(package: str) -> None:
+    bundle, validator = target(reserved=[("system",), ("other", "bundle")])
+    with pytest.raises(OpaError) as info:
+        await bundle.put_policy("ns/cm/p.rego", f"package {package}\n")
+    assert info.value.code == "bundle_root_error"
+    assert "reserved for OPA itself or for other bundles" in info.value.message
+    assert "--bundle-reserved-roots" in info.value.message
+    assert bundle.state.modules == {} == validator.held
+    await bundle.put_policy("ns/cm/p.rego", "package other.bundles\n")  # beside a root, not in it
+
+
+async def test_data_in_a_reserved_root_is_refused() -> None:
+    bundle, _ = target()
+    with pytest.raises(OpaError) as info:
+        await bundle.put_data(["system", "cm", "k"], b"{}")
+    assert "data.system.cm.k lies in data.system" in info.value.message
+    assert bundle.state.data == {}
