@@ -1,0 +1,251 @@
+"""Bundle mode end to end: one kopa serving its bundle to several real OPAs (`opa run --server` with kopa as
+their bundle service, long polling on, the token), a private validation OPA, and the real API server.
+
+What each OPA activated is read from OPA itself: its REST API for policies and data, `/health?bundles`, and
+its status log (`status.console`), whose bundle status says whether the last activation was a snapshot or a
+delta (`type`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from devstack.kopa import KopaProcess
+from devstack.opa import OpaServer
+from devstack.processes import HOST, free_port, wait_until
+from tests.conftest import require_binaries
+from tests.integration.conftest import KopaFactory
+from tests.integration.helpers import DATA, OK, POLICY, TIMEOUT, error_of, get, put_configmap, wait_status
+
+pytestmark = pytest.mark.integration
+
+HELLO = 'package kubernetes.example\n\ngreeting := data[NS].settings["s.json"].greeting\n'
+
+
+def opa_config(port: int, token: str) -> str:
+    """An OPA configured with kopa as its bundle service, as the chart will: long polling and the token;
+    a short retry cap so that an OPA refused before kopa's first load asks again soon."""
+    return json.dumps(
+        {
+            "services": {
+                "kopa": {"url": f"http://{HOST}:{port}", "credentials": {"bearer": {"token": token}}}
+            },
+            "bundles": {
+                "kopa": {
+                    "service": "kopa",
+                    "resource": "bundles/kopa",
+                    "polling": {
+                        "min_delay_seconds": 1,
+                        "max_delay_seconds": 2,
+                        "long_polling_timeout_seconds": 10,
+                    },
+                }
+            },
+            "status": {"console": True},
+        }
+    )
+
+
+@dataclass
+class Fleet:
+    """kopa in bundle mode, its validation OPA, and the OPAs that download from it."""
+
+    kopa: KopaProcess
+    url: str
+    token: str
+    opas: list[OpaServer] = field(default_factory=list)
+
+    def data(self, opa: OpaServer, path: str) -> Any:
+        answer = opa.http().get_json(f"/v1/data/{path}")
+        return answer.get("result") if isinstance(answer, dict) else None
+
+    def converge(self, path: str, expected: Any) -> None:
+        """Every OPA answers `expected` at data.<path>."""
+        for opa in self.opas:
+            wait_until(
+                lambda opa=opa: self.data(opa, path) == expected,  # type: ignore[misc]
+                timeout=TIMEOUT,
+                what=f"{opa} data/{path} == {expected!r}",
+            )
+
+    def metric(self, name: str) -> float:
+        _, text = get(self.kopa, "/metrics")
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def activations(opa: OpaServer) -> list[dict[str, Any]]:
+    """The bundle statuses OPA logged (status.console), oldest first."""
+    found = []
+    for line in opa.log_path.read_text(errors="replace").splitlines():
+        if '"Status Log"' not in line:
+            continue
+        bundle = json.loads(line).get("bundles", {}).get("kopa")
+        if bundle and bundle.get("active_revision"):
+            found.append(bundle)
+    return found
+
+
+def bundle_request(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code)
+
+
+@pytest.fixture
+def fleet(run_kopa: KopaFactory, opa: OpaServer, namespace: str, tmp_path: Path) -> Iterator[Fleet]:
+    """kopa serving the bundle (policies checked by the `opa` fixture's OPA), replicating Services, and
+    three OPAs downloading it."""
+    require_binaries("opa")
+    token = secrets.token_urlsafe(24)
+    token_file = tmp_path / "bundle-token"
+    token_file.write_text(token + "\n", encoding="utf-8")
+    port = free_port()
+    kopa = run_kopa(
+        f"--opa-url={opa.api_url}",
+        f"--namespaces={namespace}",
+        f"--bundle-endpoint={HOST}:{port}",
+        f"--bundle-token-file={token_file}",
+        "--replicate=v1/services",
+        "--replicate-ignore-namespaces=default,kube-system,kube-public",
+    )
+    fleet = Fleet(kopa, f"http://{HOST}:{port}/bundles/kopa", token)
+    try:
+        for i in range(3):
+            work = tmp_path / f"opa-{i}"
+            work.mkdir()
+            (work / "config.json").write_text(opa_config(port, token), encoding="utf-8")
+            server = OpaServer(work, "plain", log_level="info", extra_args=("--config-file=config.json",))
+            fleet.opas.append(server.start())
+        yield fleet
+    finally:
+        for server in fleet.opas:
+            server.stop()
+
+
+def service(name: str, port: int) -> client.V1Service:
+    spec = client.V1ServiceSpec(ports=[client.V1ServicePort(port=port)])
+    return client.V1Service(metadata=client.V1ObjectMeta(name=name), spec=spec)
+
+
+def test_opas_converge_on_policy_and_data_changes_and_data_changes_travel_as_deltas(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"greeting": "hello"}'}, DATA)
+    put_configmap(
+        core_v1, namespace, "hello", {"hello.rego": HELLO.replace("NS", json.dumps(namespace))}, POLICY
+    )
+    core_v1.create_namespaced_service(namespace, service("web", 80))
+    assert wait_status(core_v1, namespace, "hello") == OK
+    fleet.converge("kubernetes/example/greeting", "hello")
+    fleet.converge(f"kubernetes/services/{namespace}/web/spec/ports/0/port", 80)
+    for opa in fleet.opas:
+        assert opa.http().request("GET", "/health?bundles")[0] == 200
+
+    # A data change: every OPA follows, with a delta.
+    snapshots = fleet.metric('kopa_bundle_responses_total{kind="snapshot"}')
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"greeting": "bonjour"}'}, DATA)
+    fleet.converge("kubernetes/example/greeting", "bonjour")
+    core_v1.patch_namespaced_service("web", namespace, {"metadata": {"labels": {"tier": "front"}}})
+    fleet.converge(f"kubernetes/services/{namespace}/web/metadata/labels", {"tier": "front"})
+    for opa in fleet.opas:
+        wait_until(
+            lambda opa=opa: activations(opa) and activations(opa)[-1]["type"] == "delta",  # type: ignore[misc]
+            timeout=TIMEOUT,
+            what=f"{opa} reports a delta activation",
+        )
+    assert fleet.metric('kopa_bundle_responses_total{kind="snapshot"}') == snapshots
+    assert fleet.metric('kopa_bundle_responses_total{kind="delta"}') >= 2 * len(fleet.opas)
+
+    # A policy change: a snapshot (a delta cannot carry policies).
+    changed = HELLO.replace("NS", json.dumps(namespace)) + '\nlanguage := "fr"\n'
+    put_configmap(core_v1, namespace, "hello", {"hello.rego": changed}, POLICY)
+    fleet.converge("kubernetes/example/language", "fr")
+    assert fleet.metric('kopa_bundle_responses_total{kind="snapshot"}') >= snapshots + len(fleet.opas)
+
+
+def test_a_bad_module_never_reaches_the_opas_and_its_configmap_says_why(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    put_configmap(core_v1, namespace, "good", {"good.rego": "package team.good\n\nallow := true\n"}, POLICY)
+    put_configmap(
+        core_v1, namespace, "bad", {"bad.rego": "package team.bad\n\nallow := no_such_func(1)\n"}, POLICY
+    )
+    put_configmap(
+        core_v1, namespace, "authz", {"authz.rego": "package system.authz\n\nallow := true\n"}, POLICY
+    )
+
+    assert wait_status(core_v1, namespace, "good") == OK
+    bad = error_of(wait_status(core_v1, namespace, "bad", lambda s: "error" in s))
+    assert "no_such_func" in json.dumps(bad)
+    refused = error_of(wait_status(core_v1, namespace, "authz", lambda s: "error" in s))
+    assert refused["code"] == "bundle_root_error"
+    assert "data.system" in refused["message"] and "reserved" in refused["message"]
+    wait_until(
+        lambda: any(
+            e.reason == "LoadFailed" and e.involved_object.name == "authz"
+            for e in core_v1.list_namespaced_event(namespace).items
+        ),
+        timeout=TIMEOUT,
+        what="a LoadFailed Event on the authz ConfigMap",
+    )
+
+    fleet.converge("team/good/allow", True)
+    for opa in fleet.opas:
+        ids = {p["id"] for p in opa.http().get_json("/v1/policies")["result"]}
+        assert ids == {f"kopa/{namespace}/good/good.rego"}  # OPA names a bundle's modules <bundle>/<file>
+        assert all(a.get("code", "") == "" for a in activations(opa)), "OPA refused a bundle"
+
+    # Fixed, it reaches them.
+    put_configmap(core_v1, namespace, "bad", {"bad.rego": "package team.bad\n\nallow := false\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "bad") == OK
+    fleet.converge("team/bad/allow", False)
+
+
+def test_an_opa_restarted_from_scratch_is_complete_after_one_download(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"greeting": "hello"}'}, DATA)
+    put_configmap(
+        core_v1, namespace, "hello", {"hello.rego": HELLO.replace("NS", json.dumps(namespace))}, POLICY
+    )
+    fleet.converge("kubernetes/example/greeting", "hello")
+    snapshots = fleet.metric('kopa_bundle_responses_total{kind="snapshot"}')
+
+    restarted = fleet.opas[0]
+    restarted.restart()
+    wait_until(
+        lambda: restarted.http().request("GET", "/health?bundles")[0] == 200,
+        timeout=TIMEOUT,
+        what="the restarted OPA activated the bundle",
+    )
+    assert fleet.data(restarted, "kubernetes/example/greeting") == "hello"
+    assert fleet.data(restarted, f"{namespace}/settings/s.json") == {"greeting": "hello"}
+    assert fleet.metric('kopa_bundle_responses_total{kind="snapshot"}') == snapshots + 1
+
+
+def test_the_token_is_required_and_never_logged(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    put_configmap(core_v1, namespace, "settings", {"s.json": "{}"}, DATA)
+    fleet.converge(f"{namespace}/settings/s.json", {})
+    assert bundle_request(fleet.url, None) == 401
+    assert bundle_request(fleet.url, "not-the-token") == 401
+    assert bundle_request(fleet.url, fleet.token) == 200
+    assert fleet.metric('kopa_bundle_responses_total{kind="unauthorized"}') >= 2
+    assert fleet.token not in fleet.kopa.log_path.read_text(errors="replace")
