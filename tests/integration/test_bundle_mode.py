@@ -249,3 +249,29 @@ def test_the_token_is_required_and_never_logged(
     assert bundle_request(fleet.url, fleet.token) == 200
     assert fleet.metric('kopa_bundle_responses_total{kind="unauthorized"}') >= 2
     assert fleet.token not in fleet.kopa.log_path.read_text(errors="replace")
+
+
+def test_a_restarted_validation_opa_is_refilled_and_the_bundle_does_not_change(
+    fleet: Fleet, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """The validation OPA keeps nothing across a restart; kopa loads every module into it again (so later
+    policies are compiled against all of them), and the OPAs download nothing: the content is the same."""
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": "package team.lib\n\ndouble(x) := 2 * x\n"}, POLICY)
+    fleet.converge("team/lib", {})
+    snapshots = fleet.metric('kopa_bundle_responses_total{kind="snapshot"}')
+
+    opa.restart()
+    wait_until(
+        lambda: (
+            {p["id"] for p in opa.http().get_json("/v1/policies")["result"]} == {f"{namespace}/lib/lib.rego"}
+        ),
+        timeout=TIMEOUT,
+        what="the validation OPA refilled",
+    )
+    wait_until(lambda: get(fleet.kopa, "/readyz")[0] == 200, timeout=TIMEOUT, what="kopa ready again")
+    assert fleet.metric('kopa_bundle_responses_total{kind="snapshot"}') == snapshots
+
+    user = "package team.user\n\nfour := data.team.lib.double(2)\n"
+    put_configmap(core_v1, namespace, "user", {"user.rego": user}, POLICY)
+    assert wait_status(core_v1, namespace, "user") == OK
+    fleet.converge("team/user/four", 4)
