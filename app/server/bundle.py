@@ -42,6 +42,8 @@ CONTENT_TYPE = "application/vnd.openpolicyagent.bundles"
 BUNDLE_NAME = "kopa"
 # Longest hold of a long poll, whatever the client asks.
 MAX_WAIT = 600.0
+# On shutdown, how long requests in flight (long polls) get before they are cancelled.
+SHUTDOWN_GRACE = 1.0
 # How long a request without `wait` is held while the bundle is not published yet.
 UNPUBLISHED_HOLD = 5.0
 
@@ -110,7 +112,9 @@ class BundleServer:
 
     async def start(self) -> None:
         """Binds the address (before kopa's tasks start, so a taken port stops start-up with one line)."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
+        )
         await self._runner.setup()
         try:
             await self._start(self._runner)
@@ -168,7 +172,7 @@ class BundleServer:
         if not self._authorized(request):
             return self._answer("unauthorized", 401, b"a bearer token is required\n")
         prefer = Preferences.parse(request.headers.get("Prefer", ""))
-        held = etag_of(request.headers.get("If-None-Match", ""))
+        base = etag_of(request.headers.get("If-None-Match", ""))
         self.stats.held += 1
         try:
             hold = prefer.wait if prefer.wait is not None else UNPUBLISHED_HOLD
@@ -177,17 +181,17 @@ class BundleServer:
             if not self.state.published.is_set():
                 return self._answer("unavailable", 503, b"kopa has not loaded the cluster yet\n")
             current = self.state.current
-            if held == current.revision and prefer.wait is not None:
+            if base == current.revision and prefer.wait is not None:
                 with anyio.move_on_after(max(prefer.wait - 1.0, 0.0)):
-                    while held == current.revision:
+                    while base == current.revision:
                         await self.state.wait_changed()
                         current = self.state.current
         finally:
             self.stats.held -= 1
-        if held == current.revision:
+        if base == current.revision:
             return self._answer("not_modified", 304, etag=current.revision)
-        if prefer.delta and held:
-            body = self._delta(held, current)
+        if prefer.delta and base:
+            body = self._delta(base, current)
             if body is not None:
                 return self._answer("delta", 200, body, current.revision)
         return self._answer("snapshot", 200, self._snapshot_of(current), current.revision)

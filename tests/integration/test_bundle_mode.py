@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +26,17 @@ from devstack.opa import OpaServer
 from devstack.processes import HOST, free_port, wait_until
 from tests.conftest import require_binaries
 from tests.integration.conftest import KopaFactory
-from tests.integration.helpers import DATA, OK, POLICY, TIMEOUT, error_of, get, put_configmap, wait_status
+from tests.integration.helpers import (
+    DATA,
+    OK,
+    POLICY,
+    TIMEOUT,
+    error_of,
+    get,
+    put_configmap,
+    start_up_error,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -275,3 +286,21 @@ def test_a_restarted_validation_opa_is_refilled_and_the_bundle_does_not_change(
     put_configmap(core_v1, namespace, "user", {"user.rego": user}, POLICY)
     assert wait_status(core_v1, namespace, "user") == OK
     fleet.converge("team/user/four", 4)
+
+
+def test_an_unusable_bundle_endpoint_stops_start_up_with_one_line(
+    run_kopa: KopaFactory, opa: OpaServer, namespace: str, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t\n", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        common = [f"--opa-url={opa.api_url}", f"--namespaces={namespace}", f"--bundle-endpoint={HOST}:{port}"]
+        missing = run_kopa(*common, f"--bundle-token-file={tmp_path / 'missing'}", expect_exit=2)
+        assert start_up_error(missing).startswith(
+            f"kopa: invalid --bundle-token-file {tmp_path / 'missing'}:"
+        )
+        busy = run_kopa(*common, f"--bundle-token-file={token_file}", expect_exit=2)
+        assert start_up_error(busy).startswith(f"kopa: cannot serve the bundle on {HOST}:{port}:")
