@@ -77,8 +77,8 @@ async def run(settings: Settings) -> None:
         process = OpaProcess(opa, settings.opa.check_interval)
         # Bundle mode: the handlers write into the bundle (each policy checked by the OPA at --opa-url
         # first), which the bundle server hands to the OPAs; push mode: straight into that OPA.
-        bundle = BundleState() if settings.bundle.enabled else None
-        target = BundleTarget(bundle, opa, reserved_roots(settings)) if bundle is not None else opa
+        bundle = BundleState(reserved_roots(settings)) if settings.bundle.enabled else None
+        target = BundleTarget(bundle, opa) if bundle is not None else opa
         bundle_server = await start_bundle_server(settings, bundle) if bundle is not None else None
 
         # Producers: each keeps its source's store and adds changed keys to the queue.

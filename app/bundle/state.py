@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import anyio
 import orjson
 
+from app.configmaps.policies import package_of, related
 from app.opa.client import Chunks, OpaError
 
 # Depth down to which data digests are cached (see the module docstring).
@@ -36,8 +36,6 @@ DIGEST_DEPTH = 4
 # The log of data changes: entries kept, and bytes of operations kept.
 LOG_ENTRIES = 256
 LOG_BYTES = 32 * 1024 * 1024
-
-_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 
 Path = tuple[str, ...]
 
@@ -63,13 +61,6 @@ def _pointer_segments(pointer: str) -> list[str]:
 def pointer(path: Iterable[str]) -> str:
     """A path as a JSON pointer, escaped as OPA's delta bundles read it (RFC 6901)."""
     return "".join("/" + s.replace("~", "~0").replace("/", "~1") for s in path)
-
-
-def package_path(text: str) -> Path:
-    """The package of a module as a path (`package a.b` → ("a", "b")); () when it has none (OPA then
-    reports the parse error)."""
-    found = _PACKAGE.search(text)
-    return tuple(found.group(1).split(".")) if found else ()
 
 
 @dataclass(frozen=True)
@@ -109,7 +100,14 @@ class Revision:
 class BundleState:
     """The modules and the data tree kopa serves, their revision, and the log of data changes."""
 
-    def __init__(self, *, log_entries: int = LOG_ENTRIES, log_bytes: int = LOG_BYTES) -> None:
+    def __init__(
+        self,
+        reserved: Iterable[Sequence[str]] = (),
+        *,
+        log_entries: int = LOG_ENTRIES,
+        log_bytes: int = LOG_BYTES,
+    ) -> None:
+        self.reserved: list[Path] = [tuple(root) for root in reserved]
         self.modules: dict[str, str] = {}
         self.data: dict[str, Any] = {}
         self._digests: dict[Path, bytes] = {}
@@ -170,13 +168,33 @@ class BundleState:
         """Returns after the next write (which may or may not change the revision)."""
         await self._changed.wait()
 
+    def root_of(self, path: Sequence[str]) -> Path | None:
+        """The root that content at `path` lies under: its shortest prefix that overlaps no reserved root
+        (so, with the default `system`, its first segment); None when there is none (the content lies in,
+        or above, a reserved root, and cannot be in kopa's bundle)."""
+        for n in range(1, len(path) + 1):
+            if not any(related(path[:n], root) for root in self.reserved):
+                return tuple(path[:n])
+        return None
+
     def roots(self) -> tuple[str, ...]:
-        """The bundle's roots: the first segment of every data document's path and of every module's
-        package (a module without a package is not held: OPA refuses it first)."""
-        found = set(self.data) | {
-            package_path(text)[0] for text in self.modules.values() if package_path(text)
-        }
-        return tuple(sorted(found))
+        """The bundle's roots: the root (`root_of`) of every data document and of every module's package,
+        without those that lie under another. The writes are checked first (`BundleTarget`), so every
+        document and package has one."""
+        found: set[Path] = set()
+        stack: list[tuple[Path, Any]] = [((key,), value) for key, value in self.data.items()]
+        while stack:
+            path, node = stack.pop()
+            if not any(related(path, root) for root in self.reserved):
+                found.add(path)
+            elif isinstance(node, dict):
+                stack += [((*path, key), value) for key, value in node.items()]
+        for text in self.modules.values():
+            root = self.root_of(package_of(text))
+            if root is not None:
+                found.add(root)
+        minimal = [p for p in found if not any(p[:n] in found for n in range(1, len(p)))]
+        return tuple(sorted("/".join(p) for p in minimal))
 
     # --- digests ---
 

@@ -4,11 +4,10 @@
 Every module is checked before it enters the bundle, since one module that does not compile makes OPA refuse
 the whole bundle:
 
-- its package must not overlap a reserved root (`--bundle-reserved-roots`, `system` by default: paths that
-  belong to OPA itself or to other bundles, such as the chart's `system.authz`); kopa's roots are the first
-  segments of what it holds (`BundleState.roots`), so anything else is within them. Data is held to the same
-  rule. A refusal is an `OpaError` with OPA's shape, so the ConfigMap's status and Events say why, as for any
-  error in push mode;
+- its package must have a root in kopa's bundle: a prefix that overlaps no reserved root
+  (`--bundle-reserved-roots`, `system` by default: paths that belong to OPA itself or to other bundles, such
+  as the chart's `system.authz`; see `BundleState.root_of`). Data is held to the same rule. A refusal is an
+  `OpaError` with OPA's shape, so the ConfigMap's status and Events say why, as for any error in push mode;
 - then it is loaded into the validation OPA (`--opa-url` in bundle mode: a private OPA that nothing else
   writes to), which compiles it with every module the bundle holds. The module enters the bundle only if that
   OPA accepted it; a module is removed from the bundle once that OPA let it go (it refuses while others depend
@@ -26,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from app.bundle.state import BundleState, package_path
+from app.bundle.state import BundleState
+from app.configmaps.policies import package_of, related
 from app.opa.client import Chunks, OpaError
 
 
@@ -38,37 +38,30 @@ class Validator(Protocol):
     async def delete_policy(self, policy_id: str) -> bool: ...
 
 
-def _overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
-    shorter = min(len(a), len(b))
-    return tuple(a[:shorter]) == tuple(b[:shorter])
-
-
-def root_error(what: str, path: Sequence[str], reserved: Sequence[Sequence[str]]) -> OpaError | None:
-    """The refusal of content at `path` that overlaps a reserved root, or None."""
-    for root in reserved:
-        if _overlaps(path, root):
-            message = (
-                f"{what} lies in data.{'.'.join(root)}, which is reserved for OPA itself or for other "
-                "bundles (--bundle-reserved-roots); kopa's bundle cannot hold it"
-            )
-            return OpaError(
-                400, "bundle_root_error", message, {"code": "bundle_root_error", "message": message}
-            )
-    return None
+def root_error(what: str, path: Sequence[str], state: BundleState) -> OpaError | None:
+    """The refusal of content at `path` that has no root in kopa's bundle (it lies in or above a reserved
+    root), or None."""
+    if state.root_of(path) is not None:
+        return None
+    reserved = next(root for root in state.reserved if related(path, root))
+    message = (
+        f"{what} overlaps data.{'.'.join(reserved)}, which is reserved for OPA itself or for other bundles "
+        "(--bundle-reserved-roots); kopa's bundle cannot hold it"
+    )
+    return OpaError(400, "bundle_root_error", message, {"code": "bundle_root_error", "message": message})
 
 
 class BundleTarget:
-    def __init__(self, state: BundleState, validator: Validator, reserved: Sequence[Sequence[str]]) -> None:
+    def __init__(self, state: BundleState, validator: Validator) -> None:
         self.state = state
         self._validator = validator
-        self._reserved = [tuple(root) for root in reserved]
 
     # --- policies ---
 
     async def put_policy(self, policy_id: str, text: str) -> None:
-        package = package_path(text)
+        package = package_of(text)
         if package:
-            refused = root_error(f"package {'.'.join(package)}", package, self._reserved)
+            refused = root_error(f"package {'.'.join(package)}", package, self.state)
             if refused is not None:
                 raise refused
         await self._validator.put_policy(policy_id, text)  # OpaError: OPA's own words, per module
@@ -84,7 +77,7 @@ class BundleTarget:
     # --- data ---
 
     async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:
-        refused = root_error(f"data.{'.'.join(path)}", path, self._reserved)
+        refused = root_error(f"data.{'.'.join(path)}", path, self.state)
         if refused is not None:
             raise refused
         await self.state.put_data(path, document)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,10 +53,10 @@ def data_refs(text: str) -> list[Path]:
     return [tuple(m.group(1).split(".")[1:]) for m in _DATA_REF.finditer(text)]
 
 
-def _related(a: Path, b: Path) -> bool:
+def related(a: Sequence[str], b: Sequence[str]) -> bool:
     """One path lies under the other (or they are equal)."""
     shorter = min(len(a), len(b))
-    return a[:shorter] == b[:shorter]
+    return tuple(a[:shorter]) == tuple(b[:shorter])
 
 
 @dataclass
@@ -81,9 +81,9 @@ class Module:
     def may_need(self, package: Path) -> bool:
         """Whether a change to a module of `package` could change this module's compile outcome."""
         own = package_of(self.text)
-        if own and _related(own, package):
+        if own and related(own, package):
             return True
-        return any(_related(ref, package) for ref in data_refs(self.text))
+        return any(related(ref, package) for ref in data_refs(self.text))
 
 
 @dataclass

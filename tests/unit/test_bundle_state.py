@@ -168,7 +168,7 @@ class Validator:
 
 def target(reserved: Sequence[Sequence[str]] = (("system",),)) -> tuple[BundleTarget, Validator]:
     validator = Validator()
-    return BundleTarget(BundleState(), validator, reserved), validator
+    return BundleTarget(BundleState(reserved), validator), validator
 
 
 async def test_a_module_enters_the_bundle_only_once_the_validation_opa_accepted_it() -> None:
@@ -192,12 +192,23 @@ async def test_a_package_in_a_reserved_root_is_refused_with_a_reason(package: st
     assert "reserved for OPA itself or for other bundles" in info.value.message
     assert "--bundle-reserved-roots" in info.value.message
     assert bundle.state.modules == {} == validator.held
-    await bundle.put_policy("ns/cm/p.rego", "package other.bundles\n")  # beside a root, not in it
+
+
+async def test_roots_stay_clear_of_reserved_roots() -> None:
+    """Content beside a reserved root gets a root of its own below their common prefix, so kopa's bundle
+    and the other one never overlap (OPA would refuse to activate either)."""
+    bundle, _ = target(reserved=[("system",), ("other", "bundle")])
+    await bundle.put_policy("ns/cm/p.rego", "package other.bundles.x\n")
+    await bundle.put_data(["other", "cm", "k"], b"{}")
+    await bundle.put_data(["ns", "cm", "k"], b"{}")
+    assert bundle.state.current.roots == ("ns", "other/bundles", "other/cm")
+    with pytest.raises(OpaError):
+        await bundle.put_policy("ns/cm/q.rego", "package other\n")  # its root would hold other.bundle
 
 
 async def test_data_in_a_reserved_root_is_refused() -> None:
     bundle, _ = target()
     with pytest.raises(OpaError) as info:
         await bundle.put_data(["system", "cm", "k"], b"{}")
-    assert "data.system.cm.k lies in data.system" in info.value.message
+    assert "data.system.cm.k overlaps data.system" in info.value.message
     assert bundle.state.data == {}
