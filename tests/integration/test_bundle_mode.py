@@ -13,7 +13,7 @@ import secrets
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from devstack.certs import TestCA
 from devstack.kopa import KopaProcess
 from devstack.opa import OpaServer
 from devstack.processes import HOST, free_port, wait_until
@@ -43,14 +44,16 @@ pytestmark = pytest.mark.integration
 HELLO = 'package kubernetes.example\n\ngreeting := data[NS].settings["s.json"].greeting\n'
 
 
-def opa_config(port: int, token: str) -> str:
-    """An OPA configured with kopa as its bundle service, as the chart will: long polling and the token;
-    a short retry cap so that an OPA refused before kopa's first load asks again soon."""
+def opa_config(url: str, token: str, ca_file: Path | None = None) -> str:
+    """An OPA configured with kopa as its bundle service, as the chart will: long polling and the token
+    (and kopa's CA with TLS); a short retry cap so that an OPA refused before kopa's first load asks again
+    soon."""
+    service: dict[str, Any] = {"url": url, "credentials": {"bearer": {"token": token}}}
+    if ca_file is not None:
+        service["tls"] = {"ca_cert": str(ca_file)}
     return json.dumps(
         {
-            "services": {
-                "kopa": {"url": f"http://{HOST}:{port}", "credentials": {"bearer": {"token": token}}}
-            },
+            "services": {"kopa": service},
             "bundles": {
                 "kopa": {
                     "service": "kopa",
@@ -118,35 +121,58 @@ def bundle_request(url: str, token: str | None) -> int:
             return int(exc.code)
 
 
+FleetFactory = Callable[..., Fleet]
+
+
 @pytest.fixture
-def fleet(run_kopa: KopaFactory, opa: OpaServer, namespace: str, tmp_path: Path) -> Iterator[Fleet]:
-    """kopa serving the bundle (policies checked by the `opa` fixture's OPA), replicating Services, and
-    three OPAs downloading it."""
+def start_fleet(
+    run_kopa: KopaFactory, opa: OpaServer, namespace: str, tmp_path: Path
+) -> Iterator[FleetFactory]:
+    """Factory: start_fleet(opas=3, ca=None) starts kopa serving the bundle (policies checked by the `opa`
+    fixture's OPA), replicating Services, and `opas` OPAs downloading it; over TLS with a certificate from
+    `ca` when given. The OPAs are stopped after the test (kopa by run_kopa)."""
     require_binaries("opa")
-    token = secrets.token_urlsafe(24)
-    token_file = tmp_path / "bundle-token"
-    token_file.write_text(token + "\n", encoding="utf-8")
-    port = free_port()
-    kopa = run_kopa(
-        f"--opa-url={opa.api_url}",
-        f"--namespaces={namespace}",
-        f"--bundle-endpoint={HOST}:{port}",
-        f"--bundle-token-file={token_file}",
-        "--replicate=v1/services",
-        "--replicate-ignore-namespaces=default,kube-system,kube-public",
-    )
-    fleet = Fleet(kopa, f"http://{HOST}:{port}/bundles/kopa", token)
-    try:
-        for i in range(3):
+    started: list[OpaServer] = []
+
+    def start(*, opas: int = 3, ca: TestCA | None = None) -> Fleet:
+        token = secrets.token_urlsafe(24)
+        token_file = tmp_path / "bundle-token"
+        token_file.write_text(token + "\n", encoding="utf-8")
+        port = free_port()
+        tls: list[str] = []
+        if ca is not None:
+            cert, key = ca.issue("kopa", ips=[HOST], dns=["localhost"])
+            tls = [f"--bundle-tls-cert-file={cert}", f"--bundle-tls-key-file={key}"]
+        kopa = run_kopa(
+            f"--opa-url={opa.api_url}",
+            f"--namespaces={namespace}",
+            f"--bundle-endpoint={HOST}:{port}",
+            f"--bundle-token-file={token_file}",
+            "--replicate=v1/services",
+            "--replicate-ignore-namespaces=default,kube-system,kube-public",
+            *tls,
+        )
+        url = f"{'https' if ca is not None else 'http'}://{HOST}:{port}"
+        fleet = Fleet(kopa, f"{url}/bundles/kopa", token)
+        for i in range(opas):
             work = tmp_path / f"opa-{i}"
             work.mkdir()
-            (work / "config.json").write_text(opa_config(port, token), encoding="utf-8")
+            config = opa_config(url, token, ca.ca_file if ca is not None else None)
+            (work / "config.json").write_text(config, encoding="utf-8")
             server = OpaServer(work, "plain", log_level="info", extra_args=("--config-file=config.json",))
+            started.append(server)
             fleet.opas.append(server.start())
-        yield fleet
-    finally:
-        for server in fleet.opas:
-            server.stop()
+        return fleet
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fleet(start_fleet: FleetFactory) -> Fleet:
+    """kopa in bundle mode and three OPAs downloading from it."""
+    return start_fleet()
 
 
 def service(name: str, port: int) -> client.V1Service:
@@ -304,3 +330,13 @@ def test_an_unusable_bundle_endpoint_stops_start_up_with_one_line(
         )
         busy = run_kopa(*common, f"--bundle-token-file={token_file}", expect_exit=2)
         assert start_up_error(busy).startswith(f"kopa: cannot serve the bundle on {HOST}:{port}:")
+
+
+def test_the_bundle_over_tls(
+    start_fleet: FleetFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """With --bundle-tls-cert-file/--bundle-tls-key-file the OPAs download over TLS, trusting kopa's CA."""
+    fleet = start_fleet(opas=1, ca=TestCA(tmp_path / "ca"))
+    assert fleet.url.startswith("https://")
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"tls": true}'}, DATA)
+    fleet.converge(f"{namespace}/settings/s.json", {"tls": True})
