@@ -67,7 +67,7 @@ async def run(settings: Settings) -> None:
             "opa", observer=metrics.queue_observer("opa"), capacity=QUEUE_CAPACITY, collapse=whole_source
         ) as queue,
     ):
-        process = OpaProcess(opa, settings.opa.check_interval)
+        process = OpaProcess(opa, settings.opa.check_interval, watch=opa.until_closed)
 
         # Producers: each keeps its source's store and adds changed keys to the queue.
         configmaps = ConfigMapSource(
