@@ -44,6 +44,16 @@ CHECK = Marker.CHECK
 Key = ObjectKey | Marker
 
 
+# A path in OPA's data tree, as segments: ("kubernetes", "configmaps") is data.kubernetes.configmaps.
+DataPath = tuple[str, ...]
+
+
+def related(a: DataPath, b: DataPath) -> bool:
+    """One path lies under the other (or they are equal): writes or rules at the two can meet in OPA."""
+    shorter = min(len(a), len(b))
+    return a[:shorter] == b[:shorter]
+
+
 class WorkKey(NamedTuple):
     """What the queue holds: a key of one source."""
 

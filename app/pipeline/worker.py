@@ -26,7 +26,7 @@ from typing import Protocol
 
 import anyio
 
-from app.model import Key, WorkKey
+from app.model import ALL, DataPath, Key, WorkKey, related
 from app.opa.client import OpaUnavailable
 from app.opa.process import OpaProcess
 from app.operations.liveness import progress_of
@@ -43,6 +43,11 @@ class Handler(Protocol):
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """Returns the keys that failed; raises OpaUnavailable when OPA cannot be reached."""
+        ...
+
+    def footprint(self) -> list[DataPath] | None:
+        """The paths in OPA under which applying this source may write data or define rules; None when
+        that is not known (anywhere)."""
         ...
 
 
@@ -72,6 +77,58 @@ async def run_worker(
                 await after_batch()
 
 
+def _lanes(handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]]) -> tuple[list[str], list[str]]:
+    """The batch's sources in two lanes, each in batch order: the whole loads (ALL) that go beside the
+    others, and the rest. Only when nothing a whole load writes in OPA can meet what the rest writes;
+    otherwise everything stays in one lane."""
+    sources = list(grouped)
+    beside = [source for source in sources[1:] if ALL in grouped[source]]
+    if not beside:
+        return sources, []
+    main = [source for source in sources if source not in beside]
+    theirs = [handlers[source].footprint() for source in main]
+    for source in beside:
+        mine = handlers[source].footprint()
+        if mine is None or any(
+            other is None or any(related(a, b) for a in mine for b in other) for other in theirs
+        ):
+            return sources, []
+    return main, beside
+
+
+async def _apply(
+    handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]]
+) -> dict[str, list[tuple[Key, Exception]]]:
+    """Hands each source its keys, in batch order, except for whole loads that can go beside (_lanes).
+
+    After an OPA restart every source is loaded whole. OPA reads and decodes a request's body before it
+    takes its write lock, so a collection's PUT (18 MB for 10,000 objects: 0.3 s of decoding) runs on
+    another core while OPA compiles the policy PUTs, which it does for every module at each one: the
+    refill costs about what the policies cost. Sources whose writes could meet (a policy whose package
+    holds the collection's path, a data ConfigMap under it) keep the batch order, so that a conflict
+    between them fails the same way every time.
+    """
+    main, beside = _lanes(handlers, grouped)
+    results: dict[str, list[tuple[Key, Exception]]] = {}
+    errors: list[Exception] = []
+
+    async def lane(sources: list[str]) -> None:
+        for source in sources:
+            try:
+                results[source] = await handlers[source].apply(grouped[source])
+            except Exception as exc:  # each lane stops at its own failure, as the batch would
+                errors.append(exc)
+                return
+
+    async with anyio.create_task_group() as tg:
+        if beside:
+            tg.start_soon(lane, beside)
+        await lane(main)
+    if errors:  # an outage first: it is waited out and the whole batch written again
+        raise next((exc for exc in errors if isinstance(exc, OpaUnavailable)), errors[0])
+    return results
+
+
 async def _write(
     queue: WorkQueue[WorkKey],
     handlers: Mapping[str, Handler],
@@ -84,8 +141,8 @@ async def _write(
         grouped.setdefault(work.source, []).append(work.key)
     failed: dict[WorkKey, Exception] = {}
     try:
-        for source, keys in grouped.items():
-            for key, exc in await handlers[source].apply(keys):
+        for source, failures in (await _apply(handlers, grouped)).items():
+            for key, exc in failures:
                 failed[WorkKey(source, key)] = exc
     except OpaUnavailable as exc:
         for work in batch:

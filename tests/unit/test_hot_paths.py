@@ -10,7 +10,8 @@ import anyio
 import orjson
 import pytest
 
-from app.model import ALL, Key, ObjectKey, WorkKey
+from app.model import ALL, DataPath, Key, ObjectKey, WorkKey
+from app.opa.client import OpaUnavailable
 from app.opa.process import OpaProcess
 from app.pipeline import worker
 from app.pipeline.workqueue import WorkQueue
@@ -78,7 +79,8 @@ async def test_a_large_collection_is_sent_in_pieces_of_about_chunk_bytes() -> No
 
 
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, footprint: list[DataPath] | None = None) -> None:
+        self._footprint = footprint
         self.calls: list[list[Key]] = []
         self._called = anyio.Event()
         self.hold: anyio.Event | None = None  # when set, the next write waits for it (a write in flight)
@@ -91,6 +93,9 @@ class Recorder:
             hold, self.hold = self.hold, None
             await hold.wait()
         return []
+
+    def footprint(self) -> list[DataPath] | None:
+        return self._footprint
 
     async def wait_calls(self, count: int) -> None:
         with anyio.fail_after(2):
@@ -129,3 +134,61 @@ async def test_group_commit_writes_at_once_and_batches_what_arrived_during_a_wri
         await handler.wait_calls(4)
         assert handler.calls[3] == [ALL]
         tg.cancel_scope.cancel()
+
+
+async def refill_batch(configmaps: Recorder, collection: Recorder) -> bool:
+    """Both sources queued whole, as after an OPA restart, with the ConfigMaps' write held in flight: True
+    when the collection was written meanwhile (beside it), False when it waited for it."""
+    queue: WorkQueue[WorkKey] = WorkQueue("opa")
+    queue.add(WorkKey("configmaps", ALL))
+    queue.add(WorkKey("replicate:v1/configmaps", ALL))
+    release = configmaps.hold = anyio.Event()
+    handlers: dict[str, worker.Handler] = {"configmaps": configmaps, "replicate:v1/configmaps": collection}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run_worker, queue, handlers, OpaProcess(_SameOpa(), interval=1.0))
+        await configmaps.wait_calls(1)
+        with anyio.move_on_after(0.2):
+            await collection.wait_calls(1)
+        beside = len(collection.calls) == 1
+        release.set()
+        await collection.wait_calls(1)
+        tg.cancel_scope.cancel()
+    return beside
+
+
+async def test_a_refill_writes_a_collection_beside_the_policies_when_they_cannot_meet() -> None:
+    """OPA decodes the collection's body while it compiles the policies (on another core)."""
+    configmaps = Recorder([("benchprop", "p001"), ("team-a", "settings")])
+    assert await refill_batch(configmaps, Recorder([("kubernetes", "configmaps")]))
+
+
+@pytest.mark.parametrize(
+    "footprint",
+    [
+        [("kubernetes",)],  # package kubernetes: a rule `configmaps` would conflict with the collection
+        [("kubernetes", "configmaps", "team-a")],  # a policy or data document inside the collection
+        None,  # a package kopa could not read
+    ],
+)
+async def test_a_refill_keeps_the_order_when_the_writes_could_meet(footprint: list[DataPath] | None) -> None:
+    """Policies, then data, then collections, so that a conflict fails the same way every time."""
+    assert not await refill_batch(Recorder(footprint), Recorder([("kubernetes", "configmaps")]))
+
+
+class Failing(Recorder):
+    def __init__(self, error: Exception) -> None:
+        super().__init__([("kubernetes", "configmaps")])
+        self.error = error
+
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
+        await super().apply(keys)
+        raise self.error
+
+
+async def test_an_outage_met_beside_fails_the_whole_batch() -> None:
+    """Either lane meeting an outage makes the batch wait it out and go again, as in one lane."""
+    grouped: dict[str, list[Key]] = {"configmaps": [ALL], "collection": [ALL]}
+    collection = Failing(OpaUnavailable("PUT data/kubernetes/configmaps: connection refused"))
+    handlers: dict[str, worker.Handler] = {"configmaps": Recorder([("lib",)]), "collection": collection}
+    with pytest.raises(OpaUnavailable):
+        await worker._apply(handlers, grouped)
