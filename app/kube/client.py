@@ -36,7 +36,9 @@ ACQUIRE_TIMEOUT = 30.0  # getting a connection: waiting for a free one in the po
 REQUEST_TIMEOUT = 60.0
 REQUEST_POOL = 32  # connections for requests; watches have their own, unbounded pool
 MAX_429_RETRIES = 8
-RELOAD_RETRY = 10.0  # after a failed reload, expired credentials are not loaded again for this long
+# After a failed reload, or one that gave credentials expired already, expired credentials are not loaded
+# again for this long.
+RELOAD_RETRY = 10.0
 
 
 class KubeError(Exception):
@@ -201,6 +203,9 @@ class KubeClient(OwnedSession):
             # and every watch on them, carry on: the next request simply sends the new header.
             tls_changed = fresh.tls_fingerprint != self._conn.tls_fingerprint
             self._conn = fresh
+            if fresh.expires_at is not None and fresh.expires_at <= time.time():
+                # Expired already (a plugin's clock, or its bug): sent anyway, and fetched again only later.
+                self._reload_not_before = time.time() + RELOAD_RETRY
             if tls_changed:
                 await self.close()
                 log.info("reloaded Kubernetes credentials from %s (TLS settings changed)", fresh.source)

@@ -184,3 +184,12 @@ async def test_a_failed_renewal_is_not_tried_again_at_every_request(caplog: pyte
     assert [r.message for r in caplog.records].count(
         "could not reload Kubernetes credentials: the exec plugin aws exited with 1"
     ) == 1
+
+
+async def test_credentials_that_come_back_expired_are_not_fetched_at_every_request() -> None:
+    async with serving(FakeApi("hold")) as api:
+        reloads = Reloads(plain(api.url, "fresh", expires_at=time.time() - 60))
+        async with KubeClient(plain(api.url, "old", expires_at=time.time() - 1), reload=reloads) as client:
+            for name in ("a", "b", "c"):
+                await client.get(f"{PATH}/{name}")
+    assert (reloads.calls, api.gets) == (1, 3)
