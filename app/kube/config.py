@@ -186,10 +186,10 @@ async def _kubeconfig_connection(selected: Selected, source: str) -> KubeConnect
     if not server:
         raise KubeconfigInvalid(f"cluster {cluster.name!r} has no server")
     credential = await _credential(user, cluster)
-    verify = cluster.fields.get("insecure-skip-tls-verify", False)
-    if not isinstance(verify, bool):
+    insecure = cluster.fields.get("insecure-skip-tls-verify", False)
+    if not isinstance(insecure, bool):
         raise KubeconfigInvalid(f"insecure-skip-tls-verify of cluster {cluster.name!r} must be true or false")
-    tls = _tls(server, not verify, cluster, user, credential)
+    tls = _tls(server, not insecure, cluster, user, credential)
     proxy, proxy_authorization = _proxy(cluster.text("proxy-url"))
     authorization = f"Bearer {credential.token}" if credential.token else _basic_auth(user)
     return KubeConnection(
