@@ -23,7 +23,7 @@ from app.configmaps.source import ConfigMapSource, Selection
 from app.kube.client import KubeClient
 from app.kube.config import load_connection
 from app.metrics import Metrics, MetricSources
-from app.model import ALL, CHECK, WorkKey, whole_source
+from app.model import ALL, CHECK, DataPath, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
 from app.opa.credentials import OpaTls, StaticToken, TokenFile
 from app.opa.process import OpaProcess
@@ -31,7 +31,7 @@ from app.operations.liveness import Liveness, on_opa_request
 from app.operations.readiness import Readiness
 from app.operations.supervisor import supervise
 from app.pipeline.periodic import every
-from app.pipeline.worker import Handler, run_worker
+from app.pipeline.worker import Footprint, Handler, run_worker
 from app.pipeline.workqueue import WorkQueue
 from app.replication.discovery import discover
 from app.replication.replicator import ReplicatedResource, ReplicationOptions
@@ -97,6 +97,9 @@ async def run(settings: Settings) -> None:
         # The writer's handlers, one per source; a new OPA process gets every source again.
         handlers: dict[str, Handler] = {configmaps.name: configmaps.sync}
         handlers.update({resource.source: resource.sync for resource in resources})
+        # Where each source writes in OPA, so that a refill can load a collection beside the policies.
+        footprints: dict[str, Footprint] = {configmaps.name: configmaps.sync.footprint}
+        footprints.update({r.source: collection_footprint(tuple(r.sync.path)) for r in resources})
 
         async def refill() -> None:
             for source in handlers:
@@ -138,6 +141,7 @@ async def run(settings: Settings) -> None:
             process,
             readiness.after_batch,
             partial(liveness.beat, "OPA writer", PROGRESS_BOUND),
+            footprints=footprints,
         )
         server = health_server(settings, liveness, readiness, metrics) if settings.health_endpoint else None
         if server is not None:
@@ -170,6 +174,11 @@ def configmap_selection(settings: Settings, namespaces: list[str]) -> Selection:
         data=f"{c.data_label}={c.data_value}" if c.enable_data else "",
         namespaces=namespaces,
     )
+
+
+def collection_footprint(path: DataPath) -> Footprint:
+    """A replicated collection writes under its own path in OPA, and nowhere else."""
+    return lambda: [path]
 
 
 def replication_options(settings: Settings) -> ReplicationOptions:

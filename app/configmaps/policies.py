@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.model import DataPath, ObjectKey, related
+from app.model import ObjectKey
 from app.opa.client import OpaError
 from app.opa.process import OpaProcess, OpaRestarted
 
@@ -28,6 +28,8 @@ PARSE_ERROR = "rego_parse_error"
 
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
 _DATA_REF = re.compile(r"(?<![.\w])data((?:\.[A-Za-z_]\w*)*)")
+
+Path = tuple[str, ...]
 
 
 class PolicyApi(Protocol):
@@ -40,15 +42,21 @@ class PolicyApi(Protocol):
     async def list_policies(self) -> list[dict[str, Any]]: ...
 
 
-def package_of(text: str) -> DataPath:
+def package_of(text: str) -> Path:
     found = _PACKAGE.search(text)
     return tuple(found.group(1).split(".")) if found else ()
 
 
-def data_refs(text: str) -> list[DataPath]:
+def data_refs(text: str) -> list[Path]:
     """Every `data.a.b` path the text mentions (comments too: erring on the side of a retry). A dynamic
     reference (`data[x]`, `data.a[x]`) is cut where it becomes dynamic: anything below may be meant."""
     return [tuple(m.group(1).split(".")[1:]) for m in _DATA_REF.finditer(text)]
+
+
+def _related(a: Path, b: Path) -> bool:
+    """One path lies under the other (or they are equal)."""
+    shorter = min(len(a), len(b))
+    return a[:shorter] == b[:shorter]
 
 
 @dataclass
@@ -70,12 +78,12 @@ class Module:
         """Worth another try when other modules change: failed, but not for its own syntax."""
         return self.error is not None and not self.parse_error
 
-    def may_need(self, package: DataPath) -> bool:
+    def may_need(self, package: Path) -> bool:
         """Whether a change to a module of `package` could change this module's compile outcome."""
         own = package_of(self.text)
-        if own and related(own, package):
+        if own and _related(own, package):
             return True
-        return any(related(ref, package) for ref in data_refs(self.text))
+        return any(_related(ref, package) for ref in data_refs(self.text))
 
 
 @dataclass
@@ -101,7 +109,7 @@ class PolicyBook:
         ns, name = configmap
         desired = {f"{ns}/{name}/{key}": text for key, text in texts.items()}
         touched: set[ObjectKey] = {configmap}
-        changed: list[DataPath] = []  # packages whose modules were loaded or removed
+        changed: list[Path] = []  # packages whose modules were loaded or removed
         for module in self.of(configmap):
             if module.id not in desired:
                 held = module.loaded_text
@@ -165,7 +173,7 @@ class PolicyBook:
         module.parse_error = False
         return True
 
-    async def _retry_failed(self, changed: list[DataPath]) -> set[ObjectKey]:
+    async def _retry_failed(self, changed: list[Path]) -> set[ObjectKey]:
         """Tries the failed modules that the changed packages concern; a module that loads then concerns
         others in turn, until no retry loads anything."""
         touched: set[ObjectKey] = set()

@@ -45,10 +45,10 @@ class Handler(Protocol):
         """Returns the keys that failed; raises OpaUnavailable when OPA cannot be reached."""
         ...
 
-    def footprint(self) -> list[DataPath] | None:
-        """The paths in OPA under which applying this source may write data or define rules; None when
-        that is not known (anywhere)."""
-        ...
+
+# A source's footprint: the paths in OPA under which applying it may write data or define rules (None:
+# not known, anywhere). The writer compares them before it loads two sources at once (_lanes).
+Footprint = Callable[[], list[DataPath] | None]
 
 
 async def run_worker(
@@ -57,12 +57,15 @@ async def run_worker(
     opa: OpaProcess,
     after_batch: Callable[[], Awaitable[None]] | None = None,
     progress: Callable[[], None] = lambda: None,
+    *,
+    footprints: Mapping[str, Footprint] | None = None,
 ) -> None:
     """Processes keys forever, a batch at a time, in the order they were first queued.
 
     `after_batch` also runs when the queue has been idle for IDLE_CHECK seconds, so a source with nothing
     to write still gets noticed as loaded. `progress` is called at every turn of the loop and after every
-    OPA request the writer makes.
+    OPA request the writer makes. `footprints` has the sources whose whole loads may go beside others
+    (_apply); a source without one is never loaded beside anything.
     """
     with progress_of(progress):
         while True:
@@ -72,12 +75,14 @@ async def run_worker(
                 # Group commit: whatever is waiting now, without waiting for more (module docstring).
                 batch = await queue.get_batch(BATCH_LIMIT)
             if batch:
-                await _write(queue, handlers, opa, batch)
+                await _write(queue, handlers, opa, batch, footprints or {})
             if after_batch is not None:
                 await after_batch()
 
 
-def _lanes(handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]]) -> tuple[list[str], list[str]]:
+def _lanes(
+    grouped: Mapping[str, list[Key]], footprints: Mapping[str, Footprint]
+) -> tuple[list[str], list[str]]:
     """The batch's sources in two lanes, each in batch order: the whole loads (ALL) that go beside the
     others, and the rest. Only when nothing a whole load writes in OPA can meet what the rest writes;
     otherwise everything stays in one lane."""
@@ -86,9 +91,14 @@ def _lanes(handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]]) ->
     if not beside:
         return sources, []
     main = [source for source in sources if source not in beside]
-    theirs = [handlers[source].footprint() for source in main]
+
+    def footprint(source: str) -> list[DataPath] | None:
+        known = footprints.get(source)
+        return known() if known is not None else None
+
+    theirs = [footprint(source) for source in main]
     for source in beside:
-        mine = handlers[source].footprint()
+        mine = footprint(source)
         if mine is None or any(
             other is None or any(related(a, b) for a in mine for b in other) for other in theirs
         ):
@@ -97,7 +107,7 @@ def _lanes(handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]]) ->
 
 
 async def _apply(
-    handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]]
+    handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]], footprints: Mapping[str, Footprint]
 ) -> dict[str, list[tuple[Key, Exception]]]:
     """Hands each source its keys, in batch order, except for whole loads that can go beside (_lanes).
 
@@ -108,7 +118,7 @@ async def _apply(
     holds the collection's path, a data ConfigMap under it) keep the batch order, so that a conflict
     between them fails the same way every time.
     """
-    main, beside = _lanes(handlers, grouped)
+    main, beside = _lanes(grouped, footprints)
     results: dict[str, list[tuple[Key, Exception]]] = {}
     errors: list[Exception] = []
 
@@ -134,6 +144,7 @@ async def _write(
     handlers: Mapping[str, Handler],
     opa: OpaProcess,
     batch: list[WorkKey],
+    footprints: Mapping[str, Footprint],
 ) -> None:
     """One batch: hands each source its keys; requeues what failed (see the module docstring)."""
     grouped: dict[str, list[Key]] = {}
@@ -141,7 +152,7 @@ async def _write(
         grouped.setdefault(work.source, []).append(work.key)
     failed: dict[WorkKey, Exception] = {}
     try:
-        for source, failures in (await _apply(handlers, grouped)).items():
+        for source, failures in (await _apply(handlers, grouped, footprints)).items():
             for key, exc in failures:
                 failed[WorkKey(source, key)] = exc
     except OpaUnavailable as exc:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from app.model import ALL, CHECK, DataPath, Key, ObjectKey, Store, objects_only
+from app.model import ALL, CHECK, Key, ObjectKey, Store, objects_only
 from app.opa.client import Chunks, OpaError
 from app.opa.process import OpaProcess
 from app.replication.objects import Replica
@@ -90,10 +90,6 @@ class CollectionSync:
     def loaded(self) -> bool:
         """The collection's PUT has been done in the OPA process of the moment."""
         return self.filled_epoch == self.process.epoch
-
-    def footprint(self) -> list[DataPath] | None:
-        """Where this source writes in OPA: its collection's path, and nothing else."""
-        return [tuple(self.path)]
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """The writer's entry point. ALL (a first load, a refill, the queue's overflow) and a new OPA

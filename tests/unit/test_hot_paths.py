@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -79,8 +80,7 @@ async def test_a_large_collection_is_sent_in_pieces_of_about_chunk_bytes() -> No
 
 
 class Recorder:
-    def __init__(self, footprint: list[DataPath] | None = None) -> None:
-        self._footprint = footprint
+    def __init__(self) -> None:
         self.calls: list[list[Key]] = []
         self._called = anyio.Event()
         self.hold: anyio.Event | None = None  # when set, the next write waits for it (a write in flight)
@@ -93,9 +93,6 @@ class Recorder:
             hold, self.hold = self.hold, None
             await hold.wait()
         return []
-
-    def footprint(self) -> list[DataPath] | None:
-        return self._footprint
 
     async def wait_calls(self, count: int) -> None:
         with anyio.fail_after(2):
@@ -136,48 +133,54 @@ async def test_group_commit_writes_at_once_and_batches_what_arrived_during_a_wri
         tg.cancel_scope.cancel()
 
 
-async def refill_batch(configmaps: Recorder, collection: Recorder) -> bool:
+def footprint(paths: list[DataPath] | None) -> worker.Footprint:
+    return lambda: paths
+
+
+async def refill_batch(configmaps: list[DataPath] | None, collection: list[DataPath]) -> bool:
     """Both sources queued whole, as after an OPA restart, with the ConfigMaps' write held in flight: True
     when the collection was written meanwhile (beside it), False when it waited for it."""
     queue: WorkQueue[WorkKey] = WorkQueue("opa")
     queue.add(WorkKey("configmaps", ALL))
     queue.add(WorkKey("replicate:v1/configmaps", ALL))
-    release = configmaps.hold = anyio.Event()
-    handlers: dict[str, worker.Handler] = {"configmaps": configmaps, "replicate:v1/configmaps": collection}
+    first, second = Recorder(), Recorder()
+    release = first.hold = anyio.Event()
+    handlers: dict[str, worker.Handler] = {"configmaps": first, "replicate:v1/configmaps": second}
+    footprints = {"configmaps": footprint(configmaps), "replicate:v1/configmaps": footprint(collection)}
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run_worker, queue, handlers, OpaProcess(_SameOpa(), interval=1.0))
-        await configmaps.wait_calls(1)
+        process = OpaProcess(_SameOpa(), interval=1.0)
+        tg.start_soon(partial(worker.run_worker, queue, handlers, process, footprints=footprints))
+        await first.wait_calls(1)
         with anyio.move_on_after(0.2):
-            await collection.wait_calls(1)
-        beside = len(collection.calls) == 1
+            await second.wait_calls(1)
+        beside = len(second.calls) == 1
         release.set()
-        await collection.wait_calls(1)
+        await second.wait_calls(1)
         tg.cancel_scope.cancel()
     return beside
 
 
 async def test_a_refill_writes_a_collection_beside_the_policies_when_they_cannot_meet() -> None:
     """OPA decodes the collection's body while it compiles the policies (on another core)."""
-    configmaps = Recorder([("benchprop", "p001"), ("team-a", "settings")])
-    assert await refill_batch(configmaps, Recorder([("kubernetes", "configmaps")]))
+    assert await refill_batch([("benchprop", "p001"), ("team-a", "settings")], [("kubernetes", "configmaps")])
 
 
 @pytest.mark.parametrize(
-    "footprint",
+    "configmaps",
     [
         [("kubernetes",)],  # package kubernetes: a rule `configmaps` would conflict with the collection
         [("kubernetes", "configmaps", "team-a")],  # a policy or data document inside the collection
         None,  # a package kopa could not read
     ],
 )
-async def test_a_refill_keeps_the_order_when_the_writes_could_meet(footprint: list[DataPath] | None) -> None:
+async def test_a_refill_keeps_the_order_when_the_writes_could_meet(configmaps: list[DataPath] | None) -> None:
     """Policies, then data, then collections, so that a conflict fails the same way every time."""
-    assert not await refill_batch(Recorder(footprint), Recorder([("kubernetes", "configmaps")]))
+    assert not await refill_batch(configmaps, [("kubernetes", "configmaps")])
 
 
 class Failing(Recorder):
     def __init__(self, error: Exception) -> None:
-        super().__init__([("kubernetes", "configmaps")])
+        super().__init__()
         self.error = error
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
@@ -189,6 +192,11 @@ async def test_an_outage_met_beside_fails_the_whole_batch() -> None:
     """Either lane meeting an outage makes the batch wait it out and go again, as in one lane."""
     grouped: dict[str, list[Key]] = {"configmaps": [ALL], "collection": [ALL]}
     collection = Failing(OpaUnavailable("PUT data/kubernetes/configmaps: connection refused"))
-    handlers: dict[str, worker.Handler] = {"configmaps": Recorder([("lib",)]), "collection": collection}
+    handlers: dict[str, worker.Handler] = {"configmaps": Recorder(), "collection": collection}
+    footprints = {
+        "configmaps": footprint([("lib",)]),
+        "collection": footprint([("kubernetes", "configmaps")]),
+    }
     with pytest.raises(OpaUnavailable):
-        await worker._apply(handlers, grouped)
+        await worker._apply(handlers, grouped, footprints)
+    assert collection.calls == [[ALL]]

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from app.model import DataPath, Key, ObjectKey, WorkKey, objects_only
+from app.model import Key, ObjectKey, WorkKey, objects_only
 from app.opa.client import OpaClient
 from app.opa.process import OpaProcess
 from app.operations.liveness import Liveness, on_opa_request
@@ -57,9 +57,6 @@ class Writes:
         for key in objects_only(keys):
             await self.opa.put_data(["k", *key], b"{}")
         return []
-
-    def footprint(self) -> list[DataPath] | None:
-        return [("k",)]
 
 
 @pytest.fixture
