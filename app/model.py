@@ -11,7 +11,7 @@ The queue holds keys, never payloads: the writer reads each key's latest state f
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 V = TypeVar("V")
@@ -44,6 +44,16 @@ ALL = Marker.ALL
 CHECK = Marker.CHECK
 REMOVE = Marker.REMOVE
 Key = ObjectKey | Marker
+
+
+# A path in OPA's data tree, as segments: ("kubernetes", "configmaps") is data.kubernetes.configmaps.
+DataPath = tuple[str, ...]
+
+
+def related(a: Sequence[str], b: Sequence[str]) -> bool:
+    """One path lies under the other (or they are equal): writes or rules at the two can meet in OPA."""
+    shorter = min(len(a), len(b))
+    return tuple(a[:shorter]) == tuple(b[:shorter])
 
 
 class WorkKey(NamedTuple):

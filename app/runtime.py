@@ -34,7 +34,7 @@ from app.operations.liveness import Liveness, on_opa_request
 from app.operations.readiness import Readiness
 from app.operations.supervisor import supervise
 from app.pipeline.periodic import every
-from app.pipeline.worker import Handler, run_worker
+from app.pipeline.worker import Footprint, Handler, run_worker
 from app.pipeline.workqueue import WorkQueue
 from app.replication.auto import AutoReplication, AutoSettings
 from app.replication.discovery import discover
@@ -74,7 +74,7 @@ async def run(settings: Settings) -> None:
             "opa", observer=metrics.queue_observer("opa"), capacity=QUEUE_CAPACITY, collapse=whole_source
         ) as queue,
     ):
-        process = OpaProcess(opa, settings.opa.check_interval)
+        process = OpaProcess(opa, settings.opa.check_interval, watch=opa.until_closed)
         # Bundle mode: the handlers write into the bundle (each policy checked by the OPA at --opa-url
         # first), which the bundle server hands to the OPAs; push mode: straight into that OPA.
         bundle = BundleState(reserved_roots(settings)) if settings.bundle.enabled else None
@@ -94,6 +94,8 @@ async def run(settings: Settings) -> None:
         # and go. A new OPA process gets every source again.
         handlers: dict[str, Handler] = {configmaps.name: configmaps.sync}
         component = partial(supervise, on_crash=liveness.crashed)
+        # Where each source writes in OPA, so that a refill can load a collection beside the policies.
+        footprints: dict[str, Footprint] = {configmaps.name: configmaps.sync.footprint}
         replication = settings.replication
         replicators = Replicators(
             kube=kube,
@@ -102,6 +104,7 @@ async def run(settings: Settings) -> None:
             options=replication_options(settings),
             add=queue.add,
             handlers=handlers,
+            footprints=footprints,
             supervise=component,
         )
         found = await discover(kube, replication.namespaced_resources, replication.cluster_resources)
@@ -156,6 +159,7 @@ async def run(settings: Settings) -> None:
             process,
             readiness.after_batch,
             partial(liveness.beat, "OPA writer", PROGRESS_BOUND),
+            footprints=footprints,
         )
         server = health_server(settings, liveness, readiness, metrics) if settings.health_endpoint else None
         if server is not None:

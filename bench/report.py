@@ -62,9 +62,21 @@ def merge(previous: dict[str, Any], results: dict[str, Any], phases: list[str]) 
     merged["memory"] += new_memory
     reruns = dict(previous.get("reruns") or {})
     for phase in phases:
-        reruns[phase] = {"date": results["meta"]["date"], "kopa": results["meta"]["kopa"]}
+        reruns[phase] = {
+            "date": results["meta"]["date"],
+            "kopa": results["meta"]["kopa"],
+            "load_average": results["load_average"],  # of the run that ran it again, start and end
+        }
     merged["reruns"] = reruns
     return merged
+
+
+def _rerun_load(rerun: dict[str, Any]) -> str:
+    """The load average of the run that ran a phase again (older results did not record it)."""
+    load = rerun.get("load_average") or {}
+    if "start" not in load or "end" not in load:
+        return ""
+    return f", load average {load['start']:.1f} at its start and {load['end']:.1f} at its end"
 
 
 def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -563,7 +575,7 @@ def generated_markdown(results: dict[str, Any], images: list[str], image_dir: st
             "Since then, run again on their own: "
             + "; ".join(
                 f"{phase} ({r['date']}, kopa {r['kopa']['commit']}"
-                f"{' with local changes' if r['kopa']['dirty'] else ''})"
+                f"{' with local changes' if r['kopa']['dirty'] else ''}{_rerun_load(r)})"
                 for phase, r in reruns.items()
             )
             + ". Their sections below say so.",

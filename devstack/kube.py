@@ -22,7 +22,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from devstack.binaries import tool_path
-from devstack.certs import run_openssl
+from devstack.certs import TestCA, run_openssl
 from devstack.processes import HOST, ManagedProcess, free_port, http_status
 
 __all__ = [
@@ -67,7 +67,8 @@ class KubeCluster:
     """etcd + kube-apiserver in `work_dir` (a fresh temp dir if None), each on a free loopback port.
 
     Use as a context manager, or call start() and stop(). Credentials are static bearer tokens:
-    `admin_token` (group system:masters) and one per identity in `tokens`.
+    `admin_token` (group system:masters) and one per identity in `tokens`; and client certificates from
+    issue_client_certificate.
     """
 
     def __init__(
@@ -109,6 +110,8 @@ class KubeCluster:
         self.cert_dir = self.work_dir / "apiserver-certs"
         self.ca_file = self.cert_dir / "apiserver.crt"
         self.admin_kubeconfig = self.work_dir / "admin.kubeconfig"
+        # The CA of client certificates the API server accepts (issue_client_certificate).
+        self.client_ca_dir = self.work_dir / "client-ca"
         self.apiserver_start_seconds: float | None = None
 
         self.etcd = ManagedProcess("etcd", self._etcd_args(), self.work_dir / "etcd.log")
@@ -183,6 +186,10 @@ class KubeCluster:
             return self.tokens[user]
         return self.tokens[service_account_user(user)]
 
+    def issue_client_certificate(self, user: str, groups: Sequence[str] = ()) -> tuple[Path, Path]:
+        """A client certificate (cert, key) that the API server reads as `user` in `groups` (CN and O)."""
+        return TestCA(self.client_ca_dir).issue(user, ips=(), dns=(), organizations=groups)
+
     def write_kubeconfig(
         self,
         path: Path | str,
@@ -221,8 +228,9 @@ class KubeCluster:
     # internals
 
     def _write_files(self) -> None:
-        """Token file and the ServiceAccount signing key pair the API server insists on."""
+        """Token file, client CA, and the ServiceAccount signing key pair the API server insists on."""
         self.cert_dir.mkdir(parents=True, exist_ok=True)
+        TestCA(self.client_ca_dir, common_name="kopa test client CA")
         rows = []
         for uid, (user, groups) in enumerate(self.groups.items(), start=1):
             rows.append(f'{self.tokens[user]},{user},uid-{uid},"{",".join(groups)}"')
@@ -271,6 +279,7 @@ class KubeCluster:
             f"--secure-port={self.port}",
             f"--cert-dir={self.cert_dir}",
             f"--token-auth-file={self._token_file}",
+            f"--client-ca-file={self.client_ca_dir / 'ca.crt'}",
             "--authorization-mode=RBAC",
             "--service-cluster-ip-range=10.0.0.0/16",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",

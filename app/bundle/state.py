@@ -28,7 +28,8 @@ from typing import Any
 import anyio
 import orjson
 
-from app.configmaps.policies import package_of, related
+from app.configmaps.policies import package_of
+from app.model import related
 from app.opa.client import Chunks, OpaError
 
 # Depth down to which data digests are cached (see the module docstring).

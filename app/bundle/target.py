@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from app.bundle.state import BundleState
-from app.configmaps.policies import package_of, related
+from app.configmaps.policies import package_of
+from app.model import related
 from app.opa.client import Chunks, OpaError
 
 

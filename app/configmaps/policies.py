@@ -14,11 +14,11 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.model import ObjectKey
+from app.model import ObjectKey, related
 from app.opa.client import OpaError
 from app.opa.process import OpaProcess, OpaRestarted
 
@@ -51,12 +51,6 @@ def data_refs(text: str) -> list[Path]:
     """Every `data.a.b` path the text mentions (comments too: erring on the side of a retry). A dynamic
     reference (`data[x]`, `data.a[x]`) is cut where it becomes dynamic: anything below may be meant."""
     return [tuple(m.group(1).split(".")[1:]) for m in _DATA_REF.finditer(text)]
-
-
-def related(a: Sequence[str], b: Sequence[str]) -> bool:
-    """One path lies under the other (or they are equal)."""
-    shorter = min(len(a), len(b))
-    return tuple(a[:shorter]) == tuple(b[:shorter])
 
 
 @dataclass

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.configmaps.data import DataBook, kopa_error
-from app.configmaps.policies import PolicyBook
+from app.configmaps.policies import PolicyBook, package_of
 from app.configmaps.status import StatusReporter
-from app.model import ALL, CHECK, Key, ObjectKey, Store, objects_only
+from app.model import ALL, CHECK, DataPath, Key, ObjectKey, Store, objects_only
 from app.opa.client import OpaError
 from app.opa.process import OpaProcess
 
@@ -84,6 +84,21 @@ class ConfigMapSync:
                 log.warning("syncing configmap %s failed: %s", key, exc)
                 failures.append((key, exc))
         return failures
+
+    def footprint(self) -> list[DataPath] | None:
+        """Where applying this source may write in OPA: the package of every module, in the book and in
+        the policy ConfigMaps as they are now, and `<namespace>/<configmap>` of every data ConfigMap. None
+        when a module's package cannot be read (it could be anywhere)."""
+        texts = [module.text for module in self.policies.modules.values()]
+        if self.stores.policies is not None:
+            for _, configmap in self.stores.policies.items():
+                texts.extend(_texts(configmap).values())
+        packages = [package_of(text) for text in texts]
+        if not all(packages):
+            return None
+        data_store = self.stores.data
+        data = set(data_store.keys() if data_store else []) | set(self.data.loaded)
+        return sorted({*packages, *((key.namespace, key.name) for key in data)})
 
     def known(self) -> set[ObjectKey]:
         """Every ConfigMap in the stores or in the books (so that one gone from both is cleaned up)."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import anyio
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
@@ -34,6 +36,9 @@ ACQUIRE_TIMEOUT = 30.0  # getting a connection: waiting for a free one in the po
 REQUEST_TIMEOUT = 60.0
 REQUEST_POOL = 32  # connections for requests; watches have their own, unbounded pool
 MAX_429_RETRIES = 8
+# After a failed reload, or one that gave credentials expired already, expired credentials are not loaded
+# again for this long.
+RELOAD_RETRY = 10.0
 
 
 class KubeError(Exception):
@@ -117,6 +122,8 @@ class KubeClient(OwnedSession):
     def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
         self._conn = connection
         self._reload = reload
+        self._reload_lock = anyio.Lock()
+        self._reload_not_before = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._watch_session: aiohttp.ClientSession | None = None
 
@@ -143,9 +150,9 @@ class KubeClient(OwnedSession):
             await self._watch_session.close()
             self._watch_session = None
 
-    def _per_request(self) -> dict[str, Any]:
+    @staticmethod
+    def _per_request(conn: KubeConnection) -> dict[str, Any]:
         """Per-request options from the kubeconfig: its proxy-url and its tls-server-name."""
-        conn = self._conn
         options: dict[str, Any] = {}
         if conn.proxy:
             options["proxy"] = conn.proxy
@@ -155,35 +162,56 @@ class KubeClient(OwnedSession):
             options["server_hostname"] = conn.server_name
         return options
 
-    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    @staticmethod
+    def _headers(conn: KubeConnection, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # identity: the API server gzips responses over 128 KiB (every page of a large list) when asked to,
         # which costs it more CPU, and kopa more time, than the bytes it saves between a pod and its API.
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "kopa"}
-        if self._conn.authorization:
-            headers["Authorization"] = self._conn.authorization
+        if conn.authorization:
+            headers["Authorization"] = conn.authorization
         if extra:
             headers.update(extra)
         return headers
 
-    async def _reload_credentials(self) -> bool:
+    async def _current(self) -> KubeConnection:
+        """The connection to send with: credentials that have expired (an exec plugin's token, an OIDC
+        id-token) are loaded again first, as kubectl does, rather than sent to be refused with a 401."""
+        conn = self._conn
+        expires_at = conn.expires_at
+        now = time.time()
+        if expires_at is not None and now >= expires_at and now >= self._reload_not_before:
+            await self._reload_credentials(conn)
+        return self._conn
+
+    async def _reload_credentials(self, stale: KubeConnection) -> bool:
+        """Loads the credentials again, once for all the requests that found `stale` refused or expired."""
         if self._reload is None:
             return False
-        try:
-            fresh = await self._reload()
-        except Exception as exc:  # the old credentials stay in use
-            log.warning("could not reload Kubernetes credentials: %s", exc)
-            return False
-        # The SSL context is a new object at every load; what it was built from says whether it changed.
-        # When only the token rotated (every 15 minutes with EKS exec plugins), the sessions, and every
-        # watch on them, carry on: the next request simply sends the new header.
-        tls_changed = fresh.tls_fingerprint != self._conn.tls_fingerprint
-        self._conn = fresh
-        if tls_changed:
-            await self.close()
-            log.info("reloaded Kubernetes credentials from %s (TLS settings changed)", fresh.source)
-        else:
-            log.info("reloaded Kubernetes credentials from %s", fresh.source)
-        return True
+        async with self._reload_lock:
+            if self._conn is not stale:  # another request reloaded them while this one waited
+                return True
+            try:
+                fresh = await self._reload()
+            except Exception as exc:  # the old credentials stay in use
+                # An expired credential is not fetched again before this, so that a plugin that keeps
+                # failing is not run (and logged) once per request.
+                self._reload_not_before = time.time() + RELOAD_RETRY
+                log.warning("could not reload Kubernetes credentials: %s", exc)
+                return False
+            # The SSL context is a new object at every load; what it was built from says whether it
+            # changed. When only the token rotated (every 15 minutes with EKS exec plugins), the sessions,
+            # and every watch on them, carry on: the next request simply sends the new header.
+            tls_changed = fresh.tls_fingerprint != self._conn.tls_fingerprint
+            self._conn = fresh
+            if fresh.expires_at is not None and fresh.expires_at <= time.time():
+                # Expired already (a plugin's clock, or its bug): sent anyway, and fetched again only later.
+                self._reload_not_before = time.time() + RELOAD_RETRY
+            if tls_changed:
+                await self.close()
+                log.info("reloaded Kubernetes credentials from %s (TLS settings changed)", fresh.source)
+            else:
+                log.info("reloaded Kubernetes credentials from %s", fresh.source)
+            return True
 
     async def request(
         self,
@@ -214,15 +242,16 @@ class KubeClient(OwnedSession):
     ) -> JSON:
         """One request, or two when a 401 made the credentials reload."""
         for reloaded in (False, True):
-            headers = self._headers({"Content-Type": content_type} if body is not None else None)
+            conn = await self._current()
+            headers = self._headers(conn, {"Content-Type": content_type} if body is not None else None)
             try:
                 async with self._session_for_use().request(
                     method,
-                    self._conn.host + path,
+                    conn.host + path,
                     params=params,
                     data=body,
                     headers=headers,
-                    **self._per_request(),
+                    **self._per_request(conn),
                 ) as resp:
                     payload = await resp.read()
                     status = resp.status
@@ -234,7 +263,7 @@ class KubeClient(OwnedSession):
                 return doc if isinstance(doc, dict) else {}
             if status == 429:
                 raise _Throttled(f"{method} {path}", resp_headers.get("Retry-After", ""))
-            if status == 401 and not reloaded and await self._reload_credentials():
+            if status == 401 and not reloaded and await self._reload_credentials(conn):
                 continue
             if status >= 500:
                 raise KubeUnavailable(f"{method} {path}: HTTP {status}")
@@ -303,16 +332,17 @@ class KubeClient(OwnedSession):
         )
         reloaded = False
         while True:
+            conn = await self._current()
             session = self._watch_session_for_use()
             try:
                 async with session.get(
-                    self._conn.host + path,
+                    conn.host + path,
                     params=params,
-                    headers=self._headers(),
+                    headers=self._headers(conn),
                     timeout=timeout,
-                    **self._per_request(),
+                    **self._per_request(conn),
                 ) as resp:
-                    if resp.status == 401 and not reloaded and await self._reload_credentials():
+                    if resp.status == 401 and not reloaded and await self._reload_credentials(conn):
                         reloaded = True
                         continue
                     if resp.status != 200:

@@ -1,26 +1,33 @@
 """Where the Kubernetes API is and how to authenticate: kubeconfig, KUBECONFIG, or the pod's ServiceAccount.
 
-The official client's loaders do the parsing (contexts, exec plugins, embedded certificates); kopa only keeps
-the few values it needs to open its own aiohttp session, and can load them again when credentials rotate.
+kopa reads these itself (app/kube/kubeconfig.py, app/kube/auth.py) and keeps only the few values it needs to
+open its own aiohttp session; it loads them again when credentials rotate or expire. It used the official
+client's loaders before, whose import alone was half of kopa's start-up (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
-from kubernetes.aio import config as kube_config
-from kubernetes.aio.client import Configuration
+
+from app.kube.auth import Credential, exec_credential, oidc_credential
+from app.kube.kubeconfig import Entry, KubeconfigInvalid, Selected, kubeconfig_files, read_kubeconfig
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # aiohttp speaks to HTTP proxies (CONNECT for https:// API servers) and to HTTPS proxies (TLS to the proxy,
 # then TLS inside). SOCKS would need another dependency.
 PROXY_SCHEMES = ("http", "https")
+# Auth providers that kubectl itself dropped (Kubernetes 1.26) in favour of exec plugins.
+REMOVED_PROVIDERS = {"gcp": "gke-gcloud-auth-plugin", "azure": "kubelogin"}
 
 
 class KubeConfigError(Exception):
@@ -42,28 +49,56 @@ class KubeConnection:
     server_name: str | None = None  # kubeconfig tls-server-name: the name the certificate must carry
     proxy: str | None = None  # kubeconfig proxy-url, without credentials
     proxy_authorization: str | None = field(default=None, repr=False)  # from the proxy-url's user info
+    # When the credentials expire (time.time()): an exec plugin's expirationTimestamp, an OIDC id-token's
+    # exp. The client loads them again before sending them after that. None: until a 401.
+    expires_at: float | None = None
 
 
-def _ssl_context(cfg: Configuration) -> ssl.SSLContext | bool:
-    if not cfg.host.startswith("https"):
-        return False
-    if not cfg.verify_ssl:
-        return False
-    context = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
-    if cfg.cert_file and cfg.key_file:
-        context.load_cert_chain(cfg.cert_file, cfg.key_file)
-    return context
+@dataclass(frozen=True)
+class _Tls:
+    """What the TLS context is built from, as bytes (PEM), so that a digest of it says when it changed."""
+
+    https: bool
+    verify: bool = True
+    ca: bytes = b""  # empty: the system's CAs
+    certificate: bytes = field(default=b"", repr=False)
+    key: bytes = field(default=b"", repr=False)
+    # Where the certificate and key came from, when both are files: loaded from there, never copied.
+    files: tuple[Path, Path] | None = None
+
+    def context(self) -> ssl.SSLContext | bool:
+        if not self.https or (not self.verify and not self.certificate):
+            return False
+        context = ssl.create_default_context(cadata=self.ca.decode("ascii") if self.ca else None)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.certificate:
+            if self.files is not None:
+                context.load_cert_chain(*self.files, password=_no_password)
+            else:
+                _load_cert_chain_from_memory(context, self.certificate, self.key)
+        return context
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{self.https}|{self.verify}".encode())
+        for part in (self.ca, self.certificate, self.key):
+            digest.update(b"|" + hashlib.sha256(part).digest())
+        return digest.hexdigest()
 
 
-def _tls_fingerprint(cfg: Configuration) -> str:
-    """Digest of the inputs of _ssl_context: the same files' contents give the same digest."""
-    digest = hashlib.sha256()
-    digest.update(f"{cfg.host.startswith('https')}|{bool(cfg.verify_ssl)}".encode())
-    for name in (cfg.ssl_ca_cert, cfg.cert_file, cfg.key_file):
-        digest.update(b"|")
-        if name:
-            digest.update(Path(name).read_bytes())
-    return digest.hexdigest()
+def _no_password() -> bytes:
+    raise ValueError("the client key is encrypted: kopa has no way to ask for its password")
+
+
+def _load_cert_chain_from_memory(context: ssl.SSLContext, certificate: bytes, key: bytes) -> None:
+    """Python's ssl loads a client certificate only from a file: this one lives just long enough to be read,
+    readable by kopa alone (mkstemp makes it 0600)."""
+    with tempfile.NamedTemporaryFile(prefix="kopa-client-", suffix=".pem") as pem:
+        pem.write(certificate.rstrip(b"\n") + b"\n" + key)
+        pem.flush()
+        context.load_cert_chain(pem.name, password=_no_password)
 
 
 def _proxy(url: str | None) -> tuple[str | None, str | None]:
@@ -83,51 +118,150 @@ def _proxy(url: str | None) -> tuple[str | None, str | None]:
     authorization = None
     if parsed.username is not None:
         user, password = unquote(parsed.username), unquote(parsed.password or "")
-        authorization = aiohttp.BasicAuth(user, password).encode()
+        authorization = aiohttp.encode_basic_auth(user, password)
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
     netloc = f"{host}:{port}" if port is not None else host
     return parsed._replace(netloc=netloc).geturl(), authorization
 
 
-def _in_cluster() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
+def _in_cluster(env: dict[str, str]) -> bool:
+    return bool(env.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT_DIR / "token").exists()
 
 
 async def load_connection(kubeconfig: str, environ: dict[str, str] | None = None) -> KubeConnection:
     """Finds the API server as kubectl does: --kubeconfig, KUBECONFIG, in-cluster, then ~/.kube/config."""
     env = dict(os.environ if environ is None else environ)
-    path = kubeconfig or env.get("KUBECONFIG", "")
-    cfg = Configuration()
+    where = kubeconfig or env.get("KUBECONFIG", "")
     try:
-        if not path and _in_cluster():
-            kube_config.load_incluster_config(client_configuration=cfg)
-            namespace_file = SERVICE_ACCOUNT_DIR / "namespace"
-            namespace = namespace_file.read_text().strip() if namespace_file.exists() else "default"
-            source = "in-cluster service account"
-        else:
-            path = path or str(Path.home() / ".kube" / "config")
-            if not Path(path.split(os.pathsep)[0]).is_file():  # noqa: ASYNC240 - once, at start-up
-                raise KubeConfigError(f"cannot load the kubeconfig {path}: no such file")
-            await kube_config.load_kube_config(
-                config_file=path, client_configuration=cfg, persist_config=False
-            )
-            _, active = kube_config.list_kube_config_contexts(config_file=path)
-            namespace = (active or {}).get("context", {}).get("namespace") or "default"
-            source = path
-        authorization = await cfg.get_api_key_with_prefix("BearerToken")
-        proxy, proxy_authorization = _proxy(cfg.proxy)
-        return KubeConnection(
-            host=cfg.host.rstrip("/"),
-            authorization=authorization,
-            ssl_context=_ssl_context(cfg),
-            namespace=namespace,
-            source=source,
-            tls_fingerprint=_tls_fingerprint(cfg),
-            server_name=cfg.tls_server_name or None,
-            proxy=proxy,
-            proxy_authorization=proxy_authorization,
-        )
-    except (kube_config.ConfigException, OSError, ssl.SSLError, KeyError, TypeError, ValueError) as exc:
-        where = path or "in-cluster configuration"
+        if not where and _in_cluster(env):
+            where = "in-cluster configuration"
+            return _in_cluster_connection(env)
+        if not kubeconfig:
+            where = where or str(Path.home() / ".kube" / "config")
+        files = _files(kubeconfig, where)
+        if not files:
+            raise KubeConfigError(f"cannot load the kubeconfig {where}: no such file")
+        return await _kubeconfig_connection(read_kubeconfig(files), where)
+    except (OSError, ssl.SSLError, ValueError) as exc:  # KubeconfigInvalid and CredentialError included
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KubeConfigError(f"cannot load Kubernetes connection from {where}: {detail}") from exc
+
+
+def _files(kubeconfig: str, kubeconfig_env: str) -> list[Path]:
+    """--kubeconfig is one file, as with kubectl; KUBECONFIG (or the default) a list to merge. Local
+    files of a few KB: read without a thread, at start-up and at each reload."""
+    if kubeconfig:
+        path = Path(kubeconfig).expanduser()
+        return [path] if path.is_file() else []
+    return kubeconfig_files(kubeconfig_env)
+
+
+def _in_cluster_connection(env: dict[str, str]) -> KubeConnection:
+    """The pod's ServiceAccount, read afresh at every load: the kubelet rotates the projected token file."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "")
+    if not port:
+        raise KubeconfigInvalid("KUBERNETES_SERVICE_PORT is not set")
+    token = (SERVICE_ACCOUNT_DIR / "token").read_text().strip()
+    if not token:
+        raise KubeconfigInvalid(f"the service account token {SERVICE_ACCOUNT_DIR / 'token'} is empty")
+    ca = (SERVICE_ACCOUNT_DIR / "ca.crt").read_bytes()
+    if not ca.strip():
+        raise KubeconfigInvalid(f"the service account CA {SERVICE_ACCOUNT_DIR / 'ca.crt'} is empty")
+    namespace_file = SERVICE_ACCOUNT_DIR / "namespace"
+    namespace = namespace_file.read_text().strip() if namespace_file.exists() else "default"
+    tls = _Tls(https=True, ca=ca)
+    return KubeConnection(
+        host=f"https://{f'[{host}]' if ':' in host else host}:{port}",
+        authorization=f"Bearer {token}",
+        ssl_context=tls.context(),
+        namespace=namespace,
+        source="in-cluster service account",
+        tls_fingerprint=tls.fingerprint(),
+    )
+
+
+async def _kubeconfig_connection(selected: Selected, source: str) -> KubeConnection:
+    cluster, user = selected.cluster, selected.user
+    server = cluster.text("server").rstrip("/")
+    if not server:
+        raise KubeconfigInvalid(f"cluster {cluster.name!r} has no server")
+    credential = await _credential(user, cluster)
+    insecure = cluster.fields.get("insecure-skip-tls-verify", False)
+    if not isinstance(insecure, bool):
+        raise KubeconfigInvalid(f"insecure-skip-tls-verify of cluster {cluster.name!r} must be true or false")
+    tls = _tls(server, not insecure, cluster, user, credential)
+    proxy, proxy_authorization = _proxy(cluster.text("proxy-url"))
+    authorization = f"Bearer {credential.token}" if credential.token else _basic_auth(user)
+    return KubeConnection(
+        host=server,
+        authorization=authorization,
+        ssl_context=tls.context(),
+        namespace=selected.namespace,
+        source=source,
+        tls_fingerprint=tls.fingerprint(),
+        server_name=cluster.text("tls-server-name") or None,
+        proxy=proxy,
+        proxy_authorization=proxy_authorization,
+        expires_at=credential.expires_at,
+    )
+
+
+async def _credential(user: Entry, cluster: Entry) -> Credential:
+    """The user's token, in kubectl's order of preference: an auth-provider, an exec plugin, then the
+    kubeconfig's own token (a token beats a tokenFile). Username and password are _basic_auth's."""
+    provider = user.fields.get("auth-provider")
+    if provider is not None:
+        name = provider.get("name") if isinstance(provider, dict) else None
+        if name == "oidc":
+            return await oidc_credential(user)
+        if name in REMOVED_PROVIDERS:
+            raise KubeconfigInvalid(
+                f"the {name} auth-provider of user {user.name!r} was removed from Kubernetes (1.26): "
+                f"use its exec plugin, {REMOVED_PROVIDERS[name]}"
+            )
+        raise KubeconfigInvalid(f"the auth-provider {name!r} of user {user.name!r} is not supported")
+    if "exec" in user.fields:
+        return await exec_credential(user, cluster)
+    token = user.text("token")
+    token_file = user.path("tokenFile")
+    if not token and token_file is not None:
+        token = token_file.read_text().strip()
+    return Credential(token=token)
+
+
+def _basic_auth(user: Entry) -> str | None:
+    username, password = user.text("username"), user.text("password")
+    return aiohttp.encode_basic_auth(username, password) if username else None
+
+
+def _tls(server: str, verify: bool, cluster: Entry, user: Entry, credential: Credential) -> _Tls:
+    """The CA from the cluster; the client certificate from the exec plugin, else from the user. Embedded
+    data wins over a file when both are given, as with kubectl."""
+    if not server.startswith("https://"):
+        return _Tls(https=False)
+    ca = _file_or_data(cluster, "certificate-authority")
+    if credential.client_certificate:
+        return _Tls(True, verify, ca, credential.client_certificate, credential.client_key)
+    certificate = _file_or_data(user, "client-certificate")
+    key = _file_or_data(user, "client-key")
+    if bool(certificate) != bool(key):
+        raise KubeconfigInvalid(
+            f"user {user.name!r} has a client certificate without its key, or a key alone"
+        )
+    files = None
+    if not user.text("client-certificate-data") and not user.text("client-key-data"):
+        cert_file, key_file = user.path("client-certificate"), user.path("client-key")
+        files = (cert_file, key_file) if cert_file and key_file else None
+    return _Tls(True, verify, ca, certificate, key, files)
+
+
+def _file_or_data(entry: Entry, key: str) -> bytes:
+    """`key-data` (base64 of the PEM) if given, else the contents of the file `key` names, else b""."""
+    data = entry.text(f"{key}-data")
+    if data:
+        try:
+            return base64.b64decode("".join(data.split()), validate=True)
+        except binascii.Error:
+            raise KubeconfigInvalid(f"{key}-data of {entry.name!r} is not base64") from None
+    path = entry.path(key)
+    return path.read_bytes() if path is not None else b""

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import anyio
@@ -259,6 +259,53 @@ class OpaClient(OwnedSession):
     async def config(self) -> dict[str, Any]:
         _, payload = await self.request("GET", "config")
         return dict(orjson.loads(payload).get("result") or {})
+
+    async def until_closed(self) -> None:
+        """Returns when OPA closes a connection that kopa opens to it now and then leaves idle: OPA exited
+        (killed, restarted, shut down) or dropped the connection. OpaProcess checks OPA's identity at that
+        moment, so that a restart is noticed when it happens, not at the next periodic check.
+
+        The connection asks one GET /health (any answer will do: it is read and dropped) and is then an
+        idle keep-alive connection like a pooled one, which an OPA shutting down closes at once; OPA sets
+        no idle timeout of its own. It is a plain stream rather than an aiohttp request because aiohttp
+        tells nobody when an idle pooled connection closes. Raises OpaUnavailable when OPA cannot be
+        reached or the TLS handshake fails."""
+        url = urlsplit(self.api_url)
+        https = url.scheme == "https"
+        context = self._stream_ssl() if https else None
+        host = url.hostname or "localhost"
+        port = url.port or (443 if https else 80)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context), CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise OpaUnavailable(f"connecting to {url.netloc}: {type(exc).__name__}: {exc}"[:500]) from None
+        try:
+            health = url.path.removesuffix("/v1") + "/health"
+            token = self._token()
+            authorization = f"Authorization: Bearer {token}\r\n" if token else ""
+            request = (
+                f"GET {health} HTTP/1.1\r\nHost: {url.netloc}\r\n{authorization}User-Agent: kopa\r\n\r\n"
+            )
+            writer.write(request.encode("latin-1"))
+            while await reader.read(65536):
+                pass  # the answer to GET /health, then nothing until OPA closes the connection
+        except (OSError, ssl.SSLError):
+            pass  # reset rather than closed: the same news
+        finally:
+            writer.close()
+
+    def _stream_ssl(self) -> ssl.SSLContext:
+        """The TLS context of until_closed's stream: the session's own, as aiohttp would use it."""
+        current = self._current_ssl()
+        if isinstance(current, ssl.SSLContext):
+            return current
+        context = ssl.create_default_context()
+        if current is False:  # --opa-allow-insecure: no verification, as for the session
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
 
 def _opa_error(status: int, payload: bytes) -> OpaError:

@@ -1,7 +1,9 @@
 """Which OPA process kopa is talking to, and whether it can be written to: the one owner of those facts.
 
 Nothing pushed over OPA's REST API survives a restart, so OPA's /v1/config, which carries an id per process
-start (`labels.id`), is read every check interval. A new id starts a new *epoch*: everything kopa wrote is
+start (`labels.id`), is read every check interval, and at once when OPA closes an idle connection kopa keeps
+open to it (`watch`: a process that exits closes its connections, so a restart is noticed when it happens,
+not up to an interval later). A new id starts a new *epoch*: everything kopa wrote is
 gone, so whatever was loaded "in this OPA" is loaded again. The books, the collections and readiness remember
 the epoch they last filled and compare it with `epoch`; the restart listeners queue the refill once. A restart
 is noticed, counted and announced once, whoever checks first (checks are serialised).
@@ -26,6 +28,12 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[], Awaitable[None]]
 
+# While OPA does not answer, it is asked again after DOWN_POLL_FIRST, doubling up to DOWN_POLL (or the
+# check interval, if shorter): a restarted OPA answers within milliseconds to a second, and a connection
+# refused costs next to nothing.
+DOWN_POLL_FIRST = 0.02
+DOWN_POLL = 0.25
+
 
 class OpaRestarted(OpaUnavailable):
     """A write met a new OPA process that kopa has not refilled yet: redo it after the refill."""
@@ -44,9 +52,17 @@ class ConfigSource(Protocol):
 class OpaProcess:
     """The OPA process of the moment: its id, its epoch, and whether kopa can write to it."""
 
-    def __init__(self, opa: ConfigSource, interval: float, wait_cap: float = 5.0) -> None:
+    def __init__(
+        self,
+        opa: ConfigSource,
+        interval: float,
+        wait_cap: float = 5.0,
+        watch: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`watch` returns (or raises) when a connection it opened to OPA closes: OpaClient.until_closed."""
         self._opa = opa
         self.interval = interval
+        self._watch = watch
         self._wait_cap = wait_cap
         self.process_id: str | None = None
         self.epoch = 0  # +1 at every restart noticed
@@ -151,7 +167,43 @@ class OpaProcess:
         return True
 
     async def run(self) -> None:
-        """The periodic check; runs for kopa's lifetime."""
-        while True:
-            await self.check()
-            await anyio.sleep(self.interval)
+        """The check, for kopa's lifetime: every `interval`; at once when the watched connection closes;
+        and, while OPA does not answer, every DOWN_POLL at most, so that the new process of a restart is
+        noticed as soon as it answers.
+
+        After OPA went away or restarted, the watched connection is opened again at once; after it closed
+        while OPA stayed the same process (a proxy that drops idle connections), only once an interval has
+        passed since it was opened: such a close costs a check, never a busy loop."""
+        closed: anyio.Event | None = None
+        reopen_at = 0.0
+        watched_epoch = self.epoch
+        down_delay = DOWN_POLL_FIRST
+        async with anyio.create_task_group() as tg:
+            while True:
+                await self.check()
+                if not self.available:
+                    reopen_at = 0.0
+                    await anyio.sleep(min(down_delay, self.interval))
+                    down_delay = min(down_delay * 2, DOWN_POLL)
+                    continue
+                down_delay = DOWN_POLL_FIRST
+                now = anyio.current_time()
+                if self.epoch != watched_epoch:
+                    reopen_at = 0.0
+                if self._watch is not None and (closed is None or closed.is_set()) and now >= reopen_at:
+                    closed, reopen_at, watched_epoch = anyio.Event(), now + self.interval, self.epoch
+                    tg.start_soon(self._watched, self._watch, closed)
+                with anyio.move_on_after(self.interval):
+                    if closed is not None and not closed.is_set():
+                        await closed.wait()
+                    else:
+                        await anyio.sleep(self.interval)
+
+    @staticmethod
+    async def _watched(watch: Callable[[], Awaitable[None]], closed: anyio.Event) -> None:
+        try:
+            await watch()
+        except OpaUnavailable:
+            pass  # could not even connect: the check that follows says whether OPA is down
+        finally:
+            closed.set()

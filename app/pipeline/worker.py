@@ -26,7 +26,7 @@ from typing import Protocol
 
 import anyio
 
-from app.model import Key, WorkKey
+from app.model import ALL, DataPath, Key, WorkKey, related
 from app.opa.client import OpaUnavailable
 from app.opa.process import OpaProcess
 from app.operations.liveness import progress_of
@@ -46,18 +46,26 @@ class Handler(Protocol):
         ...
 
 
+# A source's footprint: the paths in OPA under which applying it may write data or define rules (None:
+# not known, anywhere). The writer compares them before it loads two sources at once (_lanes).
+Footprint = Callable[[], list[DataPath] | None]
+
+
 async def run_worker(
     queue: WorkQueue[WorkKey],
     handlers: Mapping[str, Handler],
     opa: OpaProcess,
     after_batch: Callable[[], Awaitable[None]] | None = None,
     progress: Callable[[], None] = lambda: None,
+    *,
+    footprints: Mapping[str, Footprint] | None = None,
 ) -> None:
     """Processes keys forever, a batch at a time, in the order they were first queued.
 
     `after_batch` also runs when the queue has been idle for IDLE_CHECK seconds, so a source with nothing
     to write still gets noticed as loaded. `progress` is called at every turn of the loop and after every
-    OPA request the writer makes.
+    OPA request the writer makes. `footprints` has the sources whose whole loads may go beside others
+    (_apply); a source without one is never loaded beside anything.
     """
     with progress_of(progress):
         while True:
@@ -67,9 +75,72 @@ async def run_worker(
                 # Group commit: whatever is waiting now, without waiting for more (module docstring).
                 batch = await queue.get_batch(BATCH_LIMIT)
             if batch:
-                await _write(queue, handlers, opa, batch)
+                await _write(queue, handlers, opa, batch, footprints or {})
             if after_batch is not None:
                 await after_batch()
+
+
+def _lanes(
+    grouped: Mapping[str, list[Key]], footprints: Mapping[str, Footprint]
+) -> tuple[list[str], list[str]]:
+    """The batch's sources in two lanes, each in batch order: the whole loads (ALL) that go beside the
+    others, and the rest. Only when nothing a whole load writes in OPA can meet what the rest writes;
+    otherwise everything stays in one lane."""
+    sources = list(grouped)
+    beside = [source for source in sources[1:] if ALL in grouped[source]]
+    if not beside:
+        return sources, []
+    main = [source for source in sources if source not in beside]
+
+    def footprint(source: str) -> list[DataPath] | None:
+        known = footprints.get(source)
+        return known() if known is not None else None
+
+    theirs = [footprint(source) for source in main]
+    for source in beside:
+        mine = footprint(source)
+        if mine is None or any(
+            other is None or any(related(a, b) for a in mine for b in other) for other in theirs
+        ):
+            return sources, []
+    return main, beside
+
+
+async def _apply(
+    handlers: Mapping[str, Handler], grouped: Mapping[str, list[Key]], footprints: Mapping[str, Footprint]
+) -> dict[str, list[tuple[Key, Exception]]]:
+    """Hands each source its keys, in batch order, except for whole loads that can go beside (_lanes).
+
+    After an OPA restart every source is loaded whole. OPA reads and decodes a request's body before it
+    takes its write lock, so a collection's PUT (18 MB for 10,000 objects: 0.3 s of decoding) runs on
+    another core while OPA compiles the policy PUTs, which it does for every module at each one: the
+    refill costs about what the policies cost. Sources whose writes could meet (a policy whose package
+    holds the collection's path, a data ConfigMap under it) keep the batch order, so that a conflict
+    between them fails the same way every time.
+    """
+    main, beside = _lanes(grouped, footprints)
+    results: dict[str, list[tuple[Key, Exception]]] = {}
+    errors: list[Exception] = []
+
+    async def lane(sources: list[str]) -> None:
+        for source in sources:
+            handler = handlers.get(source)
+            if handler is None:  # a source that is gone (a retired resource): nothing left to write
+                log.debug("dropping %d keys of %s: no longer a source", len(grouped[source]), source)
+                continue
+            try:
+                results[source] = await handler.apply(grouped[source])
+            except Exception as exc:  # each lane stops at its own failure, as the batch would
+                errors.append(exc)
+                return
+
+    async with anyio.create_task_group() as tg:
+        if beside:
+            tg.start_soon(lane, beside)
+        await lane(main)
+    if errors:  # an outage first: it is waited out and the whole batch written again
+        raise next((exc for exc in errors if isinstance(exc, OpaUnavailable)), errors[0])
+    return results
 
 
 async def _write(
@@ -77,6 +148,7 @@ async def _write(
     handlers: Mapping[str, Handler],
     opa: OpaProcess,
     batch: list[WorkKey],
+    footprints: Mapping[str, Footprint],
 ) -> None:
     """One batch: hands each source its keys; requeues what failed (see the module docstring)."""
     grouped: dict[str, list[Key]] = {}
@@ -84,12 +156,8 @@ async def _write(
         grouped.setdefault(work.source, []).append(work.key)
     failed: dict[WorkKey, Exception] = {}
     try:
-        for source, keys in grouped.items():
-            handler = handlers.get(source)
-            if handler is None:  # a source that is gone (a retired resource): nothing left to write
-                log.debug("dropping %d keys of %s: no longer a source", len(keys), source)
-                continue
-            for key, exc in await handler.apply(keys):
+        for source, failures in (await _apply(handlers, grouped, footprints)).items():
+            for key, exc in failures:
                 failed[WorkKey(source, key)] = exc
     except OpaUnavailable as exc:
         for work in batch:

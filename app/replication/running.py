@@ -21,7 +21,7 @@ from app.model import REMOVE, WorkKey
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import WatchStats
-from app.pipeline.worker import Handler
+from app.pipeline.worker import Footprint, Handler
 from app.replication.collection import CollectionApi
 from app.replication.discovery import ResourceInfo
 from app.replication.replicator import ReplicatedResource, ReplicationOptions
@@ -49,14 +49,18 @@ class Replicators:
         options: ReplicationOptions,
         add: Callable[[WorkKey], None],
         handlers: MutableMapping[str, Handler],
+        footprints: MutableMapping[str, Footprint],
         supervise: Supervise,
     ) -> None:
+        """`handlers` and `footprints` are the writer's: each resource adds its own while it exists (a
+        collection writes under its own path in OPA and nowhere else)."""
         self._kube = kube
         self._opa = opa
         self._process = process
         self._options = options
         self._add = add
         self._handlers = handlers
+        self._footprints = footprints
         self._supervise = supervise
         self._running: dict[GroupVersionResource, _Running] = {}
         self._tg: TaskGroup | None = None
@@ -86,6 +90,8 @@ class Replicators:
         running = _Running(resource, anyio.CancelScope())
         self._running[gvr] = running
         self._handlers[resource.source] = resource.sync
+        path = tuple(resource.sync.path)
+        self._footprints[resource.source] = lambda: [path]
         if self._tg is not None:
             self._tg.start_soon(self._run_one, gvr, running)
         return resource
@@ -104,6 +110,7 @@ class Replicators:
                 del self._running[gvr]
                 if self._handlers.get(running.resource.source) is running.resource.sync:
                     del self._handlers[running.resource.source]
+                    del self._footprints[running.resource.source]
 
     def get(self, gvr: GroupVersionResource) -> ReplicatedResource | None:
         """The resource while it is replicated (not retired)."""

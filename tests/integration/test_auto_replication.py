@@ -34,7 +34,14 @@ from tests.integration.helpers import (
     scrape,
     wait_log,
 )
-from tests.integration.test_replication import crd, crd_group, other_namespace, service, wait_for
+from tests.integration.test_replication import (
+    crd,
+    crd_group,
+    create_once_established,
+    other_namespace,
+    service,
+    wait_for,
+)
 
 __all__ = ["crd_group", "other_namespace"]  # fixtures shared with test_replication
 
@@ -109,11 +116,16 @@ def opa_with_config(tmp_path: Path, config: dict[str, Any]) -> tuple[OpaServer, 
     return server, config_file
 
 
+def opa_with_file_bundle(tmp_path: Path, main: str) -> tuple[OpaServer, Path]:
+    """kube-mgmt's e2e shape: one bundle `test` read from a file, roots ["main"], this main.rego."""
+    bundle = build_bundle(tmp_path / "bundle", {"main.rego": main}, ["main"])
+    return opa_with_config(tmp_path, {"bundles": {"test": {"resource": f"file://{bundle}"}}})
+
+
 @pytest.fixture
 def opa_file_bundle(tmp_path: Path) -> Iterator[tuple[OpaServer, Path]]:
-    """kube-mgmt's e2e shape: one bundle `test` read from a file, roots ["main"], main.rego above."""
-    bundle = build_bundle(tmp_path / "bundle", {"main.rego": MAIN_SERVICES}, ["main"])
-    server, config_file = opa_with_config(tmp_path, {"bundles": {"test": {"resource": f"file://{bundle}"}}})
+    """opa_with_file_bundle with the main.rego of kube-mgmt's e2e test, started."""
+    server, config_file = opa_with_file_bundle(tmp_path, MAIN_SERVICES)
     with server:
         yield server, config_file
 
@@ -261,8 +273,7 @@ main if {
 }
 """
     core_v1.create_namespaced_service(namespace, service("web"))
-    bundle = build_bundle(tmp_path / "bundle", {"main.rego": policy}, ["main"])
-    opa, config_file = opa_with_config(tmp_path, {"bundles": {"test": {"resource": f"file://{bundle}"}}})
+    opa, config_file = opa_with_file_bundle(tmp_path, policy)
     with opa:
         kopa = run_kopa(*auto_args(opa, config_file))
         ready = wait_ready(kopa)
@@ -277,19 +288,8 @@ main if {
         client.ApiextensionsV1Api(k8s).create_custom_resource_definition(
             crd(crd_group, "sprockets", "Sprocket")
         )
-        custom = client.CustomObjectsApi(k8s)
         body = {"apiVersion": f"{crd_group}/v1", "kind": "Sprocket", "metadata": {"name": "s1"}}
-
-        def create() -> bool:
-            try:
-                custom.create_namespaced_custom_object(crd_group, "v1", namespace, "sprockets", body)
-            except client.ApiException as exc:
-                if exc.status == 404:  # the CRD is not established yet
-                    return False
-                raise
-            return True
-
-        wait_until(create, timeout=TIMEOUT, what="sprocket CRD established")
+        create_once_established(k8s, crd_group, namespace, "sprockets", body)
         sprocket = wait_for(opa, f"kubernetes/sprockets/{namespace}/s1", bool, "CRD found later replicated")
         assert sprocket["kind"] == "Sprocket"
         section = wait_analysis(
@@ -333,8 +333,7 @@ def test_an_ambiguous_plural_is_an_error_naming_both_unless_replicate_chooses(
     run_kopa: KopaFactory, tmp_path: Path, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
     policy = "package main\n\nimport rego.v1\n\nmain if { count(data.kubernetes.events) >= 0 }\n"
-    bundle = build_bundle(tmp_path / "bundle", {"main.rego": policy}, ["main"])
-    opa, config_file = opa_with_config(tmp_path, {"bundles": {"test": {"resource": f"file://{bundle}"}}})
+    opa, config_file = opa_with_file_bundle(tmp_path, policy)
     with opa:
         kopa = run_kopa(*auto_args(opa, config_file))
         ready = wait_ready(kopa)
@@ -400,8 +399,7 @@ main if {
 }
 """
     core_v1.create_namespaced_service(namespace, service("web"))
-    bundle = build_bundle(tmp_path / "bundle", {"main.rego": policy}, ["main"])
-    opa, config_file = opa_with_config(tmp_path, {"bundles": {"test": {"resource": f"file://{bundle}"}}})
+    opa, config_file = opa_with_file_bundle(tmp_path, policy)
     with opa:
         kopa = run_kopa(*auto_args(opa, config_file), kubeconfig=kubeconfig_for(limited_identity))
         wait_for(opa, f"kubernetes/services/{namespace}/web", bool, "the readable resource replicated")

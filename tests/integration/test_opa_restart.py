@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from kubernetes import client
 
@@ -15,6 +17,7 @@ from tests.integration.helpers import (
     data,
     policy_ids,
     put_configmap,
+    secure_args,
     wait_data,
     wait_log,
     wait_status,
@@ -61,4 +64,34 @@ def test_opa_killed_and_restarted_is_refilled_from_kopas_copy(
         assert data(opa, f"use{tag}/four") == 4
         assert data(opa, f"{namespace}/doc/d.json") == {"x": 1}
         assert data(opa, f"kubernetes/services/{namespace}/svc")["kind"] == "Service"
+    wait_log(kopa, "OPA restarted")
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_restart_is_noticed_when_opa_exits_not_at_the_next_check(
+    run_kopa: KopaFactory, any_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, how: str
+) -> None:
+    """OPA's exit closes the idle connection kopa keeps open to it, and kopa checks at once: with a check
+    interval of a minute, the new process is refilled within seconds, over TLS with a token too. A
+    graceful stop (SIGTERM) is not held up by that connection."""
+    opa = any_opa
+    plain = [f"--opa-url={opa.api_url}", f"--namespaces={namespace}"]
+    args = secure_args(opa, namespace) if opa.flavour == "secure" else plain
+    kopa = run_kopa(*args, "--opa-check-interval=60s")
+    put_configmap(core_v1, namespace, "doc", {"d.json": '{"x": 1}'}, DATA)
+    wait_data(opa, "system/kopa/ready", True)
+    wait_data(opa, f"{namespace}/doc/d.json", {"x": 1})
+
+    started = time.monotonic()
+    if how == "killed":
+        opa.kill()
+    else:
+        opa.process.stop()
+        assert time.monotonic() - started < 5, "OPA's graceful stop waited for kopa's idle connection"
+    opa.start()
+    wait_data(opa, "system/kopa/ready", True)
+    assert time.monotonic() - started < 20, (
+        "noticed by the periodic check (60 s), not by the closed connection"
+    )
+    assert data(opa, f"{namespace}/doc/d.json") == {"x": 1}
     wait_log(kopa, "OPA restarted")

@@ -162,6 +162,24 @@ def crd(group: str, plural: str, kind: str) -> Any:
     }
 
 
+def create_once_established(
+    k8s: client.ApiClient, group: str, namespace: str, plural: str, body: Any
+) -> None:
+    """Creates a custom object as soon as its new CRD is established (404 until then)."""
+    custom = client.CustomObjectsApi(k8s)
+
+    def create() -> bool:
+        try:
+            custom.create_namespaced_custom_object(group, "v1", namespace, plural, body)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    wait_until(create, timeout=TIMEOUT, what=f"{plural} CRD established")
+
+
 @pytest.fixture
 def crd_group(k8s: client.ApiClient) -> Iterator[str]:
     """A unique API group for this test's CRDs; the CRDs are deleted afterwards (they are cluster-wide)."""
@@ -200,17 +218,7 @@ def test_a_crd_created_after_start_is_replicated_once_it_appears(
 
     ext.create_custom_resource_definition(crd(crd_group, "gadgets", "Gadget"))
     gadget = {"apiVersion": f"{crd_group}/v1", "kind": "Gadget", "metadata": {"name": "g1"}}
-
-    def create_gadget() -> bool:
-        try:
-            custom.create_namespaced_custom_object(crd_group, "v1", namespace, "gadgets", gadget)
-        except client.ApiException as exc:
-            if exc.status == 404:  # the CRD is not established yet
-                return False
-            raise
-        return True
-
-    wait_until(create_gadget, timeout=TIMEOUT, what="gadget CRD established")
+    create_once_established(k8s, crd_group, namespace, "gadgets", gadget)
     found = wait_for(opa, f"kubernetes/gadgets/{namespace}/g1", bool, "CRD created later replicated")
     assert found["kind"] == "Gadget"
 

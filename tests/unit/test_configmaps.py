@@ -174,3 +174,23 @@ async def test_all_after_a_restart_also_brings_changes_the_books_have_not_seen()
     c.put(c.policies, key, {"p.rego": "package p\n\nv := 1\n"})  # its key folded into the queued ALL
     assert await c.sync.apply([ALL]) == []
     assert c.opa.policies == {"ns/p/p.rego": "package p\n\nv := 1\n"}
+
+
+async def test_the_footprint_is_every_package_and_every_data_configmap() -> None:
+    """What the writer compares with a collection's path before loading both at once (worker._lanes):
+    modules in the book and policy ConfigMaps not loaded yet, data ConfigMaps in OPA and in the store."""
+    c = ConfigMaps()
+    await c.sync.apply([c.put(c.policies, ObjectKey("ns", "lib"), {"p.rego": "package team.lib\n"})])
+    await c.sync.apply([c.put(c.data, ObjectKey("ns", "loaded"), {"d.json": "{}"})])
+    c.put(c.policies, ObjectKey("ns", "new"), {"a.rego": "# a comment\npackage team.app.x\n"})
+    c.put(c.data, ObjectKey("other", "new"), {"d.json": "{}"})
+    footprint = c.sync.footprint()
+    assert footprint is not None
+    assert sorted(footprint) == [
+        ("ns", "loaded"),
+        ("other", "new"),
+        ("team", "app", "x"),
+        ("team", "lib"),
+    ]
+    c.put(c.policies, ObjectKey("ns", "broken"), {"b.rego": "not rego at all\n"})
+    assert c.sync.footprint() is None, "a module whose package cannot be read could be anywhere"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import anyio
 import orjson
 import pytest
 
-from app.model import ALL, Key, ObjectKey, WorkKey
+from app.model import ALL, DataPath, Key, ObjectKey, WorkKey
+from app.opa.client import OpaUnavailable
 from app.opa.process import OpaProcess
 from app.pipeline import worker
 from app.pipeline.workqueue import WorkQueue
@@ -129,3 +131,72 @@ async def test_group_commit_writes_at_once_and_batches_what_arrived_during_a_wri
         await handler.wait_calls(4)
         assert handler.calls[3] == [ALL]
         tg.cancel_scope.cancel()
+
+
+def footprint(paths: list[DataPath] | None) -> worker.Footprint:
+    return lambda: paths
+
+
+async def refill_batch(configmaps: list[DataPath] | None, collection: list[DataPath]) -> bool:
+    """Both sources queued whole, as after an OPA restart, with the ConfigMaps' write held in flight: True
+    when the collection was written meanwhile (beside it), False when it waited for it."""
+    queue: WorkQueue[WorkKey] = WorkQueue("opa")
+    queue.add(WorkKey("configmaps", ALL))
+    queue.add(WorkKey("replicate:v1/configmaps", ALL))
+    first, second = Recorder(), Recorder()
+    release = first.hold = anyio.Event()
+    handlers: dict[str, worker.Handler] = {"configmaps": first, "replicate:v1/configmaps": second}
+    footprints = {"configmaps": footprint(configmaps), "replicate:v1/configmaps": footprint(collection)}
+    async with anyio.create_task_group() as tg:
+        process = OpaProcess(_SameOpa(), interval=1.0)
+        tg.start_soon(partial(worker.run_worker, queue, handlers, process, footprints=footprints))
+        await first.wait_calls(1)
+        with anyio.move_on_after(0.2):
+            await second.wait_calls(1)
+        beside = len(second.calls) == 1
+        release.set()
+        await second.wait_calls(1)
+        tg.cancel_scope.cancel()
+    return beside
+
+
+async def test_a_refill_writes_a_collection_beside_the_policies_when_they_cannot_meet() -> None:
+    """OPA decodes the collection's body while it compiles the policies (on another core)."""
+    assert await refill_batch([("benchprop", "p001"), ("team-a", "settings")], [("kubernetes", "configmaps")])
+
+
+@pytest.mark.parametrize(
+    "configmaps",
+    [
+        [("kubernetes",)],  # package kubernetes: a rule `configmaps` would conflict with the collection
+        [("kubernetes", "configmaps", "team-a")],  # a policy or data document inside the collection
+        None,  # a package kopa could not read
+    ],
+)
+async def test_a_refill_keeps_the_order_when_the_writes_could_meet(configmaps: list[DataPath] | None) -> None:
+    """Policies, then data, then collections, so that a conflict fails the same way every time."""
+    assert not await refill_batch(configmaps, [("kubernetes", "configmaps")])
+
+
+class Failing(Recorder):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
+        await super().apply(keys)
+        raise self.error
+
+
+async def test_an_outage_met_beside_fails_the_whole_batch() -> None:
+    """Either lane meeting an outage makes the batch wait it out and go again, as in one lane."""
+    grouped: dict[str, list[Key]] = {"configmaps": [ALL], "collection": [ALL]}
+    collection = Failing(OpaUnavailable("PUT data/kubernetes/configmaps: connection refused"))
+    handlers: dict[str, worker.Handler] = {"configmaps": Recorder(), "collection": collection}
+    footprints = {
+        "configmaps": footprint([("lib",)]),
+        "collection": footprint([("kubernetes", "configmaps")]),
+    }
+    with pytest.raises(OpaUnavailable):
+        await worker._apply(handlers, grouped, footprints)
+    assert collection.calls == [[ALL]]

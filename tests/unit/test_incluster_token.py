@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubernetes.aio.config import incluster_config
 
 from app.kube import config
 from devstack.certs import TestCA
@@ -26,8 +25,6 @@ async def test_an_in_cluster_load_reads_the_rotated_projected_token(
     token = account / "token"
     token.write_text("first-token")
     monkeypatch.setattr(config, "SERVICE_ACCOUNT_DIR", account)
-    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
-    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(account / "ca.crt"))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
     monkeypatch.delenv("KUBECONFIG", raising=False)

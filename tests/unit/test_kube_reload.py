@@ -1,4 +1,5 @@
-"""A 401 reloads the kubeconfig; when only the token changed, open watches must carry on.
+"""A 401 reloads the kubeconfig; when only the token changed, open watches must carry on. Credentials past
+their expiry are reloaded before they are sent, and many requests refused at once reload them once.
 
 Exec-plugin tokens (EKS) expire every 15 minutes, so tearing down every watch on each reload would relist
 every collection four times an hour. The fake API server (tests/unit/fake_api.py) serves TLS from a test CA,
@@ -9,17 +10,19 @@ from __future__ import annotations
 
 import base64
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 import yaml
 
 from app.kube.client import KubeClient, KubeUnavailable, WatchEvent
-from app.kube.config import load_connection
+from app.kube.config import KubeConnection, load_connection
 from devstack.certs import TestCA
 from tests.unit.fake_api import PATH, FakeApi, serving
 
@@ -117,3 +120,76 @@ async def test_the_tls_fingerprint_follows_the_tls_settings_not_the_token(
     assert first.tls_fingerprint == second.tls_fingerprint
     assert insecure.tls_fingerprint != second.tls_fingerprint
     assert "token-one" not in repr(first), "the token must not show in a repr"
+
+
+def plain(url: str, token: str, expires_at: float | None = None) -> KubeConnection:
+    return KubeConnection(
+        host=url,
+        authorization=f"Bearer {token}",
+        ssl_context=False,
+        namespace="default",
+        source="test",
+        expires_at=expires_at,
+    )
+
+
+class Reloads:
+    """A reload function that counts its calls and hands out `fresh` (or raises `error`)."""
+
+    def __init__(self, fresh: KubeConnection | None = None, error: Exception | None = None) -> None:
+        self.fresh, self.error, self.calls = fresh, error, 0
+
+    async def __call__(self) -> KubeConnection:
+        self.calls += 1
+        await anyio.lowlevel.checkpoint()  # let the other requests queue up behind this reload
+        if self.error is not None:
+            raise self.error
+        assert self.fresh is not None
+        return self.fresh
+
+
+async def test_expired_credentials_are_loaded_again_before_they_are_sent() -> None:
+    """An exec plugin's token past its expirationTimestamp is renewed first, as kubectl does: no 401."""
+    async with serving(FakeApi("hold", valid_token="fresh")) as api:
+        reloads = Reloads(plain(api.url, "fresh"))
+        async with KubeClient(plain(api.url, "stale", expires_at=time.time() - 1), reload=reloads) as client:
+            await client.get(PATH + "/x")
+            await client.get(PATH + "/y")
+    assert (reloads.calls, api.unauthorized, api.gets) == (1, 0, 2)
+
+
+async def test_concurrent_401s_reload_the_credentials_once() -> None:
+    """Thirty requests refused together run the exec plugin once, not thirty times."""
+    async with serving(FakeApi("hold", valid_token="fresh")) as api:
+        reloads = Reloads(plain(api.url, "fresh"))
+        async with (
+            KubeClient(plain(api.url, "stale"), reload=reloads) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for i in range(30):
+                tg.start_soon(client.get, f"{PATH}/o{i}")
+    assert reloads.calls == 1
+    assert api.gets == 30 + api.unauthorized
+
+
+async def test_a_failed_renewal_is_not_tried_again_at_every_request(caplog: pytest.LogCaptureFixture) -> None:
+    """A plugin that keeps failing is logged once per RELOAD_RETRY, not once per request; the old
+    credentials are sent meanwhile (the API server may still take them)."""
+    async with serving(FakeApi("hold")) as api:
+        reloads = Reloads(error=RuntimeError("the exec plugin aws exited with 1"))
+        async with KubeClient(plain(api.url, "old", expires_at=time.time() - 1), reload=reloads) as client:
+            for name in ("a", "b", "c"):
+                await client.get(f"{PATH}/{name}")
+    assert (reloads.calls, api.gets) == (1, 3)
+    assert [r.message for r in caplog.records].count(
+        "could not reload Kubernetes credentials: the exec plugin aws exited with 1"
+    ) == 1
+
+
+async def test_credentials_that_come_back_expired_are_not_fetched_at_every_request() -> None:
+    async with serving(FakeApi("hold")) as api:
+        reloads = Reloads(plain(api.url, "fresh", expires_at=time.time() - 60))
+        async with KubeClient(plain(api.url, "old", expires_at=time.time() - 1), reload=reloads) as client:
+            for name in ("a", "b", "c"):
+                await client.get(f"{PATH}/{name}")
+    assert (reloads.calls, api.gets) == (1, 3)

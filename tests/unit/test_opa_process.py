@@ -81,3 +81,54 @@ async def test_a_write_failure_is_the_writes_fault_when_opa_is_fine() -> None:
         with anyio.fail_after(5):
             assert await process.outage_or_fault(OpaUnavailable("PUT data: connection refused"))
     assert process.usable
+
+
+class Connection:
+    """A stand-in for OpaClient.until_closed: each call opens a "connection" that lasts until the test
+    closes it (close()), or closes at once when `always_closed`."""
+
+    def __init__(self, *, always_closed: bool = False) -> None:
+        self.opened = 0
+        self.always_closed = always_closed
+        self._closed = anyio.Event()
+
+    async def __call__(self) -> None:
+        self.opened += 1
+        if not self.always_closed:
+            await self._closed.wait()
+            self._closed = anyio.Event()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+async def test_a_restart_is_noticed_when_opa_closes_the_connection_not_at_the_next_check() -> None:
+    """OPA killed: its connections close. The check that follows at once meets the gap (OPA not yet up),
+    asks again soon, and sees the new process long before the (here 60 s) interval."""
+    opa, connection = ScriptedOpa("one"), Connection()
+    process = OpaProcess(opa, interval=60.0, watch=connection)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(process.run)
+        await until(lambda: connection.opened == 1)
+        opa.answer = OpaUnavailable("connection refused")  # killed; the new process is starting
+        connection.close()
+        await until(lambda: not process.available)
+        await until(lambda: opa.calls >= 4)  # asked again without waiting for the interval
+        opa.answer = "two"
+        await until(lambda: process.restarts == 1)
+        await until(lambda: connection.opened == 2)  # and the new process is watched in turn
+        tg.cancel_scope.cancel()
+    assert process.available and process.epoch == 1
+
+
+async def test_a_connection_that_keeps_closing_costs_a_check_per_interval_at_most() -> None:
+    """A proxy that drops idle connections at once must not turn the watch into a busy loop."""
+    opa, connection = ScriptedOpa("one"), Connection(always_closed=True)
+    process = OpaProcess(opa, interval=0.1, watch=connection)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(process.run)
+        await until(lambda: connection.opened >= 5)
+        tg.cancel_scope.cancel()
+    # Each opening is followed by one check for its close, and one at the end of the interval.
+    assert opa.calls <= 2 * connection.opened + 1
+    assert process.restarts == 0
