@@ -197,7 +197,8 @@ def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> subproce
 
 
 @pytest.mark.parametrize(
-    "case", ["defaults", "replication", "auto-replication", "webhook-on", "observability", "mgmt-off", "bundle"]
+    "case",
+    ["defaults", "replication", "auto-replication", "webhook-on", "observability", "mgmt-off", "bundle"],
 )
 def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> None:
     values = helm.values_file(case_values(case, "kopa-system", user_tls))
