@@ -41,6 +41,7 @@ class MetricSources:
     bundle: BundleStats | None = None  # the bundle endpoint's answers, in bundle mode
     ready: Callable[[], bool] = lambda: False
     opa_up: Callable[[], bool] = lambda: False
+    leader: Callable[[], bool] = lambda: True  # writes statuses and Events (leads, or no election)
 
 
 class _QueueLatency:
@@ -221,6 +222,11 @@ class Metrics(Collector):
             "kopa_ready", "1 when OPA holds everything kopa should have put there.", value=float(s.ready())
         )
         yield GaugeMetricFamily("kopa_opa_up", "1 when OPA answers kopa.", value=float(s.opa_up()))
+        yield GaugeMetricFamily(
+            "kopa_leader",
+            "1 when this kopa writes statuses and Events: it holds the Lease, or leader election is off.",
+            value=float(s.leader()),
+        )
 
     @staticmethod
     def _queue_metrics(queues: Sequence[WorkQueue[Any]], now: float) -> Iterable[Metric]:

@@ -23,13 +23,15 @@ from app.bundle.state import BundleState
 from app.bundle.target import BundleTarget, Publication
 from app.configmaps.source import ConfigMapSource, Selection
 from app.kube.client import KubeClient
-from app.kube.config import load_connection
+from app.kube.config import KubeConnection, load_connection
+from app.kube.leases import Leases
 from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
 from app.opa.configuration import bundle_names
 from app.opa.credentials import OpaTls, StaticToken, TokenFile
 from app.opa.process import OpaProcess
+from app.operations.leader import LeaderElector, Timing, default_identity
 from app.operations.liveness import Liveness, on_opa_request
 from app.operations.readiness import Readiness
 from app.operations.supervisor import supervise
@@ -80,6 +82,8 @@ async def run(settings: Settings) -> None:
         bundle = BundleState(reserved_roots(settings)) if settings.bundle.enabled else None
         target = BundleTarget(bundle, opa) if bundle is not None else opa
         bundle_server = await start_bundle_server(settings, bundle) if bundle is not None else None
+        # Several replicas: only the holder of the Lease writes statuses and Events.
+        elector = leader_elector(settings, kube, connection) if settings.leader_election.enabled else None
 
         # Producers: each keeps its source's store and adds changed keys to the queue.
         configmaps = ConfigMapSource(
@@ -89,7 +93,10 @@ async def run(settings: Settings) -> None:
             selection=configmap_selection(settings, namespaces),
             add=queue.add,
             status_observer=metrics.queue_observer("status"),
+            leader=elector,
         )
+        if elector is not None:
+            elector.on_started_leading(configmaps.reporter.resync)
         # The writer's handlers, one per source; replicated resources add and remove theirs as they come
         # and go. A new OPA process gets every source again.
         handlers: dict[str, Handler] = {configmaps.name: configmaps.sync}
@@ -130,7 +137,10 @@ async def run(settings: Settings) -> None:
                 *replicators.states(),
                 *([auto.state] if auto is not None else []),
             ],
-            details=auto.report if auto is not None else dict,
+            details=lambda: {
+                **(auto.report() if auto is not None else {}),
+                **({"leaderElection": elector.report()} if elector is not None else {}),
+            },
         )
         metrics.sources = MetricSources(
             queues=[queue, configmaps.reporter.queue],
@@ -151,6 +161,7 @@ async def run(settings: Settings) -> None:
             bundle=bundle_server.stats if bundle_server is not None else None,
             ready=lambda: readiness.ready,
             opa_up=lambda: process.available,
+            leader=lambda: configmaps.reporter.writing,
         )
         writer = partial(
             run_worker,
@@ -179,6 +190,8 @@ async def run(settings: Settings) -> None:
                 tg.start_soon(component, "policy analysis", auto.run)
             tg.start_soon(component, "OPA writer", writer)
             tg.start_soon(component, "status writer", configmaps.reporter.run)
+            if elector is not None:
+                tg.start_soon(component, "leader election", elector.run)
             tg.start_soon(component, "OPA process check", process.run)
             # In bundle mode nothing else writes the bundle, and OPA refuses API writes under its roots.
             if settings.opa.drift_check_interval > 0 and bundle is None:
@@ -202,6 +215,18 @@ async def start_bundle_server(settings: Settings, state: BundleState) -> BundleS
     server = BundleServer(state, host.strip("[]"), int(port), token=token, ssl_context=tls)
     await server.start()
     return server
+
+
+def leader_elector(settings: Settings, kube: KubeClient, connection: KubeConnection) -> LeaderElector:
+    """The election of the status writer, over the Lease in --leader-election-namespace (default: kopa's
+    own namespace)."""
+    le = settings.leader_election
+    leases = Leases(kube, le.namespace or connection.namespace, le.lease_name)
+    elector = LeaderElector(
+        leases, default_identity(), Timing(le.lease_duration, le.renew_deadline, le.retry_period)
+    )
+    log.info("leader election on: %s, as %s", leases.describe(), elector.identity)
+    return elector
 
 
 def configmap_selection(settings: Settings, namespaces: list[str]) -> Selection:

@@ -188,7 +188,24 @@ class Rendered:
 
     @property
     def deployment(self) -> Obj:
-        return self.one("Deployment")
+        """The OPA pods' Deployment (kopa's own, in bundle mode, is `mgmt_deployment`)."""
+        found = [d for d in self.of_kind("Deployment") if d not in self._mgmt_deployments()]
+        if len(found) != 1:
+            raise ChartError(f"expected one OPA Deployment, found {[d['metadata'] for d in found]}")
+        return found[0]
+
+    def _mgmt_deployments(self) -> list[Obj]:
+        return [
+            d
+            for d in self.of_kind("Deployment")
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "mgmt"
+        ]
+
+    @property
+    def mgmt_deployment(self) -> Obj:
+        """Bundle mode: kopa's own Deployment."""
+        (found,) = self._mgmt_deployments()
+        return found
 
     @property
     def pod_spec(self) -> Obj:

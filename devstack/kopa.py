@@ -27,6 +27,7 @@ class KopaProcess(ManagedProcess):
             host = HOST
         self.health_url = f"http://{host}:{port}" if address else ""
         env = {"PYTHONUNBUFFERED": "1", **(env or {})}
+        self.expected_exit = 0  # what a test expects it to exit with (tests/integration/conftest.py)
         super().__init__("kopa", [sys.executable, "-m", "app", *argv], log_path, env=env)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from app.configmaps.data import DataApi, DataBook
 from app.configmaps.policies import PolicyApi, PolicyBook
-from app.configmaps.status import StatusReporter
+from app.configmaps.status import Leadership, StatusReporter
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.kube.client import KubeClient
 from app.model import Store, WorkKey
@@ -69,6 +69,7 @@ class ConfigMapSource:
         selection: Selection,
         add: Callable[[WorkKey], None],
         status_observer: QueueObserver | None = None,
+        leader: Leadership | None = None,
     ) -> None:
         self.name = SOURCE
         self.stores: dict[str, Store[dict[str, Any]]] = {
@@ -83,7 +84,7 @@ class ConfigMapSource:
             policies=self.stores["policies"] if selection.policies else None,
             data=self.stores["data"] if selection.data else None,
         )
-        self.reporter = StatusReporter(kube, selected.lookup, observer=status_observer)
+        self.reporter = StatusReporter(kube, selected.lookup, observer=status_observer, leader=leader)
         policies = PolicyBook(opa, process, owns=selection.owns_policy)
         self.sync = ConfigMapSync(policies, DataBook(opa), self.reporter, selected, process)
 

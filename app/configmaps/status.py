@@ -4,6 +4,10 @@ The annotation is kube-mgmt's, byte for byte: `{"status":"ok"}`, or `{"status":"
 the error of the one failing key, or a list of them. It is written only when it changes, on a queue of its
 own, so a slow API server never holds up writes to OPA. An Event (events.k8s.io/v1) is recorded when a load
 fails and when it recovers, so `kubectl describe configmap` tells the story.
+
+With leader election (several kopa replicas, one status writer), a replica that does not lead keeps every
+status it reaches but writes none; when it becomes leader it writes each one that differs from what the
+ConfigMap carries (the previous leader's writes arrive through the watch), so taking over is a re-sync.
 """
 
 from __future__ import annotations
@@ -108,12 +112,26 @@ class StatusApi(Protocol):
     async def create(self, path: str, obj: JSON) -> JSON: ...
 
 
+class Leadership(Protocol):
+    """Whether this replica may write now (app.operations.leader.LeaderElector)."""
+
+    @property
+    def leading(self) -> bool: ...
+
+
 class StatusReporter:
     """Keeps each ConfigMap's annotation equal to its latest status; records Events on transitions."""
 
-    def __init__(self, kube: StatusApi, lookup: Lookup, observer: QueueObserver | None = None) -> None:
+    def __init__(
+        self,
+        kube: StatusApi,
+        lookup: Lookup,
+        observer: QueueObserver | None = None,
+        leader: Leadership | None = None,
+    ) -> None:
         self.kube = kube
         self.lookup = lookup
+        self.leader = leader  # None: no election, this replica always writes
         self.queue: WorkQueue[ObjectKey] = WorkQueue("status", observer=observer)
         self._wanted: dict[ObjectKey, tuple[str, str]] = {}  # key -> (status, action)
         # What kopa last wrote: the store may not have seen kopa's own patch yet.
@@ -124,6 +142,18 @@ class StatusReporter:
         """Records the latest status of a ConfigMap; the writer catches up asynchronously."""
         self._wanted[configmap] = (status_value(errors), action)
         self.queue.add(configmap)
+
+    @property
+    def writing(self) -> bool:
+        return self.leader is None or self.leader.leading
+
+    def resync(self) -> None:
+        """This replica just became the writer: every status it knows is written where it differs from what
+        the ConfigMap carries. What it wrote as an earlier leader no longer counts (another leader may have
+        written since), so the stores' annotations, kept current by the watches, are the reference."""
+        self._written.clear()
+        for configmap in self._wanted:
+            self.queue.add(configmap)
 
     def forget(self, configmap: ObjectKey) -> None:
         self._wanted.pop(configmap, None)
@@ -159,8 +189,8 @@ class StatusReporter:
         written = self._written.get(key)
         same_object = written is not None and written[0] == uid
         current = written[1] if written is not None and same_object else annotations.get(STATUS_ANNOTATION)
-        if current == value:
-            return
+        if current == value or not self.writing:
+            return  # a replica that does not lead writes nothing; resync() catches up when it leads
         ns, name = key
         path = f"/api/v1/namespaces/{quote(ns)}/configmaps/{quote(name)}"
         try:
@@ -180,6 +210,8 @@ class StatusReporter:
     async def _event(self, obj: dict[str, Any], type_: str, reason: str, action: str, note: str) -> None:
         meta = obj.get("metadata") or {}
         ns, name = meta.get("namespace", ""), meta.get("name", "")
+        if not self.writing:
+            return  # leadership lost during the patch: the next leader sees the annotation, not a change
         event = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",

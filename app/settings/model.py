@@ -72,6 +72,18 @@ class BundleSettings:
 
 
 @dataclass(frozen=True)
+class LeaderElectionSettings:
+    """Which Lease elects the one kopa replica that writes statuses and Events, and its timing."""
+
+    enabled: bool  # "auto" resolved: on in bundle mode
+    namespace: str  # "" = kopa's own namespace
+    lease_name: str
+    lease_duration: float  # seconds
+    renew_deadline: float  # seconds
+    retry_period: float  # seconds
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """How much kopa logs, and in which form."""
 
@@ -88,6 +100,7 @@ class Settings:
     configmaps: ConfigMapSettings
     replication: ReplicationSettings
     bundle: BundleSettings
+    leader_election: LeaderElectionSettings
     logging: LoggingSettings
     health_endpoint: str  # "host:port" of the probe and metrics server; "" = off
     shutdown_timeout: float  # seconds

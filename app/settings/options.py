@@ -34,9 +34,10 @@ OPA = Group("Connection to OPA", section="opa", prefix="opa-")
 POLICIES_AND_DATA = Group("Policies and data", section="configmaps")
 REPLICATION = Group("Replication of Kubernetes resources", section="replication", prefix="replicate-")
 BUNDLE = Group("Bundle mode", section="bundle", prefix="bundle-")
+LEADER_ELECTION = Group("Leader election", section="leader_election", prefix="leader-election-")
 LOGGING = Group("Logging", section="logging", prefix="log-")
 OTHER = Group("Other")
-GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, BUNDLE, LOGGING, OTHER)
+GROUPS = (KUBERNETES, OPA, POLICIES_AND_DATA, REPLICATION, BUNDLE, LEADER_ELECTION, LOGGING, OTHER)
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,65 @@ OPTIONS: tuple[Option[Any], ...] = (
         BUNDLE,
         metavar="PATH",
         validate=validators.data_paths,
+    ),
+    Option(
+        "leader-election",
+        STRING,
+        "auto",
+        "Let only the holder of a coordination.k8s.io Lease write statuses and Events, so that several "
+        "kopa replicas never duplicate them: true, false, or auto (on in bundle mode, off in push mode, "
+        "where each sidecar reports on its own OPA as kube-mgmt does).",
+        LEADER_ELECTION,
+        metavar="auto|true|false",
+        validate=validators.leader_election,
+        field_name="enabled",
+    ),
+    Option(
+        "leader-election-namespace",
+        STRING,
+        "",
+        "Namespace of the Lease.",
+        LEADER_ELECTION,
+        metavar="NS",
+        validate=validators.namespace,
+        default_text="kopa's own namespace",
+    ),
+    Option(
+        "leader-election-lease-name",
+        STRING,
+        "kopa",
+        "Name of the Lease; kopa replicas that share it elect one status writer.",
+        LEADER_ELECTION,
+        metavar="NAME",
+        validate=validators.object_name,
+    ),
+    Option(
+        "leader-election-lease-duration",
+        DURATION,
+        15.0,
+        "How long the others wait, after the leader last renewed the Lease, before taking it over: a "
+        "leader that dies is replaced within this plus the retry period.",
+        LEADER_ELECTION,
+        metavar="DURATION",
+        validate=validators.positive,
+    ),
+    Option(
+        "leader-election-renew-deadline",
+        DURATION,
+        10.0,
+        "A leader that could not renew the Lease for this long stops writing (and tries to win it again).",
+        LEADER_ELECTION,
+        metavar="DURATION",
+        validate=validators.positive,
+    ),
+    Option(
+        "leader-election-retry-period",
+        DURATION,
+        2.0,
+        "How often the leader renews the Lease, and the others try to acquire it.",
+        LEADER_ELECTION,
+        metavar="DURATION",
+        validate=validators.positive,
     ),
     Option(
         "log-level",

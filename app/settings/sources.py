@@ -18,13 +18,19 @@ from app.settings.given import Given, Where, checked, parse_value
 from app.settings.model import (
     BundleSettings,
     ConfigMapSettings,
+    LeaderElectionSettings,
     LoggingSettings,
     OpaSettings,
     ReplicationSettings,
     Settings,
 )
 from app.settings.options import BY_NAME, GROUPS, LEGACY_BY_NAME, OPTIONS
-from app.settings.validators import check_bundle_mode, check_opa_connection, resolve_replication
+from app.settings.validators import (
+    check_bundle_mode,
+    check_opa_connection,
+    resolve_leader_election,
+    resolve_replication,
+)
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Given]:
@@ -135,6 +141,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     resolve_replication(values)
     check_opa_connection(values)
     check_bundle_mode(values)
+    resolve_leader_election(values)
     sections: dict[str, dict[str, Any]] = {group.section: {} for group in GROUPS}
     for name, value in values.items():
         section, _, field = BY_NAME[name].attribute.rpartition(".")
@@ -145,6 +152,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         configmaps=ConfigMapSettings(**sections["configmaps"]),
         replication=ReplicationSettings(**sections["replication"]),
         bundle=BundleSettings(**sections["bundle"]),
+        leader_election=LeaderElectionSettings(**sections["leader_election"]),
         logging=LoggingSettings(**sections["logging"]),
         warnings=tuple(flags.warnings),
     )

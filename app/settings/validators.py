@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from app.kube.resources import GroupVersionResource
 from app.opa.configuration import bundle_names
 from app.settings.errors import BadItem, SettingsError, shown
+from app.settings.kinds import BOOL
 
 
 def http_url(value: str) -> str:
@@ -136,24 +137,61 @@ def label_value(value: str) -> str:
     return value
 
 
+def _namespace_errors(name: str, alternative: str = "") -> list[str]:
+    return _short_name_errors(
+        name,
+        _DNS1123_LABEL_FMT,
+        "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+        "and must start and end with an alphanumeric character",
+        "my-name",
+        "123-abc",
+        alternative=alternative,
+    )
+
+
 def namespaces(value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
         if name == "*":
             continue
-        errors = _short_name_errors(
-            name,
-            _DNS1123_LABEL_FMT,
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
-            "and must start and end with an alphanumeric character",
-            "my-name",
-            "123-abc",
-            alternative=", or '*' for all namespaces",
-        )
+        errors = _namespace_errors(name, alternative=", or '*' for all namespaces")
         if errors:
             raise BadItem(name, "; ".join(errors))
     if "*" in value and any(name != "*" for name in value):
         raise ValueError('"*" (all namespaces) cannot be combined with namespace names')
     return tuple(dict.fromkeys(value))  # drop repeats, keep order
+
+
+def namespace(value: str) -> str:
+    """One namespace name; empty means kopa's own."""
+    errors = _namespace_errors(value) if value else []
+    if errors:
+        raise ValueError("; ".join(errors))
+    return value
+
+
+def object_name(value: str) -> str:
+    """A Kubernetes object name (RFC 1123 subdomain), as a Lease's name must be."""
+    if len(value) > 253 or not re.fullmatch(_DNS1123_SUBDOMAIN_FMT, value):
+        raise ValueError(
+            _regex_error(
+                "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+                "'.', and must start and end with an alphanumeric character",
+                _DNS1123_SUBDOMAIN_FMT,
+                "example.com",
+            )
+        )
+    return value
+
+
+def leader_election(value: str) -> str:
+    """auto, or a boolean as Go's strconv.ParseBool reads it (kube-mgmt users write booleans that way)."""
+    text = value.strip()
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return BOOL.to_text(BOOL.parse(text))
+    except ValueError:
+        raise ValueError("must be auto, true or false") from None
 
 
 def address(value: str) -> str:
@@ -320,6 +358,25 @@ def check_bundle_mode(values: dict[str, Any]) -> None:
                 f"invalid --replicate-path {shown(values['replicate-path'])}: it overlaps the reserved root "
                 f"{shown(root)} (--bundle-reserved-roots)"
             )
+
+
+def resolve_leader_election(values: dict[str, Any]) -> None:
+    """auto becomes on in bundle mode; the timing must be client-go's valid shape (a leader renews
+    several times within its deadline, and gives up before the others may take over)."""
+    mode = values["leader-election"]
+    values["leader-election"] = bool(values["bundle-endpoint"]) if mode == "auto" else mode == "true"
+    duration = values["leader-election-lease-duration"]
+    deadline = values["leader-election-renew-deadline"]
+    retry = values["leader-election-retry-period"]
+    if deadline >= duration:
+        raise SettingsError(
+            "invalid --leader-election-renew-deadline: must be shorter than --leader-election-lease-duration"
+        )
+    if retry * 1.2 >= deadline:
+        raise SettingsError(
+            "invalid --leader-election-retry-period: must be shorter than --leader-election-renew-deadline "
+            "divided by 1.2"
+        )
 
 
 def resolve_replication(values: dict[str, Any]) -> None:

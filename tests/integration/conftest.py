@@ -17,10 +17,10 @@ KopaFactory = Callable[..., KopaProcess]
 def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
     """Factory: run_kopa(*args) starts kopa with the admin kubeconfig plus args; stopped after the test.
 
-    A kopa that exits with an error or logs a traceback fails the test at teardown, whatever it asserted.
+    A kopa that exits with an error or logs a traceback fails the test at teardown, whatever it asserted;
+    a test that kills one says so with its `expected_exit` (-9 after SIGKILL).
     """
     started: list[KopaProcess] = []
-    expected: dict[int, int] = {}
 
     def start(*args: str, kubeconfig: Path | None = None, expect_exit: int = 0) -> KopaProcess:
         """expect_exit: the exit code the test expects (2 for a start-up error); anything else fails it."""
@@ -28,8 +28,8 @@ def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
         process = kopa_process(
             [f"--kubeconfig={kubeconfig or kube.admin_kubeconfig}", "--log-level=debug", *args], log
         )
+        process.expected_exit = expect_exit
         started.append(process.start())
-        expected[id(process)] = expect_exit
         return process
 
     yield start
@@ -37,7 +37,7 @@ def run_kopa(kube: KubeCluster, tmp_path: Path) -> Iterator[KopaFactory]:
     for process in started:
         code = process.stop()
         output = process.log_path.read_text(errors="replace")
-        if code not in (expected[id(process)], None):
+        if code not in (process.expected_exit, None):
             problems.append(f"kopa exited with {code}:\n{process.tail_log(30)}")
         if "Traceback" in output:
             problems.append(f"kopa logged a traceback:\n{process.tail_log(60)}")

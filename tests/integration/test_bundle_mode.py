@@ -148,6 +148,7 @@ def start_fleet(
             f"--namespaces={namespace}",
             f"--bundle-endpoint={HOST}:{port}",
             f"--bundle-token-file={token_file}",
+            f"--leader-election-namespace={namespace}",  # its Lease is the test's too
             "--replicate=v1/services",
             "--replicate-ignore-namespaces=default,kube-system,kube-public",
             *tls,

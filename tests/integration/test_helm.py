@@ -22,6 +22,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from app.settings import OPTIONS
 from devstack.certs import TestCA
 from devstack.demo import run_kubectl
 from devstack.kube import KubeCluster
@@ -48,14 +49,8 @@ UNCHECKED_KINDS = {
 }
 
 # Every flag kopa has or is getting; the chart must pass no other.
-KOPA_FLAGS = {
-    "kubeconfig", "opa-url", "log-level", "log-format", "enable-policies", "policy-label", "policy-value",
-    "enable-data", "data-label", "data-value", "namespaces", "config", "replicate", "replicate-cluster",
-    "replicate-path", "replicate-ignore-namespaces", "replicate-keep-managed-fields", "replicate-selector",
-    "replicate-fields", "health-endpoint", "shutdown-timeout", "opa-auth-token", "opa-auth-token-file",
-    "opa-ca-file", "opa-allow-insecure", "opa-client-cert-file", "opa-client-key-file", "opa-check-interval",
-    "opa-config", "analysis-entrypoint", "analysis-grace-period",
-}  # fmt: skip
+# Every flag kopa takes: the chart must pass no other.
+KOPA_FLAGS = {option.name for option in OPTIONS}
 
 KOPA_METRICS = {
     "workqueue_depth", "workqueue_adds_total", "workqueue_queue_duration_seconds",
@@ -111,6 +106,7 @@ CASES = [
     "network-policy",
     "observability",
     "mgmt-off",
+    "bundle",
 ]
 
 
@@ -119,6 +115,13 @@ def case_values(case: str, namespace: str, user_tls: dict[str, str]) -> dict[str
     values: dict[str, dict[str, Any]] = {
         "defaults": {},
         "two-namespaces": {"mgmt": {"namespaces": [namespace, "default"]}},
+        # kopa as a Deployment serving the bundle to OPA pods, with the webhook and replication on.
+        "bundle": {
+            "mode": "bundle",
+            "replicas": 3,
+            "mgmt": {"replicate": REPLICATION},
+            "admissionController": {"enabled": True},
+        },
         "authz-off": {"authz": {"enabled": False}},
         "https-off": {"useHttps": False},
         "all-namespaces": {"mgmt": {"namespaces": ["*"]}},
@@ -194,7 +197,8 @@ def kubectl(kube: KubeCluster, *args: str, stdin: str | None = None) -> subproce
 
 
 @pytest.mark.parametrize(
-    "case", ["defaults", "replication", "auto-replication", "webhook-on", "observability", "mgmt-off"]
+    "case",
+    ["defaults", "replication", "auto-replication", "webhook-on", "observability", "mgmt-off", "bundle"],
 )
 def test_helm_lint_is_clean(helm: Helm, case: str, user_tls: dict[str, str]) -> None:
     values = helm.values_file(case_values(case, "kopa-system", user_tls))
@@ -280,6 +284,13 @@ def test_values_schema_rejects_wrong_types_and_unknown_keys(
             },
             "a wildcard would grant Secrets",
         ),
+        ({"mode": "bundle", "mgmt": {"enabled": False}}, "mode: bundle needs mgmt.enabled"),
+        (
+            {"mode": "bundle", "opa": AUTO_OPA, "mgmt": {"replicate": {"auto": True}}},
+            "not available with mode: bundle yet",
+        ),
+        ({"mode": "bundle", "serviceMonitor": {"enabled": True}}, "do not cover kopa's own pods"),
+        ({"mode": "bundle", "opa": {"services": [{"name": "x"}]}}, "write opa.services as a map"),
     ],
 )
 def test_chart_refuses_contradictory_values(helm: Helm, values: dict[str, Any], complaint: str) -> None:
@@ -375,12 +386,14 @@ def check_case(case: str, r: Rendered, user_tls: dict[str, str]) -> None:
     ns = r.namespace
     bootstrap = r.one("ConfigMap", "kopa-bootstrap")["data"]
     webhooks = r.of_kind("ValidatingWebhookConfiguration") + r.of_kind("MutatingWebhookConfiguration")
-    if case not in ("webhook-on", "webhook-url", "cert-manager", "existing-tls"):
+    if case not in ("webhook-on", "webhook-url", "cert-manager", "existing-tls", "bundle"):
         assert webhooks == [], "the webhook is off by default"
     if case in ("defaults", "two-namespaces", "authz-off", "https-off", "existing-token", "user-certs"):
         assert not r.of_kind("ClusterRole"), (
             "no ClusterRole unless namespaces is * or something is replicated"
         )
+    if case == "bundle":
+        check_bundle_mode(r)
     if case == "defaults":
         assert r.kinds() == [
             "ConfigMap",
@@ -616,6 +629,61 @@ def check_auto_replication(r: Rendered) -> None:
     assert r.flag_values("mgmt", "replicate") == ["v1/services"]
     granted = [rule for role in r.of_kind("ClusterRole", "Role") for rule in rules_of(role)]
     assert not [rule for rule in granted if "secrets" in rule["resources"] or "*" in rule["resources"]]
+
+
+def check_bundle_mode(r: Rendered) -> None:
+    """kopa as a Deployment of its own, serving the bundle the OPA pods download from its Service with the
+    token and long polling; a validation OPA on loopback in kopa's pod; the Lease granted by name."""
+    ns = r.namespace
+    assert not r.has_container("mgmt"), "no sidecar in bundle mode"
+    assert r.container("opa")["readinessProbe"]["httpGet"]["path"] == "/health?bundles"
+    assert r.deployment["spec"]["replicas"] == 3
+    config = yaml.safe_load(r.secret_data("kopa-config")["config.yaml"])
+    service = config["services"]["kopa"]
+    assert service["url"] == f"https://kopa-mgmt.{ns}.svc:8443"
+    assert service["tls"] == {"ca_cert": "/certs/ca.crt"}
+    bundle = config["bundles"]["kopa"]
+    assert (bundle["service"], bundle["resource"]) == ("kopa", "bundles/kopa")
+    assert bundle["polling"]["long_polling_timeout_seconds"] == 30
+    volume, key, read_only = mounted_file(r, "opa", service["credentials"]["bearer"]["token_path"])
+    assert (volume["secret"]["secretName"], key, read_only) == ("kopa-bundle-token", "token", True)
+    assert r.secret_data("kopa-bundle-token")["token"]
+    bootstrap = r.one("ConfigMap", "kopa-bootstrap")["data"]
+    assert "authz.rego.tmpl" in bootstrap and "kopa-health.rego" not in bootstrap
+
+    kopa = r.mgmt_deployment
+    assert kopa["spec"]["replicas"] == 2
+    pod = kopa["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    args = containers["mgmt"]["args"]
+    assert {
+        "--opa-url=http://127.0.0.1:8181/v1",
+        "--bundle-endpoint=0.0.0.0:8443",
+        "--bundle-token-file=/bundle-token/token",
+        "--bundle-reserved-roots=system",
+        "--bundle-tls-cert-file=/certs/tls.crt",
+        "--leader-election=true",
+        "--leader-election-lease-name=kopa",
+    } <= set(args)
+    flags = {arg.removeprefix("--").split("=", 1)[0] for arg in args}
+    assert flags <= KOPA_FLAGS, flags - KOPA_FLAGS
+    assert "--addr=127.0.0.1:8181" in containers["opa-validation"]["args"], "the validation OPA: loopback"
+    labels = pod["metadata"]["labels"]
+    kopa_service = r.one("Service", "kopa-mgmt")
+    assert kopa_service["spec"]["selector"].items() <= labels.items()
+    assert kopa_service["spec"]["ports"] == [
+        {"name": "bundle", "port": 8443, "targetPort": "bundle", "protocol": "TCP"}
+    ]
+    assert not r.one("Service", "kopa")["spec"]["selector"].items() <= labels.items(), "OPA's Service"
+    budget = r.one("PodDisruptionBudget", "kopa-mgmt")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert rules_of(r.one("Role", "kopa-leader-election")) == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kopa"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]  # fmt: skip
+    (webhook,) = r.one("ValidatingWebhookConfiguration")["webhooks"]
+    assert webhook["clientConfig"]["service"]["name"] == "kopa", "the webhook calls the OPA pods"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -63,6 +63,14 @@ DEFAULTS: dict[str, Any] = {
         "tls_key_file": "",
         "reserved_roots": ("system",),
     },
+    "leader_election": {
+        "enabled": False,  # auto: off in push mode
+        "namespace": "",
+        "lease_name": "kopa",
+        "lease_duration": 15.0,  # client-go's defaults
+        "renew_deadline": 10.0,
+        "retry_period": 2.0,
+    },
     "logging": {"level": "info", "format": "text"},
     "health_endpoint": "0.0.0.0:8000",
     "shutdown_timeout": 10.0,
@@ -1190,3 +1198,54 @@ def test_bundle_mode_refuses_automatic_replication(tmp_path: Path) -> None:
     opa_config.write_text("bundles: {}\n", encoding="utf-8")
     message = error(["--bundle-endpoint=:8443", "--bundle-token-file=/t", f"--opa-config={opa_config}"])
     assert message.startswith("invalid --opa-config: automatic replication is not available in bundle mode")
+
+
+# --- leader election ---------------------------------------------------------------------------------------
+
+BUNDLE_MODE = ("--bundle-endpoint=:8443", "--bundle-token-file=/t")
+
+
+@pytest.mark.parametrize(
+    ("argv", "enabled"),
+    [
+        ((), False),
+        (BUNDLE_MODE, True),
+        (("--leader-election=true",), True),
+        (("--leader-election=T",), True),
+        ((*BUNDLE_MODE, "--leader-election=false"), False),
+        ((*BUNDLE_MODE, "--leader-election=AUTO"), True),
+    ],
+)
+def test_leader_election_is_on_by_default_in_bundle_mode_only(argv: tuple[str, ...], enabled: bool) -> None:
+    """Push mode's sidecars each report on their own OPA, as kube-mgmt's do (and existing installs grant no
+    Lease RBAC); bundle mode's replicas all report the same, so only one of them may write."""
+    assert load(*argv).leader_election.enabled is enabled
+
+
+def test_leader_election_settings() -> None:
+    loaded = load(
+        "--leader-election-namespace=kopa-system",
+        "--leader-election-lease-name=kopa.example",
+        "--leader-election-lease-duration=3s",
+        "--leader-election-renew-deadline=2s",
+        "--leader-election-retry-period=500ms",
+    ).leader_election
+    assert (loaded.namespace, loaded.lease_name) == ("kopa-system", "kopa.example")
+    assert (loaded.lease_duration, loaded.renew_deadline, loaded.retry_period) == (3.0, 2.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--leader-election=maybe"], 'invalid --leader-election "maybe": must be auto, true or false'),
+        (["--leader-election-namespace=*"], "invalid --leader-election-namespace"),
+        (["--leader-election-lease-name=Kopa"], "RFC 1123 subdomain"),
+        (["--leader-election-renew-deadline=15s"], "must be shorter than --leader-election-lease-duration"),
+        (["--leader-election-retry-period=9s"], "must be shorter than --leader-election-renew-deadline"),
+        (["--leader-election-retry-period=0"], "must be more than zero"),
+    ],
+)
+def test_leader_election_refusals(argv: list[str], message: str) -> None:
+    """client-go's shape: the leader gives up before the others may take over, and renews several times
+    within its deadline."""
+    assert message in error(argv)

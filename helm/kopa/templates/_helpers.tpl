@@ -91,7 +91,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "kopa.serviceDNSNames" -}}
 {{- $name := include "kopa.fullname" . }}
 {{- $ns := .Release.Namespace }}
-{{- list $name (printf "%s.%s" $name $ns) (printf "%s.%s.svc" $name $ns) (printf "%s.%s.svc.cluster.local" $name $ns) "localhost" | toJson }}
+{{- $names := list $name (printf "%s.%s" $name $ns) (printf "%s.%s.svc" $name $ns) (printf "%s.%s.svc.cluster.local" $name $ns) "localhost" }}
+{{- if include "kopa.bundleMode" . }}
+{{- $mgmt := include "kopa.mgmtFullname" . }}
+{{- /* the OPAs download from kopa's Service over TLS with the same certificate */}}
+{{- $names = concat $names (list $mgmt (printf "%s.%s" $mgmt $ns) (printf "%s.%s.svc" $mgmt $ns) (printf "%s.%s.svc.cluster.local" $mgmt $ns)) }}
+{{- end }}
+{{- $names | toJson }}
 {{- end }}
 
 {{/*
@@ -210,4 +216,157 @@ Secrets (and everything else) without naming them. Returns a JSON list of rules.
 {{- $groups := list }}
 {{- range .apiGroups }}{{ $groups = append $groups (eq . "" | ternary "core group" .) }}{{ end }}
 {{- printf "%s (%s)" (join ", " .resources) (join ", " $groups) }}
+{{- end }}
+
+{{/* mode: bundle: kopa is a Deployment of its own serving a bundle to the OPA pods ("true" or ""). */}}
+{{- define "kopa.bundleMode" -}}
+{{- if eq .Values.mode "bundle" }}true{{ end }}
+{{- end }}
+
+{{/* kopa is a sidecar in the OPA pod: push mode with mgmt.enabled ("true" or ""). */}}
+{{- define "kopa.sidecar" -}}
+{{- if and .Values.mgmt.enabled (not (include "kopa.bundleMode" .)) }}true{{ end }}
+{{- end }}
+
+{{/* OPA runs with a configuration file: the opa value, or kopa's bundle service in bundle mode. */}}
+{{- define "kopa.hasOpaConfig" -}}
+{{- if or .Values.opa (include "kopa.bundleMode" .) }}true{{ end }}
+{{- end }}
+
+{{/* Bundle mode: the name of kopa's Deployment, Service and PDB, and the labels that select its pods (a
+name of their own, so that OPA's selector, the chart's, never matches kopa's pods). */}}
+{{- define "kopa.mgmtFullname" -}}
+{{- printf "%s-mgmt" (include "kopa.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "kopa.mgmtSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-mgmt" (include "kopa.name" . | trunc 58 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Bundle mode: where OPA finds kopa's bundle token, and the paths kopa's bundle never claims. */}}
+{{- define "kopa.bundleTokenDir" -}}
+/bundle-token
+{{- end }}
+
+{{- define "kopa.reservedRoots" -}}
+{{- prepend .Values.mgmt.bundle.reservedRoots "system" | uniq | join "," }}
+{{- end }}
+
+{{/*
+OPA's configuration file. Push mode: the opa value as it is. Bundle mode: the opa value plus kopa as the
+service `kopa` and its bundle `kopa` (long polling, the token read from the mounted Secret at each request,
+kopa's CA with useHttps).
+*/}}
+{{- define "kopa.opaConfig" -}}
+{{- if include "kopa.bundleMode" . }}
+{{- $config := deepCopy (.Values.opa | default dict) }}
+{{- $service := dict "url" (printf "%s://%s.%s.svc:%d" (include "kopa.scheme" .) (include "kopa.mgmtFullname" .) .Release.Namespace (int .Values.mgmt.bundle.port)) "credentials" (dict "bearer" (dict "token_path" (printf "%s/token" (include "kopa.bundleTokenDir" .)))) }}
+{{- if .Values.useHttps }}
+{{- $_ := set $service "tls" (dict "ca_cert" "/certs/ca.crt") }}
+{{- end }}
+{{- $services := get $config "services" | default dict }}
+{{- if not (kindIs "map" $services) }}
+{{- fail "mode: bundle adds kopa to opa.services: write opa.services as a map (name -> service), not a list" }}
+{{- end }}
+{{- $_ := set $services "kopa" $service }}
+{{- $_ := set $config "services" $services }}
+{{- $bundles := get $config "bundles" | default dict }}
+{{- $polling := dict "min_delay_seconds" 2 "max_delay_seconds" 10 "long_polling_timeout_seconds" (int .Values.mgmt.bundle.longPollingTimeoutSeconds) }}
+{{- $_ := set $bundles "kopa" (dict "service" "kopa" "resource" "bundles/kopa" "polling" $polling) }}
+{{- $_ := set $config "bundles" $bundles }}
+{{- toYaml $config }}
+{{- else }}
+{{- toYaml .Values.opa }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bundle mode: the bearer token the OPAs send to kopa, decided once per render (cached on the root context)
+and kept across upgrades: an existing Secret of this release is read back (`lookup`), as the certificate is.
+*/}}
+{{- define "kopa.bundleToken" -}}
+{{- if not (hasKey $ "kopaBundleToken") }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-bundle-token" (include "kopa.fullname" .)) }}
+{{- if and $existing $existing.data (hasKey $existing.data "token") }}
+{{- $_ := set $ "kopaBundleToken" (index $existing.data "token" | b64dec) }}
+{{- else }}
+{{- $_ := set $ "kopaBundleToken" (randAlphaNum 40) }}
+{{- end }}
+{{- end }}
+{{- get $ "kopaBundleToken" }}
+{{- end }}
+
+{{/* kopa's flags for what it watches and loads, its probe server and logs, then mgmt.extraArgs; the same
+for the sidecar and for the bundle-mode Deployment, which add their own before. */}}
+{{- define "kopa.sourceArgs" -}}
+- --namespaces={{ include "kopa.namespaces" . }}
+- --enable-policies={{ .Values.mgmt.policies.enabled }}
+- --policy-label={{ .Values.mgmt.policies.label }}
+- --policy-value={{ .Values.mgmt.policies.value }}
+- --enable-data={{ .Values.mgmt.data.enabled }}
+- --data-label={{ .Values.mgmt.data.label }}
+- --data-value={{ .Values.mgmt.data.value }}
+- --replicate-path={{ .Values.mgmt.replicate.path }}
+{{- range .Values.mgmt.replicate.namespace }}
+- --replicate={{ . }}
+{{- end }}
+{{- range .Values.mgmt.replicate.cluster }}
+- --replicate-cluster={{ . }}
+{{- end }}
+{{- with .Values.mgmt.replicate.ignoreNs }}
+- --replicate-ignore-namespaces={{ join "," . }}
+{{- end }}
+{{- if .Values.mgmt.replicate.keepManagedFields }}
+- --replicate-keep-managed-fields
+{{- end }}
+{{- range $resource, $selector := .Values.mgmt.replicate.selectors }}
+- {{ printf "--replicate-selector=%s=%s" $resource $selector | quote }}
+{{- end }}
+{{- range $resource, $fields := .Values.mgmt.replicate.fields }}
+- {{ printf "--replicate-fields=%s=%s" $resource (join "," $fields) | quote }}
+{{- end }}
+{{- if .Values.mgmt.replicate.auto }}
+# Auto-replication: kopa reads OPA's own configuration file (the same Secret, mounted read-only
+# below) for the bundles whose policies it analyses.
+- --opa-config={{ include "kopa.opaConfigFile" . }}
+{{- end }}
+- --health-endpoint=0.0.0.0:{{ .Values.mgmt.healthPort }}
+- --log-level={{ .Values.mgmt.logLevel }}
+- --log-format={{ .Values.mgmt.logFormat }}
+{{- range .Values.mgmt.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The projected volume of kopa's API credentials (the sidecar's and the bundle-mode Deployment's). */}}
+{{- define "kopa.kubeApiAccessVolume" -}}
+# kopa's API credentials, as the kubelet projects them for an automounted token: a token that
+# expires and that the kubelet rotates (kopa reloads it after a 401), the cluster's CA, the namespace.
+- name: kube-api-access
+  projected:
+    defaultMode: 0444
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: {{ .Values.mgmt.serviceAccountTokenExpirationSeconds }}
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                apiVersion: v1
+                fieldPath: metadata.namespace
+{{- end }}
+
+{{/* OPA's readiness: with the sidecar, kopa's marker (kopa-health.rego); in bundle mode, kopa's bundle
+activated; without kopa, OPA's plugins. */}}
+{{- define "kopa.opaReadyPath" -}}
+{{- if include "kopa.bundleMode" . }}/health?bundles
+{{- else }}{{ .Values.mgmt.enabled | ternary "/health/ready" "/health?plugins" }}
+{{- end }}
 {{- end }}
