@@ -44,11 +44,11 @@ pytestmark = pytest.mark.integration
 HELLO = 'package kubernetes.example\n\ngreeting := data[NS].settings["s.json"].greeting\n'
 
 
-def opa_config(url: str, token: str, ca_file: Path | None = None) -> str:
-    """An OPA configured with kopa as its bundle service, as the chart will: long polling and the token
-    (and kopa's CA with TLS); a short retry cap so that an OPA refused before kopa's first load asks again
-    soon."""
-    service: dict[str, Any] = {"url": url, "credentials": {"bearer": {"token": token}}}
+def opa_config(url: str, token_file: Path, ca_file: Path | None = None) -> str:
+    """An OPA configured with kopa as its bundle service, as the chart does: long polling and the token read
+    from a file (the chart mounts kopa's token Secret; OPA trims the newline), kopa's CA with TLS; a short
+    retry cap so that an OPA refused before kopa's first load asks again soon."""
+    service: dict[str, Any] = {"url": url, "credentials": {"bearer": {"token_path": str(token_file)}}}
     if ca_file is not None:
         service["tls"] = {"ca_cert": str(ca_file)}
     return json.dumps(
@@ -158,7 +158,7 @@ def start_fleet(
         for i in range(opas):
             work = tmp_path / f"opa-{i}"
             work.mkdir()
-            config = opa_config(url, token, ca.ca_file if ca is not None else None)
+            config = opa_config(url, token_file, ca.ca_file if ca is not None else None)
             (work / "config.json").write_text(config, encoding="utf-8")
             server = OpaServer(work, "plain", log_level="info", extra_args=("--config-file=config.json",))
             started.append(server)
