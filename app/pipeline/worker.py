@@ -134,9 +134,11 @@ async def _apply(
                 errors.append(exc)
                 return
 
-    async with anyio.create_task_group() as tg:
-        if beside:
+    if beside:
+        async with anyio.create_task_group() as tg:
             tg.start_soon(lane, beside)
+            await lane(main)
+    else:  # the usual batch: no task group to open and close for every change
         await lane(main)
     if errors:  # an outage first: it is waited out and the whole batch written again
         raise next((exc for exc in errors if isinstance(exc, OpaUnavailable)), errors[0])
