@@ -81,8 +81,12 @@ class Found:
     """One plural the policies read, and what became of it."""
 
     state: str
-    resource: str = ""  # group/version/resource, once resolved
+    gvr: GroupVersionResource | None = None  # once resolved
     reason: str = ""
+
+    @property
+    def resource(self) -> str:
+        return str(self.gvr) if self.gvr is not None else ""
 
     def describe(self) -> dict[str, str]:
         fields = {"state": self.state, "resource": self.resource, "reason": self.reason}
@@ -192,7 +196,7 @@ class AutoReplication:
         for plural in sorted(result.plurals):
             infos = self._served.get(plural, [])
             if plural in given:
-                found[plural] = Found("given", str(given[plural]), "replicated as given by --replicate")
+                found[plural] = Found("given", given[plural], "replicated as given by --replicate")
             elif not infos:
                 reason = f"no resource named {plural} is served (CRD missing?)"
                 found[plural] = Found("unresolved", reason=reason)
@@ -202,7 +206,7 @@ class AutoReplication:
                 found[plural] = Found("ambiguous", reason=reason)
             else:
                 wanted[infos[0].gvr] = infos[0]
-                found[plural] = Found("replicating", str(infos[0].gvr))
+                found[plural] = Found("replicating", infos[0].gvr)
         for gvr, info in wanted.items():
             self._unreferenced.pop(gvr, None)
             if gvr in self._started or self.replicators.retiring(gvr):
@@ -214,7 +218,7 @@ class AutoReplication:
             left = self.settings.grace - (now - since)
             if left > 0:
                 reason = f"no longer read; removed in {left:.0f}s"
-                found[gvr.resource] = Found("unreferenced", str(gvr), reason)
+                found[gvr.resource] = Found("unreferenced", gvr, reason)
                 continue
             log.info("policies no longer read %s: stopped replicating it and removing it from OPA", gvr)
             self.replicators.retire(gvr)
@@ -228,11 +232,11 @@ class AutoReplication:
         """Each plural read, as of now: a resource RBAC does not grant shows as forbidden."""
         found = dict(self._found)
         for plural, entry in found.items():
-            if entry.state == "replicating":
-                running = self.replicators.get(GroupVersionResource.parse(entry.resource))
+            if entry.state == "replicating" and entry.gvr is not None:
+                running = self.replicators.get(entry.gvr)
                 forbidden = running.forbidden() if running is not None else None
                 if forbidden is not None:
-                    found[plural] = Found("forbidden", entry.resource, forbidden)
+                    found[plural] = Found("forbidden", entry.gvr, forbidden)
         return found
 
     def _log_changes(self, result: Analysis) -> None:

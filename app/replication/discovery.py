@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.kube.client import JSON, KubeApiError
 from app.kube.resources import GroupVersionResource
@@ -38,16 +38,27 @@ class ResourceInfo:
 
 async def lookup(client: Discovery, gvr: GroupVersionResource) -> ResourceInfo | None:
     """The resource as the API server serves it, or None when its group/version or name is not served."""
-    try:
-        listing = await client.get(gvr.api_path)
-    except KubeApiError as exc:
-        if exc.status in (404, 503):  # not installed, or an aggregated API that is not available
-            return None
-        raise
-    for entry in listing.get("resources") or []:
+    for entry in await _resources(client, gvr):
         if entry.get("name") == gvr.resource:
-            return ResourceInfo(gvr, bool(entry.get("namespaced")), str(entry.get("kind", "")))
+            return _info(gvr, entry)
     return None
+
+
+async def _resources(client: Discovery, gv: GroupVersionResource) -> list[dict[str, Any]]:
+    """The resources of a group/version; none when it is not served (not installed, or an aggregated
+    API that is not available right now)."""
+    try:
+        listing = await client.get(gv.api_path)
+    except KubeApiError as exc:
+        if exc.status in (404, 503):
+            log.debug("discovery of %s: %s", gv.api_version, exc)
+            return []
+        raise
+    return list(listing.get("resources") or [])
+
+
+def _info(gvr: GroupVersionResource, entry: dict[str, Any]) -> ResourceInfo:
+    return ResourceInfo(gvr, bool(entry.get("namespaced")), str(entry.get("kind", "")))
 
 
 def check_plurals(
@@ -100,22 +111,9 @@ async def served_resources(client: Discovery) -> dict[str, list[ResourceInfo]]:
             versions.append((str(group["name"]), str(preferred)))
     found: dict[str, list[ResourceInfo]] = {}
     for group_name, version in versions:
-        gv = GroupVersionResource(group_name, version, "")
-        try:
-            listing = await client.get(gv.api_path)
-        except KubeApiError as exc:
-            if exc.status in (404, 503):  # an aggregated API that is not available right now
-                log.debug("discovery of %s failed: %s", gv.api_version, exc)
-                continue
-            raise
-        for entry in listing.get("resources") or []:
+        for entry in await _resources(client, GroupVersionResource(group_name, version, "")):
             name = str(entry.get("name") or "")
-            if not name or "/" in name:
-                continue
-            info = ResourceInfo(
-                GroupVersionResource(group_name, version, name),
-                bool(entry.get("namespaced")),
-                str(entry.get("kind", "")),
-            )
-            found.setdefault(name, []).append(info)
+            if name and "/" not in name:
+                info = _info(GroupVersionResource(group_name, version, name), entry)
+                found.setdefault(name, []).append(info)
     return found
