@@ -327,6 +327,13 @@ deny contains msg if {
         # The policy's own package lies below the replicate path: it is a rule, not a resource.
         assert set(resources_of(section)) == {"namespaces"}
         wait_log(kopa, "entrypoint data.main.main not found")
+        # The policy removed: analysed again, namespaces no longer read (kept for the grace period).
+        core_v1.delete_namespaced_config_map("admission", namespace)
+        wait_analysis(
+            kopa,
+            lambda s: resources_of(s).get("namespaces", {}).get("state") == "unreferenced",
+            "namespaces unreferenced once the policy is gone",
+        )
 
 
 def test_an_ambiguous_plural_is_an_error_naming_both_unless_replicate_chooses(
