@@ -39,6 +39,7 @@ class MetricSources:
     opa_refusals: Callable[[], int] = lambda: 0
     drift_repaired: Callable[[], dict[str, int]] = dict  # kind -> repairs
     bundle: BundleStats | None = None  # the bundle endpoint's answers, in bundle mode
+    bundle_compiles: Callable[[], int] = lambda: 0  # candidates the validation OPA compiled, in bundle mode
     ready: Callable[[], bool] = lambda: False
     opa_up: Callable[[], bool] = lambda: False
     leader: Callable[[], bool] = lambda: True  # writes statuses and Events (leads, or no election)
@@ -201,7 +202,7 @@ class Metrics(Collector):
             responses = CounterMetricFamily(
                 "kopa_bundle_responses",
                 "Answers of the bundle endpoint, by kind (snapshot, delta, not_modified, unauthorized, "
-                "unavailable).",
+                "unavailable; candidate and candidate_not_modified to the validation OPA).",
                 labels=["kind"],
             )
             sent = CounterMetricFamily(
@@ -213,6 +214,13 @@ class Metrics(Collector):
                 if kind in ("snapshot", "delta"):
                     sent.add_metric([kind], count)
             yield from (responses, sent)
+            compiles = CounterMetricFamily(
+                "kopa_bundle_compiles",
+                "Candidate bundles the validation OPA compiled to check policies (one per batch when they "
+                "compile; a few more to find the modules that do not).",
+            )
+            compiles.add_metric([], s.bundle_compiles())
+            yield compiles
             yield GaugeMetricFamily(
                 "kopa_bundle_requests_held",
                 "Bundle requests held now: long polls, and requests waiting for the first complete load.",

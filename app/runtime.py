@@ -19,6 +19,8 @@ from functools import partial
 import anyio
 from anyio.abc import TaskGroup
 
+from app.bundle.candidate import Candidates
+from app.bundle.compiler import BundleCompiler
 from app.bundle.state import BundleState
 from app.bundle.target import BundleTarget, Publication
 from app.configmaps.source import ConfigMapSource, Selection
@@ -77,23 +79,30 @@ async def run(settings: Settings) -> None:
         ) as queue,
     ):
         process = OpaProcess(opa, settings.opa.check_interval, watch=opa.until_closed)
-        # Bundle mode: the handlers write into the bundle (each policy checked by the OPA at --opa-url
-        # first), which the bundle server hands to the OPAs; push mode: straight into that OPA.
+        # Bundle mode: the handlers write into the bundle (each batch of policies compiled once by the OPA
+        # at --opa-url first, which downloads it as a candidate bundle), which the bundle server hands to
+        # the OPAs; push mode: straight into that OPA.
         bundle = BundleState(reserved_roots(settings)) if settings.bundle.enabled else None
-        target = BundleTarget(bundle, opa) if bundle is not None else opa
-        bundle_server = await start_bundle_server(settings, bundle) if bundle is not None else None
+        compiler = BundleCompiler(opa) if bundle is not None else None
+        target = BundleTarget(bundle, compiler) if bundle is not None and compiler is not None else None
+        bundle_server = (
+            await start_bundle_server(settings, bundle, compiler.candidates)
+            if bundle is not None and compiler is not None
+            else None
+        )
         # Several replicas: only the holder of the Lease writes statuses and Events.
         elector = leader_elector(settings, kube, connection) if settings.leader_election.enabled else None
 
         # Producers: each keeps its source's store and adds changed keys to the queue.
         configmaps = ConfigMapSource(
             kube=kube,
-            opa=target,
+            opa=target or opa,
             process=process,
             selection=configmap_selection(settings, namespaces),
             add=queue.add,
             status_observer=metrics.queue_observer("status"),
             leader=elector,
+            settler=target,
         )
         if elector is not None:
             elector.on_started_leading(configmaps.reporter.resync)
@@ -106,7 +115,7 @@ async def run(settings: Settings) -> None:
         replication = settings.replication
         replicators = Replicators(
             kube=kube,
-            opa=target,
+            opa=target or opa,
             process=process,
             options=replication_options(settings),
             add=queue.add,
@@ -159,6 +168,7 @@ async def run(settings: Settings) -> None:
                 "replicated": replicators.repairs(),
             },
             bundle=bundle_server.stats if bundle_server is not None else None,
+            bundle_compiles=lambda: compiler.compiles if compiler is not None else 0,
             ready=lambda: readiness.ready,
             opa_up=lambda: process.available,
             leader=lambda: configmaps.reporter.writing,
@@ -205,14 +215,16 @@ def reserved_roots(settings: Settings) -> list[list[str]]:
     return [root.split("/") for root in settings.bundle.reserved_roots]
 
 
-async def start_bundle_server(settings: Settings, state: BundleState) -> BundleServer:
+async def start_bundle_server(settings: Settings, state: BundleState, candidates: Candidates) -> BundleServer:
     """The bundle endpoint, bound; raises CredentialsError or ServerError (one line) when it cannot be."""
     token = TokenFile(settings.bundle.token_file, setting="--bundle-token-file")
     token.load()
     b = settings.bundle
     tls = server_tls(b.tls_cert_file, b.tls_key_file) if b.tls_cert_file else None
     host, _, port = b.endpoint.rpartition(":")
-    server = BundleServer(state, host.strip("[]"), int(port), token=token, ssl_context=tls)
+    server = BundleServer(
+        state, host.strip("[]"), int(port), token=token, ssl_context=tls, candidates=candidates
+    )
     await server.start()
     return server
 

@@ -22,7 +22,16 @@ from devstack.binaries import tool_path
 from devstack.certs import TestCA
 from devstack.processes import HOST, ManagedProcess, free_port, http_status, ssl_context
 
-__all__ = ["AUTHZ_POLICY_ID", "Flavour", "OpaHttp", "OpaHttpError", "OpaServer", "authz_policy"]
+__all__ = [
+    "AUTHZ_POLICY_ID",
+    "Flavour",
+    "OpaHttp",
+    "OpaHttpError",
+    "OpaServer",
+    "authz_policy",
+    "kopa_service",
+    "validation_config",
+]
 
 Flavour = Literal["plain", "secure"]
 
@@ -52,6 +61,36 @@ allow if {{
 
 allow if input.identity == {json.dumps(token)}
 """
+
+
+def kopa_service(kopa_url: str, token_file: Path, ca_file: Path | None = None) -> dict[str, Any]:
+    """kopa's bundle endpoint as a service in an OPA configuration: the token read from a file (OPA trims
+    the newline), kopa's CA with TLS."""
+    service: dict[str, Any] = {"url": kopa_url, "credentials": {"bearer": {"token_path": str(token_file)}}}
+    if ca_file is not None:
+        service["tls"] = {"ca_cert": str(ca_file)}
+    return service
+
+
+def validation_config(kopa_url: str, token_file: Path, ca_file: Path | None = None) -> str:
+    """The configuration of kopa's validation OPA in bundle mode (README, bundle mode): it downloads the
+    candidate bundle from kopa's bundle endpoint (`kopa_url`, e.g. http://127.0.0.1:8282) with long polling
+    and the bundle token, and its status plugin is on, which is where kopa reads each candidate's outcome."""
+    service = kopa_service(kopa_url, token_file, ca_file)
+    polling = {"min_delay_seconds": 1, "max_delay_seconds": 1, "long_polling_timeout_seconds": 60}
+    return json.dumps(
+        {
+            "services": {"kopa": service},
+            "bundles": {
+                "kopa-validation": {
+                    "service": "kopa",
+                    "resource": "bundles/kopa-validation",
+                    "polling": polling,
+                }
+            },
+            "status": {"prometheus": True},
+        }
+    )
 
 
 class OpaServer:
@@ -123,6 +162,15 @@ class OpaServer:
     def plain(cls, work_dir: Path | str | None = None, **kwargs: Any) -> OpaServer:
         """HTTP without authentication: the development shape."""
         return cls(work_dir, "plain", **kwargs)
+
+    @classmethod
+    def validation(
+        cls, work_dir: Path, kopa_url: str, token_file: Path, ca_file: Path | None = None, **kwargs: Any
+    ) -> OpaServer:
+        """kopa's validation OPA in bundle mode (see `validation_config`), plain HTTP on loopback."""
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "validation.json").write_text(validation_config(kopa_url, token_file, ca_file), "utf-8")
+        return cls(work_dir, "plain", extra_args=("--config-file=validation.json",), **kwargs)
 
     @classmethod
     def secure(cls, work_dir: Path | str | None = None, **kwargs: Any) -> OpaServer:

@@ -8,35 +8,33 @@ the whole bundle:
   (`--bundle-reserved-roots`, `system` by default: paths that belong to OPA itself or to other bundles, such
   as the chart's `system.authz`; see `BundleState.root_of`). Data is held to the same rule. A refusal is an
   `OpaError` with OPA's shape, so the ConfigMap's status and Events say why, as for any error in push mode;
-- then it is loaded into the validation OPA (`--opa-url` in bundle mode: a private OPA that nothing else
-  writes to), which compiles it with every module the bundle holds. The module enters the bundle only if that
-  OPA accepted it; a module is removed from the bundle once that OPA let it go (it refuses while others depend
-  on it, naming them, which the PolicyBook handles as in push mode).
+- then it must compile with everything else the bundle holds. Module writes are staged, and `settle` (the
+  PolicyBook calls it once per batch of the writer) decides the whole batch with one compile of the
+  candidate in the validation OPA (`app/bundle/settle.py`, `compiler.py`), so loading N modules costs one
+  compile, not N. Until then the book counts a staged module as loaded; `settle` tells it what became of
+  each one, in OPA's words.
 
-The validation OPA therefore holds exactly the bundle's modules. `OpaProcess` watches it (its process id):
-when it restarts, the books load everything again into it, and writes of what the bundle already holds
-change nothing here. Each PUT makes that OPA compile every module, so loading N modules costs N compiles (the
-quadratic cost of push mode, paid once by kopa instead of by every OPA); the next step is to compile the
-candidate bundle once, through the validation OPA's own bundle plugin.
+Data needs no compile and goes into the bundle at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from app.bundle.settle import Failure, Outcome, settle
 from app.bundle.state import BundleState
 from app.configmaps.policies import package_of
 from app.model import related
 from app.opa.client import Chunks, OpaError
 
 
-class Validator(Protocol):
-    """What the target needs of the validation OPA."""
+class Compiler(Protocol):
+    """What the target needs of the validation OPA (`BundleCompiler`)."""
 
-    async def put_policy(self, policy_id: str, text: str) -> None: ...
+    async def compile(self, modules: Mapping[str, str]) -> list[Failure]: ...
 
-    async def delete_policy(self, policy_id: str) -> bool: ...
+    def rest(self, modules: Mapping[str, str]) -> None: ...
 
 
 def root_error(what: str, path: Sequence[str], state: BundleState) -> OpaError | None:
@@ -53,9 +51,10 @@ def root_error(what: str, path: Sequence[str], state: BundleState) -> OpaError |
 
 
 class BundleTarget:
-    def __init__(self, state: BundleState, validator: Validator) -> None:
+    def __init__(self, state: BundleState, compiler: Compiler) -> None:
         self.state = state
-        self._validator = validator
+        self._compiler = compiler
+        self._staged: dict[str, str | None] = {}  # module id -> text (None: removed), in the order made
 
     # --- policies ---
 
@@ -65,12 +64,34 @@ class BundleTarget:
             refused = root_error(f"package {'.'.join(package)}", package, self.state)
             if refused is not None:
                 raise refused
-        await self._validator.put_policy(policy_id, text)  # OpaError: OPA's own words, per module
-        self.state.put_module(policy_id, text)
+        self._stage(policy_id, text)
 
     async def delete_policy(self, policy_id: str) -> bool:
-        await self._validator.delete_policy(policy_id)
-        return self.state.delete_module(policy_id)
+        held = self._staged.get(policy_id, self.state.modules.get(policy_id))
+        self._stage(policy_id, None)
+        return held is not None
+
+    def _stage(self, policy_id: str, text: str | None) -> None:
+        self._staged.pop(policy_id, None)
+        self._staged[policy_id] = text
+
+    async def settle(self) -> list[Outcome]:
+        """Decides the staged module writes (see the module docstring) and puts what passed into the
+        bundle. Raises OpaUnavailable when the validation OPA cannot say; the writes stay staged."""
+        if not self._staged:
+            return []
+        held = self.state.modules
+        changes = [(i, t) for i, t in self._staged.items() if held.get(i) != t]
+        same = [Outcome(i, t) for i, t in self._staged.items() if held.get(i) == t]
+        accepted, outcomes = await settle(held, changes, self._compiler.compile)
+        self._staged.clear()
+        for module_id in [i for i in held if i not in accepted]:
+            self.state.delete_module(module_id)
+        for module_id, text in accepted.items():
+            if held.get(module_id) != text:
+                self.state.put_module(module_id, text)
+        self._compiler.rest(accepted)
+        return same + outcomes
 
     async def list_policies(self) -> list[dict[str, Any]]:
         return self.state.list_modules()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.model import ObjectKey, related
-from app.opa.client import OpaError
+from app.opa.client import OpaError, error_codes
 from app.opa.process import OpaProcess, OpaRestarted
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,27 @@ class PolicyApi(Protocol):
     async def delete_policy(self, policy_id: str) -> bool: ...
 
     async def list_policies(self) -> list[dict[str, Any]]: ...
+
+
+class Settled(Protocol):
+    """What became of one module whose write was staged: the text now held under its id, and OPA's error
+    when the wanted text was refused or the module unloaded."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def held(self) -> str | None: ...
+
+    @property
+    def error(self) -> dict[str, Any] | None: ...
+
+
+class Settler(Protocol):
+    """A PolicyApi whose writes are staged and decided together (bundle mode): until `settle`, a write it
+    accepted counts as loaded."""
+
+    async def settle(self) -> Sequence[Settled]: ...
 
 
 def package_of(text: str) -> Path:
@@ -85,6 +106,7 @@ class PolicyBook:
     opa: PolicyApi
     process: OpaProcess
     owns: Callable[[str], bool] = lambda policy_id: False  # ids kopa may delete when it does not know them
+    settler: Settler | None = None  # bundle mode: `opa`'s writes are decided per batch, by `settle`
     modules: dict[str, Module] = field(default_factory=dict)
     epoch: int = 0  # the OPA process (OpaProcess.epoch) that loaded_text describes
     repairs: int = 0
@@ -139,6 +161,29 @@ class PolicyBook:
                 changed.append(package_of(module.text))
         await self._retry_failed(changed)
         return {m.configmap for m in self.modules.values()}
+
+    async def settle(self) -> set[ObjectKey]:
+        """Bundle mode: learns what became of the writes of this batch (a staged module counted as loaded
+        until now). Returns the ConfigMaps whose module states changed."""
+        if self.settler is None:
+            return set()
+        touched: set[ObjectKey] = set()
+        for outcome in await self.settler.settle():
+            module = self.modules.get(outcome.id)
+            if module is None:
+                continue
+            before = (module.loaded_text, module.error)
+            module.loaded_text = outcome.held
+            if outcome.error is not None:
+                module.error = outcome.error
+                module.parse_error = PARSE_ERROR in error_codes(outcome.error)
+                log.debug("policy %s failed to load: %s", module.id, outcome.error)
+            elif outcome.held == module.text:
+                module.error = None
+                module.parse_error = False
+            if (module.loaded_text, module.error) != before:
+                touched.add(module.configmap)
+        return touched
 
     def held(self) -> frozenset[tuple[str, str]]:
         """(id, text) of every module kopa has loaded into OPA: what the policy analysis compares."""

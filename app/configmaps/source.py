@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.configmaps.data import DataApi, DataBook
-from app.configmaps.policies import PolicyApi, PolicyBook
+from app.configmaps.policies import PolicyApi, PolicyBook, Settler
 from app.configmaps.status import Leadership, StatusReporter
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.kube.client import KubeClient
@@ -70,6 +70,7 @@ class ConfigMapSource:
         add: Callable[[WorkKey], None],
         status_observer: QueueObserver | None = None,
         leader: Leadership | None = None,
+        settler: Settler | None = None,
     ) -> None:
         self.name = SOURCE
         self.stores: dict[str, Store[dict[str, Any]]] = {
@@ -85,7 +86,7 @@ class ConfigMapSource:
             data=self.stores["data"] if selection.data else None,
         )
         self.reporter = StatusReporter(kube, selected.lookup, observer=status_observer, leader=leader)
-        policies = PolicyBook(opa, process, owns=selection.owns_policy)
+        policies = PolicyBook(opa, process, owns=selection.owns_policy, settler=settler)
         self.sync = ConfigMapSync(policies, DataBook(opa), self.reporter, selected, process)
 
     @property

@@ -77,12 +77,15 @@ class ConfigMapSync:
         if CHECK in keys:
             await self.check()
         failures: list[tuple[Key, Exception]] = []
+        touched: set[ObjectKey] = set()
         for key in objects:
             try:
-                await self.handle(key)
+                touched |= await self.handle(key)
             except OpaError as exc:  # e.g. OPA refused to delete something; OpaUnavailable passes up
                 log.warning("syncing configmap %s failed: %s", key, exc)
                 failures.append((key, exc))
+        # Statuses are written once the batch's modules are decided (bundle mode decides them together).
+        self._report(touched | await self.policies.settle())
         return failures
 
     def footprint(self) -> list[DataPath] | None:
@@ -115,6 +118,7 @@ class ConfigMapSync:
         self.policies.reset(epoch)
         self.data.reset()
         touched = await self.policies.load_all()
+        touched |= await self.policies.settle()
         data_store = self.stores.data
         # also the ConfigMaps kopa wrote but that are gone from the store.
         for key in sorted(set(data_store.keys() if data_store else []) | set(self.data.loaded)):
@@ -139,7 +143,8 @@ class ConfigMapSync:
         repairs += await self.data.check(lambda key: _texts(data_store.get(key) if data_store else None))
         return repairs
 
-    async def handle(self, key: ObjectKey) -> None:
+    async def handle(self, key: ObjectKey) -> set[ObjectKey]:
+        """Makes OPA match one ConfigMap; returns the ConfigMaps whose status may have changed."""
         data_cm = self.stores.data.get(key) if self.stores.data else None
         policy_cm = self.stores.lookup(key) if data_cm is None else None
         # Unload first, so a ConfigMap relabelled from policy to data (or back) never holds both at once.
@@ -154,7 +159,7 @@ class ConfigMapSync:
             touched |= await self.policies.set_configmap(key, _texts(policy_cm))
         if data_cm is None and policy_cm is None:
             self.reporter.forget(key)
-        self._report(touched | {key})
+        return touched | {key}
 
     def _report(self, configmaps: set[ObjectKey]) -> None:
         """Hands the latest status of each ConfigMap to the reporter (which writes only changes)."""

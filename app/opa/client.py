@@ -81,8 +81,7 @@ class OpaError(Exception):
 
     @property
     def error_codes(self) -> list[str]:
-        """The codes of OPA's detailed errors, e.g. rego_parse_error, rego_type_error."""
-        return [str(e.get("code", "")) for e in self.body.get("errors") or [] if isinstance(e, dict)]
+        return error_codes(self.body)
 
     @property
     def files(self) -> set[str]:
@@ -92,6 +91,11 @@ class OpaError(Exception):
             if isinstance(e, dict) and isinstance(e.get("location"), dict) and e["location"].get("file"):
                 found.add(str(e["location"]["file"]))
         return found
+
+
+def error_codes(body: dict[str, Any]) -> list[str]:
+    """The codes of the detailed errors in OPA's error object, e.g. rego_parse_error, rego_type_error."""
+    return [str(e.get("code", "")) for e in body.get("errors") or [] if isinstance(e, dict)]
 
 
 class _Transient(Exception):
@@ -280,6 +284,11 @@ class OpaClient(OwnedSession):
 
     async def config(self) -> dict[str, Any]:
         _, payload = await self.request("GET", "config")
+        return dict(orjson.loads(payload).get("result") or {})
+
+    async def status(self) -> dict[str, Any]:
+        """What OPA's status plugin last reported (bundles, plugins); 500 when the plugin is off."""
+        _, payload = await self.request("GET", "status")
         return dict(orjson.loads(payload).get("result") or {})
 
     async def until_closed(self) -> None:

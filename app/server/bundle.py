@@ -14,6 +14,10 @@ here does. The answers:
 - 200 with a delta bundle when the client prefers deltas, its ETag is a revision still in the log, and only
   data changed since (same roots, same modules: `BundleState.since`); a snapshot otherwise.
 
+`/bundles/kopa-validation` serves the candidate that the validation OPA compiles (`app/bundle/candidate.py`):
+the same token, long polling, 304 and snapshots, and every request reported to the `Candidates`, which is
+how kopa knows the validation OPA has tried a candidate.
+
 The ETag is the revision, a content digest, so two kopa replicas with the same state answer alike. The server
 runs on kopa's main event loop, where the state lives; it only reads the state.
 """
@@ -32,6 +36,8 @@ import anyio
 from aiohttp import web
 
 from app.bundle import tarball
+from app.bundle.candidate import Candidates
+from app.bundle.compiler import RESOURCE as CANDIDATE_RESOURCE
 from app.bundle.state import BundleState, Revision
 from app.opa.credentials import CredentialsError
 from app.server.http import WILDCARD_HOSTS, ServerError, dual_stack_socket, ipv4_wildcard_socket
@@ -94,8 +100,10 @@ class BundleServer:
         *,
         token: Callable[[], str | None],
         ssl_context: ssl.SSLContext | None = None,
+        candidates: Candidates | None = None,
     ) -> None:
         self.state = state
+        self.candidates = candidates
         self.host = host
         self.port = port
         self.stats = BundleStats()
@@ -108,6 +116,8 @@ class BundleServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get(f"/bundles/{BUNDLE_NAME}", self.serve)
+        if self.candidates is not None:
+            app.router.add_get(f"/{CANDIDATE_RESOURCE}", self.serve_candidate)
         return app
 
     async def start(self) -> None:
@@ -195,6 +205,25 @@ class BundleServer:
             if body is not None:
                 return self._answer("delta", 200, body, current.revision)
         return self._answer("snapshot", 200, self._snapshot_of(current), current.revision)
+
+    async def serve_candidate(self, request: web.Request) -> web.Response:
+        candidates = self.candidates
+        if candidates is None or not self._authorized(request):
+            return self._answer("unauthorized", 401, b"a bearer token is required\n")
+        prefer = Preferences.parse(request.headers.get("Prefer", ""))
+        base = etag_of(request.headers.get("If-None-Match", ""))
+        candidates.arrived(base)
+        log.debug("the validation OPA asks (holds %s, offered %s)", base, candidates.current.revision)
+        if prefer.wait is not None:
+            with anyio.move_on_after(max(prefer.wait - 1.0, 0.0)):
+                while base == candidates.current.revision:
+                    await candidates.changed()
+                    candidates.asked(base)  # the offer may have come back to what it holds
+        offer = candidates.current
+        if base == offer.revision:
+            return self._answer("candidate_not_modified", 304, etag=offer.revision)
+        candidates.served(offer.revision)
+        return self._answer("candidate", 200, offer.body, offer.revision)
 
     def _snapshot_of(self, current: Revision) -> bytes:
         if self._snapshot is None or self._snapshot[0] != current.revision:

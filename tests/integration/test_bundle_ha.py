@@ -77,34 +77,35 @@ ReplicasFactory = Callable[..., Replicas]
 
 
 @pytest.fixture
-def start_replicas(
-    run_kopa: KopaFactory, opa: OpaServer, namespace: str, tmp_path: Path
-) -> Iterator[ReplicasFactory]:
+def start_replicas(run_kopa: KopaFactory, namespace: str, tmp_path: Path) -> Iterator[ReplicasFactory]:
     """Factory: start_replicas(lease=3.0, renew=2.0) starts two kopas in bundle mode, each with its own
-    validation OPA (the `opa` fixture's, and one more), electing on the Lease `kopa` in the test's namespace;
-    both ready."""
+    validation OPA, electing on the Lease `kopa` in the test's namespace; both ready."""
     require_binaries("opa")
     started: list[OpaServer] = []
 
     def start(lease: float = LEASE, renew: float = RENEW) -> Replicas:
         token_file = tmp_path / "bundle-token"
         token_file.write_text(secrets.token_urlsafe(24) + "\n", encoding="utf-8")
-        second = OpaServer(tmp_path / "opa-validation-2", "plain")
-        started.append(second)
-        second.start()
-        kopas = [
-            run_kopa(
-                f"--opa-url={validation.api_url}",
-                f"--namespaces={namespace}",
-                f"--bundle-endpoint={HOST}:{free_port()}",
-                f"--bundle-token-file={token_file}",
-                f"--leader-election-namespace={namespace}",
-                f"--leader-election-lease-duration={lease}s",
-                f"--leader-election-renew-deadline={renew}s",
-                f"--leader-election-retry-period={RETRY}s",
+        kopas = []
+        for i in range(2):
+            port = free_port()
+            validation = OpaServer.validation(
+                tmp_path / f"opa-validation-{i}", f"http://{HOST}:{port}", token_file
             )
-            for validation in (opa, second)
-        ]
+            started.append(validation)
+            validation.start()
+            kopas.append(
+                run_kopa(
+                    f"--opa-url={validation.api_url}",
+                    f"--namespaces={namespace}",
+                    f"--bundle-endpoint={HOST}:{port}",
+                    f"--bundle-token-file={token_file}",
+                    f"--leader-election-namespace={namespace}",
+                    f"--leader-election-lease-duration={lease}s",
+                    f"--leader-election-renew-deadline={renew}s",
+                    f"--leader-election-retry-period={RETRY}s",
+                )
+            )
         for kopa in kopas:
             wait_probe(kopa, "/readyz", 200)
         return Replicas(kopas)

@@ -23,7 +23,7 @@ from kubernetes import client
 
 from devstack.certs import TestCA
 from devstack.kopa import KopaProcess
-from devstack.opa import OpaServer
+from devstack.opa import OpaServer, kopa_service
 from devstack.processes import HOST, free_port, wait_until
 from tests.conftest import require_binaries
 from tests.integration.conftest import KopaFactory
@@ -36,6 +36,7 @@ from tests.integration.helpers import (
     get,
     put_configmap,
     start_up_error,
+    status_of,
     wait_status,
 )
 
@@ -48,12 +49,9 @@ def opa_config(url: str, token_file: Path, ca_file: Path | None = None) -> str:
     """An OPA configured with kopa as its bundle service, as the chart does: long polling and the token read
     from a file (the chart mounts kopa's token Secret; OPA trims the newline), kopa's CA with TLS; a short
     retry cap so that an OPA refused before kopa's first load asks again soon."""
-    service: dict[str, Any] = {"url": url, "credentials": {"bearer": {"token_path": str(token_file)}}}
-    if ca_file is not None:
-        service["tls"] = {"ca_cert": str(ca_file)}
     return json.dumps(
         {
-            "services": {"kopa": service},
+            "services": {"kopa": kopa_service(url, token_file, ca_file)},
             "bundles": {
                 "kopa": {
                     "service": "kopa",
@@ -77,6 +75,7 @@ class Fleet:
     kopa: KopaProcess
     url: str
     token: str
+    validation: OpaServer
     opas: list[OpaServer] = field(default_factory=list)
 
     def data(self, opa: OpaServer, path: str) -> Any:
@@ -143,8 +142,13 @@ def start_fleet(
         if ca is not None:
             cert, key = ca.issue("kopa", ips=[HOST], dns=["localhost"])
             tls = [f"--bundle-tls-cert-file={cert}", f"--bundle-tls-key-file={key}"]
+        url = f"{'https' if ca is not None else 'http'}://{HOST}:{port}"
+        ca_file = ca.ca_file if ca is not None else None
+        validation = OpaServer.validation(tmp_path / "opa-validation", url, token_file, ca_file)
+        started.append(validation)
+        validation.start()
         kopa = run_kopa(
-            f"--opa-url={opa.api_url}",
+            f"--opa-url={validation.api_url}",
             f"--namespaces={namespace}",
             f"--bundle-endpoint={HOST}:{port}",
             f"--bundle-token-file={token_file}",
@@ -153,12 +157,11 @@ def start_fleet(
             "--replicate-ignore-namespaces=default,kube-system,kube-public",
             *tls,
         )
-        url = f"{'https' if ca is not None else 'http'}://{HOST}:{port}"
-        fleet = Fleet(kopa, f"{url}/bundles/kopa", token)
+        fleet = Fleet(kopa, f"{url}/bundles/kopa", token, validation)
         for i in range(opas):
             work = tmp_path / f"opa-{i}"
             work.mkdir()
-            config = opa_config(url, token_file, ca.ca_file if ca is not None else None)
+            config = opa_config(url, token_file, ca_file)
             (work / "config.json").write_text(config, encoding="utf-8")
             server = OpaServer(work, "plain", log_level="info", extra_args=("--config-file=config.json",))
             started.append(server)
@@ -289,25 +292,29 @@ def test_the_token_is_required_and_never_logged(
     assert fleet.token not in fleet.kopa.log_path.read_text(errors="replace")
 
 
-def test_a_restarted_validation_opa_is_refilled_and_the_bundle_does_not_change(
-    fleet: Fleet, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+def test_a_restarted_validation_opa_changes_nothing_and_later_policies_compile_against_the_bundle(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
-    """The validation OPA keeps nothing across a restart; kopa loads every module into it again (so later
-    policies are compiled against all of them), and the OPAs download nothing: the content is the same."""
+    """The validation OPA keeps nothing across a restart: it downloads the candidate again (what the bundle
+    holds), kopa compiles nothing, and the OPAs download nothing: the content is the same. A later policy
+    is compiled against everything the bundle holds."""
     put_configmap(core_v1, namespace, "lib", {"lib.rego": "package team.lib\n\ndouble(x) := 2 * x\n"}, POLICY)
     fleet.converge("team/lib", {})
     snapshots = fleet.metric('kopa_bundle_responses_total{kind="snapshot"}')
+    compiles = fleet.metric("kopa_bundle_compiles_total")
 
-    opa.restart()
+    fleet.validation.restart()
     wait_until(
         lambda: (
-            {p["id"] for p in opa.http().get_json("/v1/policies")["result"]} == {f"{namespace}/lib/lib.rego"}
+            {p["id"] for p in fleet.validation.http().get_json("/v1/policies")["result"]}
+            == {f"kopa-validation/{namespace}/lib/lib.rego"}
         ),
         timeout=TIMEOUT,
-        what="the validation OPA refilled",
+        what="the validation OPA holds the candidate again",
     )
     wait_until(lambda: get(fleet.kopa, "/readyz")[0] == 200, timeout=TIMEOUT, what="kopa ready again")
     assert fleet.metric('kopa_bundle_responses_total{kind="snapshot"}') == snapshots
+    assert fleet.metric("kopa_bundle_compiles_total") == compiles
 
     user = "package team.user\n\nfour := data.team.lib.double(2)\n"
     put_configmap(core_v1, namespace, "user", {"user.rego": user}, POLICY)
@@ -341,3 +348,72 @@ def test_the_bundle_over_tls(
     assert fleet.url.startswith("https://")
     put_configmap(core_v1, namespace, "settings", {"s.json": '{"tls": true}'}, DATA)
     fleet.converge(f"{namespace}/settings/s.json", {"tls": True})
+
+
+def test_policies_present_at_start_are_checked_in_a_few_compiles_not_one_per_module(
+    start_fleet: FleetFactory, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """Loading is linear in the number of modules: the validation OPA compiles the whole candidate once
+    (plus the rounds that find the broken module), where pushing them one by one would compile N times."""
+    for i in range(40):
+        put_configmap(
+            core_v1, namespace, f"p{i}", {"p.rego": f"package team.p{i}\n\nallow := true\n"}, POLICY
+        )
+    put_configmap(
+        core_v1, namespace, "broken", {"p.rego": "package team.broken\n\nallow := nope(1)\n"}, POLICY
+    )
+
+    fleet = start_fleet(opas=1)
+    for i in range(40):
+        assert wait_status(core_v1, namespace, f"p{i}") == OK
+    assert "nope" in json.dumps(error_of(wait_status(core_v1, namespace, "broken", lambda s: "error" in s)))
+    fleet.converge("team/p39/allow", True)
+    assert fleet.data(fleet.opas[0], "team/broken") is None
+    assert fleet.metric("kopa_bundle_compiles_total") <= 4
+
+
+def test_a_module_conflicting_with_one_the_bundle_holds_is_refused_and_the_held_one_stays(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """As in push mode, the module that came later is refused, whichever of the two OPA's error names."""
+    put_configmap(core_v1, namespace, "zz-held", {"p.rego": "package team.c\n\nf := 1\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "zz-held") == OK
+    fleet.converge("team/c/f", 1)
+
+    put_configmap(core_v1, namespace, "aa-late", {"p.rego": "package team.c\n\nf(x) := x\n"}, POLICY)
+    late = error_of(wait_status(core_v1, namespace, "aa-late", lambda s: "error" in s))
+    assert "conflicting rules" in json.dumps(late)
+    assert late["errors"][0]["location"]["file"] in {
+        f"{namespace}/zz-held/p.rego",
+        f"{namespace}/aa-late/p.rego",
+    }
+    assert status_of(core_v1, namespace, "zz-held") == OK
+    put_configmap(core_v1, namespace, "after", {"p.rego": "package team.after\n\nok := true\n"}, POLICY)
+    fleet.converge("team/after/ok", True)
+    fleet.converge("team/c/f", 1)
+
+
+def test_a_validation_opa_that_does_not_download_the_candidate_keeps_kopa_unready_and_says_why(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """The `opa` fixture's OPA has no configuration: kopa cannot have a policy checked, so it never serves
+    a bundle without it; it says what is missing (as an error once) and stays unready."""
+    token_file = tmp_path / "bundle-token"
+    token_file.write_text(secrets.token_urlsafe(24), encoding="utf-8")
+    put_configmap(core_v1, namespace, "p", {"p.rego": "package team.p\n\nallow := true\n"}, POLICY)
+    kopa = run_kopa(
+        f"--opa-url={opa.api_url}",
+        f"--namespaces={namespace}",
+        f"--bundle-endpoint={HOST}:{free_port()}",
+        f"--bundle-token-file={token_file}",
+        f"--leader-election-namespace={namespace}",
+    )
+    problem = "the validation OPA at --opa-url has no bundle with resource 'bundles/kopa-validation'"
+    wait_until(
+        lambda: problem in kopa.log_path.read_text(errors="replace"),
+        timeout=TIMEOUT,
+        what="the problem logged",
+    )
+    assert get(kopa, "/readyz")[0] == 503
+    errors = [line for line in kopa.log_path.read_text(errors="replace").splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and problem in errors[0]  # the writer's retries say it as warnings

@@ -14,9 +14,11 @@ import orjson
 import pytest
 
 from app.bundle import tarball
+from app.bundle.settle import Failure
 from app.bundle.state import BundleState, Operation
 from app.bundle.target import BundleTarget
-from app.opa.client import OpaError
+from app.opa.client import OpaError, OpaUnavailable
+from tests.unit.rego_model import RegoModel
 
 pytestmark = pytest.mark.anyio
 
@@ -150,48 +152,64 @@ async def test_bundle_files() -> None:
     assert orjson.loads(delta["/patch.json"]) == {"data": [{"op": "upsert", "path": "/a~1b/~0c", "value": 1}]}
 
 
-class Validator:
-    """The validation OPA: refuses the texts it is told to, like a compile error."""
-
-    def __init__(self) -> None:
-        self.refuse: set[str] = set()
-        self.held: dict[str, str] = {}
-
-    async def put_policy(self, policy_id: str, text: str) -> None:
-        if text in self.refuse:
-            raise OpaError(400, "invalid_parameter", "error(s) occurred", {"code": "rego_type_error"})
-        self.held[policy_id] = text
-
-    async def delete_policy(self, policy_id: str) -> bool:
-        return self.held.pop(policy_id, None) is not None
+def target(reserved: Sequence[Sequence[str]] = (("system",),)) -> tuple[BundleTarget, RegoModel]:
+    model = RegoModel()
+    return BundleTarget(BundleState(reserved), model), model
 
 
-def target(reserved: Sequence[Sequence[str]] = (("system",),)) -> tuple[BundleTarget, Validator]:
-    validator = Validator()
-    return BundleTarget(BundleState(reserved), validator), validator
-
-
-async def test_a_module_enters_the_bundle_only_once_the_validation_opa_accepted_it() -> None:
-    bundle, validator = target()
-    validator.refuse.add("package bad\nx := y\n")
-    await bundle.put_policy("ns/cm/ok.rego", "package ok\n")
-    with pytest.raises(OpaError):
-        await bundle.put_policy("ns/cm/bad.rego", "package bad\nx := y\n")
-    assert bundle.state.modules == {"ns/cm/ok.rego": "package ok\n"}
-    assert validator.held == bundle.state.modules
+async def test_modules_enter_the_bundle_when_settled_and_only_those_that_compile() -> None:
+    bundle, _ = target()
+    await bundle.put_policy("ns/cm/ok.rego", "package ok\nallow := true\n")
+    await bundle.put_policy("ns/cm/bad.rego", "package bad\nx := data.nowhere.y\n")
+    assert bundle.state.modules == {}  # staged, not yet decided
+    outcomes = await bundle.settle()
+    assert bundle.state.modules == {"ns/cm/ok.rego": "package ok\nallow := true\n"}
+    assert [o.id for o in outcomes if o.error is not None] == ["ns/cm/bad.rego"]
     assert await bundle.delete_policy("ns/cm/ok.rego")
-    assert bundle.state.modules == {} == validator.held
+    assert not await bundle.delete_policy("ns/cm/bad.rego")  # never entered
+    await bundle.settle()
+    assert bundle.state.modules == {}
+
+
+async def test_writes_stay_staged_when_the_validation_opa_cannot_say() -> None:
+    bundle, model = target()
+    await bundle.put_policy("ns/cm/ok.rego", "package ok\n")
+
+    async def unavailable(modules: object) -> list[Failure]:
+        raise OpaUnavailable("validation OPA unreachable")
+
+    model.compile = unavailable  # type: ignore[method-assign]
+    with pytest.raises(OpaUnavailable):
+        await bundle.settle()
+    assert bundle.state.modules == {}
+    del model.compile
+    assert [o.id for o in await bundle.settle()] == ["ns/cm/ok.rego"]
+    assert bundle.state.modules == {"ns/cm/ok.rego": "package ok\n"}
+
+
+async def test_writing_what_the_bundle_holds_again_compiles_nothing() -> None:
+    """A restarted validation OPA makes the book load every module again: nothing changes, no compile."""
+    bundle, model = target()
+    await bundle.put_policy("ns/cm/ok.rego", "package ok\n")
+    await bundle.settle()
+    compiles = len(model.compiles)
+    await bundle.put_policy("ns/cm/ok.rego", "package ok\n")
+    assert [(o.id, o.held, o.error) for o in await bundle.settle()] == [
+        ("ns/cm/ok.rego", "package ok\n", None)
+    ]
+    assert len(model.compiles) == compiles
 
 
 @pytest.mark.parametrize("package", ["system.authz", "system", "other.bundle.deep"])
 async def test_a_package_in_a_reserved_root_is_refused_with_a_reason(package: str) -> None:
-    bundle, validator = target(reserved=[("system",), ("other", "bundle")])
+    bundle, _ = target(reserved=[("system",), ("other", "bundle")])
     with pytest.raises(OpaError) as info:
         await bundle.put_policy("ns/cm/p.rego", f"package {package}\n")
     assert info.value.code == "bundle_root_error"
     assert "reserved for OPA itself or for other bundles" in info.value.message
     assert "--bundle-reserved-roots" in info.value.message
-    assert bundle.state.modules == {} == validator.held
+    assert await bundle.settle() == []
+    assert bundle.state.modules == {}
 
 
 async def test_roots_stay_clear_of_reserved_roots() -> None:
@@ -199,6 +217,7 @@ async def test_roots_stay_clear_of_reserved_roots() -> None:
     and the other one never overlap (OPA would refuse to activate either)."""
     bundle, _ = target(reserved=[("system",), ("other", "bundle")])
     await bundle.put_policy("ns/cm/p.rego", "package other.bundles.x\n")
+    await bundle.settle()
     await bundle.put_data(["other", "cm", "k"], b"{}")
     await bundle.put_data(["ns", "cm", "k"], b"{}")
     assert bundle.state.current.roots == ("ns", "other/bundles", "other/cm")
