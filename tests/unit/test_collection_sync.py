@@ -241,6 +241,19 @@ async def test_what_kopa_does_not_write_is_not_drift() -> None:
     assert c.sync.repairs == 0
 
 
+async def test_a_check_that_reads_a_new_opa_process_is_not_drift() -> None:
+    """The new process is empty: its refill is due, not a repair of one namespace."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    await c.sync.apply([ALL])
+    await c.process.check()
+    c.opa.restart()  # not noticed yet
+    async with c.running():
+        assert await c.sync.apply([CHECK]) == []
+        await until(lambda: not c.sync.checking)
+    assert (c.sync.repairs, c.queued, c.sync.loaded) == (0, [], False)
+
+
 async def test_a_cluster_scoped_collection_is_checked_and_rewritten_whole() -> None:
     c = Cluster(namespaced=False)
     c.put({"metadata": {"name": "n1"}})
