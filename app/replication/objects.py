@@ -69,13 +69,26 @@ def converter(
             meta.pop("managedFields", None)
         if fields:
             obj = project(obj, fields)
-            meta = obj["metadata"]
-        version = meta.pop("resourceVersion", None)
-        # Sorted keys: a list's items and a watch's objects carry the same fields in another order (kind
-        # and apiVersion are added above, at the end, to list items), and must not count as a change.
-        digest = hashlib.blake2b(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
-        if version is not None:
-            meta["resourceVersion"] = version
+        digest = content_digest(obj)
         return Replica(right_sized(orjson.dumps(obj)), digest)
 
     return convert
+
+
+def content_digest(obj: dict[str, Any]) -> bytes:
+    """A Replica's digest: of the object without metadata.resourceVersion, which moves at every write to
+    the API, also of fields kopa does not keep. The drift check takes it of what OPA holds, too."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or "resourceVersion" not in meta:
+        return _sorted_digest(obj)
+    version = meta.pop("resourceVersion")
+    try:
+        return _sorted_digest(obj)
+    finally:
+        meta["resourceVersion"] = version
+
+
+def _sorted_digest(obj: dict[str, Any]) -> bytes:
+    # Sorted keys: a list's items and a watch's objects carry the same fields in another order (kind and
+    # apiVersion are added by the converter, at the end, to list items), and must not count as a change.
+    return hashlib.blake2b(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()

@@ -14,7 +14,7 @@ import anyio
 
 from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
 from app.kube.resources import GroupVersionResource
-from app.model import ALL, Store, WorkKey
+from app.model import ALL, Key, Store, WorkKey
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher
@@ -60,7 +60,9 @@ class ReplicatedResource:
         self.source = f"replicate:{gvr}"
         self._add = add
         self.store: Store[Replica] = Store(self.source, same_content)
-        self.sync = CollectionSync(opa, process, [*options.path, gvr.resource], self.store, namespaced)
+        self.sync = CollectionSync(
+            opa, process, [*options.path, gvr.resource], self.store, namespaced, self._add_key
+        )
         self.watcher: Watcher[Replica] | None = None
         self.state = SourceState(self.source, self._synced, missing=info is None)
         if not required:
@@ -88,8 +90,11 @@ class ReplicatedResource:
             field_selector=field_selector,
         )
 
+    def _add_key(self, key: Key) -> None:
+        self._add(WorkKey(self.source, key))
+
     def _load_whole(self) -> None:
-        self._add(WorkKey(self.source, ALL))
+        self._add_key(ALL)
 
     async def run(self) -> None:
         """Replicates for as long as kopa runs; waits for the resource first if it is not served yet."""

@@ -138,5 +138,14 @@ class Replicators:
         return sum(r.sync.repairs for r in self.resources)
 
     async def _run_one(self, gvr: GroupVersionResource, running: _Running) -> None:
+        """The resource's producer and its drift checks' reads (idle until the writer starts one), each
+        supervised on its own, both stopped by the resource's scope."""
+        resource = running.resource
+
+        async def checks() -> None:
+            await self._supervise(f"drift check of {gvr}", resource.sync.run_checks)
+
         with running.scope:
-            await self._supervise(f"replication of {gvr}", running.resource.run)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(checks)
+                await self._supervise(f"replication of {gvr}", resource.run)

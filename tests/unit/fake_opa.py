@@ -13,6 +13,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import orjson
 
 from app.configmaps.policies import data_refs, package_of
@@ -37,6 +38,8 @@ class FakeOpa:
         self.refuse_writes_under: str | None = None  # a path prefix whose writes OPA refuses (400)
         self.refuse_token_after: int | None = None  # writes accepted before OPA refuses kopa's token (401)
         self.restart_before_put: bool = False  # the next data PUT lands in a new process (a retried PUT)
+        self.reads: list[str] = []  # the data paths read (GET), in order
+        self.read_gate: anyio.Event | None = None  # a read answers its snapshot only once the test sets it
 
     # --- the process ---
 
@@ -104,12 +107,19 @@ class FakeOpa:
             raise
 
     async def get_data(self, path: Sequence[str]) -> Any:
+        """What OPA held when the read began, answered when read_gate (if any) is set: writes made while
+        the answer is on its way are not in it."""
+        self.reads.append("/".join(path))
         node: Any = self.data
         for segment in path:
             if not isinstance(node, dict) or segment not in node:
-                return None
+                node = None
+                break
             node = node[segment]
-        return copy.deepcopy(node)
+        snapshot = copy.deepcopy(node)
+        if self.read_gate is not None:
+            await self.read_gate.wait()
+        return snapshot
 
     # --- policies ---
 

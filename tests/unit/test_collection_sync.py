@@ -1,18 +1,24 @@
 """CollectionSync against the in-memory OPA (tests/unit/fake_opa.py): the patch it builds, what it does when
-OPA refuses a patch, and the drift check."""
+OPA refuses a patch, and the drift check (its read off the writer's path, its repairs through the writer)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 
-from app.model import ALL, CHECK, ObjectKey, Store
+from app.model import ALL, CHECK, Key, ObjectKey, Store, WorkKey
 from app.opa.process import OpaProcess
+from app.pipeline.worker import run_worker
+from app.pipeline.workqueue import WorkQueue
 from app.replication.collection import CollectionSync
 from app.replication.objects import Replica, converter, same_content
 from tests.unit.fake_opa import FakeOpa
+from tests.unit.polling import until
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +37,24 @@ class Cluster:
         self.opa = FakeOpa()
         self.process = OpaProcess(self.opa, interval=1.0)
         self.store: Store[Replica] = Store("services", same_content)
-        self.sync = CollectionSync(self.opa, self.process, PATH, self.store, namespaced)
+        self.queued: list[Key] = []  # what the collection queued for the writer: a drift check's repairs
+        self.sync = CollectionSync(self.opa, self.process, PATH, self.store, namespaced, self.queued.append)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """run_checks, which owns the drift checks' reads, runs meanwhile."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.sync.run_checks)
+            yield
+            tg.cancel_scope.cancel()
+
+    async def check(self) -> None:
+        """One drift check as kopa runs it: CHECK in the writer, the read and compare beside it, then
+        the writer's turn for what the check queued."""
+        assert await self.sync.apply([CHECK]) == []
+        await until(lambda: not self.sync.checking)
+        queued, self.queued[:] = self.queued[:], []
+        assert await self.sync.apply(queued) == []
 
     def put(self, obj: dict[str, Any]) -> ObjectKey:
         key = ObjectKey.of(obj)
@@ -115,12 +138,120 @@ async def test_the_drift_check_repairs_one_namespace_per_call_in_rotation() -> N
     await c.sync.apply([ALL])
     c.opa.data["kubernetes"]["services"]["a"]["web"]["spec"] = {}
     c.opa.data["kubernetes"]["services"]["b"]["stranger"] = {"x": 1}
-    assert await c.sync.apply([CHECK]) == []
-    assert await c.sync.apply([CHECK]) == []
-    assert await c.in_opa() == c.expected()
-    assert c.sync.repairs == 2
-    assert await c.sync.apply([CHECK]) == []
+    async with c.running():
+        await c.check()
+        await c.check()
+        assert await c.in_opa() == c.expected()
+        assert c.sync.repairs == 2
+        await c.check()
     assert c.sync.repairs == 2, "nothing to repair: nothing written"
+    assert c.opa.reads[:2] == ["kubernetes/services/a", "kubernetes/services/b"]
+
+
+async def test_a_difference_the_drift_check_finds_is_repaired_through_the_writer() -> None:
+    c = Cluster()
+    c.put(service("a", "web"))
+    c.put(service("a", "api"))
+    await c.sync.apply([ALL])
+    c.opa.data["kubernetes"]["services"]["a"]["web"]["spec"] = {}
+    async with c.running():
+        writes = len(c.opa.writes)
+        assert await c.sync.apply([CHECK]) == []
+        await until(lambda: not c.sync.checking)
+    assert c.opa.writes[writes:] == [], "the check itself writes nothing"
+    assert (c.sync.repairs, c.sync.unknown, c.queued) == (1, {"a"}, [ObjectKey("a", "web")])
+    assert await c.sync.apply(c.queued) == []
+    assert c.opa.writes[writes:] == [("PUT", "kubernetes/services/a")], "written again whole, by the writer"
+    assert await c.in_opa() == c.expected()
+    assert not c.sync.unknown
+
+
+async def test_a_namespace_written_during_the_read_is_not_taken_for_drift() -> None:
+    """The read answers what OPA held before the write: the object written meanwhile counts for nothing,
+    the rest of the namespace is compared."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    c.put(service("a", "api"))
+    await c.sync.apply([ALL])
+    async with c.running():
+        c.opa.read_gate = anyio.Event()
+        assert await c.sync.apply([CHECK]) == []
+        await until(lambda: bool(c.opa.reads))
+        assert await c.sync.apply([c.put(service("a", "web", v="2"))]) == []
+        c.opa.read_gate.set()
+        await until(lambda: not c.sync.checking)
+    assert (c.sync.repairs, c.sync.unknown, c.queued) == (0, set(), [])
+
+
+async def test_a_check_whose_namespace_is_written_whole_meanwhile_counts_for_nothing_and_is_done_again() -> (
+    None
+):
+    c = Cluster()
+    c.put(service("a", "web"))
+    c.put(service("b", "db"))
+    await c.sync.apply([ALL])
+    c.opa.data["kubernetes"]["services"]["a"]["stranger"] = {"x": 1}
+    async with c.running():
+        c.opa.read_gate = anyio.Event()
+        assert await c.sync.apply([CHECK]) == []
+        await until(lambda: bool(c.opa.reads))
+        assert await c.sync.apply([ALL]) == []  # the collection written whole: the stranger is gone
+        c.opa.read_gate.set()
+        await until(lambda: not c.sync.checking)
+        assert (c.sync.repairs, c.queued) == (0, []), "what the read saw is no longer in OPA"
+        await c.check()
+        await c.check()
+    assert c.opa.reads == ["kubernetes/services/a", "kubernetes/services/a", "kubernetes/services/b"]
+    assert c.sync.repairs == 0
+
+
+async def test_the_writer_is_not_held_up_while_a_drift_check_reads() -> None:
+    c = Cluster()
+    c.put(service("a", "web"))
+    await c.sync.apply([ALL])
+    queue: WorkQueue[WorkKey] = WorkQueue("opa")
+    async with c.running(), anyio.create_task_group() as tg:
+        tg.start_soon(run_worker, queue, {"services": c.sync}, c.process)
+        c.opa.read_gate = anyio.Event()
+        queue.add(WorkKey("services", CHECK))
+        await until(lambda: bool(c.opa.reads))
+        queue.add(WorkKey("services", c.put(service("a", "api"))))
+        await until(lambda: "api" in c.opa.data["kubernetes"]["services"]["a"])
+        assert c.sync.checking, "written while the check's read was in flight"
+        c.opa.read_gate.set()
+        await until(lambda: not c.sync.checking)
+        tg.cancel_scope.cancel()
+    assert c.sync.repairs == 0
+
+
+async def test_what_kopa_does_not_write_is_not_drift() -> None:
+    """A new resourceVersion with the same content (the watcher stores it, queues nothing), and content
+    that OPA got from a write kopa could not confirm (it timed out) while the key waits to be written."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    c.put(service("a", "api"))
+    await c.sync.apply([ALL])
+    moved = service("a", "web")
+    moved["metadata"]["resourceVersion"] = "42"
+    assert not c.store.put(ObjectKey("a", "web"), convert(moved))
+    pending = c.put(service("a", "api", v="2"))
+    c.opa.data["kubernetes"]["services"]["a"]["api"] = orjson.loads(c.store.get(pending).body)  # type: ignore[union-attr]
+    async with c.running():
+        await c.check()
+    assert c.sync.repairs == 0
+
+
+async def test_a_check_that_reads_a_new_opa_process_is_not_drift() -> None:
+    """The new process is empty: its refill is due, not a repair of one namespace."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    await c.sync.apply([ALL])
+    await c.process.check()
+    c.opa.restart()  # not noticed yet
+    async with c.running():
+        assert await c.sync.apply([CHECK]) == []
+        await until(lambda: not c.sync.checking)
+    assert (c.sync.repairs, c.queued, c.sync.loaded) == (0, [], False)
 
 
 async def test_a_cluster_scoped_collection_is_checked_and_rewritten_whole() -> None:
@@ -128,5 +259,7 @@ async def test_a_cluster_scoped_collection_is_checked_and_rewritten_whole() -> N
     c.put({"metadata": {"name": "n1"}})
     await c.sync.apply([ALL])
     await c.opa.delete_data([*PATH, "n1"])
-    assert await c.sync.apply([CHECK]) == []
+    async with c.running():
+        await c.check()
+    assert c.sync.repairs == 1
     assert await c.in_opa() == {"n1": c.expected()[""]["n1"]}
