@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -140,6 +141,8 @@ async def run(settings: Settings) -> None:
             details=lambda: {
                 **(auto.report() if auto is not None else {}),
                 **({"leaderElection": elector.report()} if elector is not None else {}),
+                # Which revision each OPA runs (their status reports); never holds readiness.
+                **(bundle_server.fleet.report(time.time()) if bundle_server is not None else {}),
             },
         )
         metrics.sources = MetricSources(
@@ -159,6 +162,7 @@ async def run(settings: Settings) -> None:
                 "replicated": replicators.repairs(),
             },
             bundle=bundle_server.stats if bundle_server is not None else None,
+            fleet=bundle_server.fleet if bundle_server is not None else None,
             ready=lambda: readiness.ready,
             opa_up=lambda: process.available,
             leader=lambda: configmaps.reporter.writing,

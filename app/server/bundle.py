@@ -14,8 +14,14 @@ here does. The answers:
 - 200 with a delta bundle when the client prefers deltas, its ETag is a revision still in the log, and only
   data changed since (same roots, same modules: `BundleState.since`); a snapshot otherwise.
 
-The ETag is the revision, a content digest, so two kopa replicas with the same state answer alike. The server
-runs on kopa's main event loop, where the state lives; it only reads the state.
+The ETag is the revision, a content digest, so two kopa replicas with the same state answer alike.
+
+It is also the OPAs' status service (OPA's status API, `status: {service: kopa}`): `POST /status` (or
+`/status/<partition>`) takes OPA's JSON report, plain or gzip-encoded, with the same token, and records
+which revision each OPA runs in a `Fleet` (`app/bundle/fleet.py`): 204, or 401 without the token, 413 past
+`MAX_STATUS_BYTES` (decoded), 400 with one line for a body that is not a report.
+
+The server runs on kopa's main event loop, where the state lives; it only reads the state.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ import contextlib
 import hmac
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+import orjson
 from aiohttp import web
 
 from app.bundle import tarball
+from app.bundle.fleet import BUNDLE_NAME, Fleet, Report, ReportError
 from app.bundle.state import BundleState, Revision
 from app.opa.credentials import CredentialsError
 from app.server.http import WILDCARD_HOSTS, ServerError, dual_stack_socket, ipv4_wildcard_socket
@@ -39,13 +48,14 @@ from app.server.http import WILDCARD_HOSTS, ServerError, dual_stack_socket, ipv4
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.openpolicyagent.bundles"
-BUNDLE_NAME = "kopa"
 # Longest hold of a long poll, whatever the client asks.
 MAX_WAIT = 600.0
 # On shutdown, how long requests in flight (long polls) get before they are cancelled.
 SHUTDOWN_GRACE = 1.0
 # How long a request without `wait` is held while the bundle is not published yet.
 UNPUBLISHED_HOLD = 5.0
+# Largest status report taken, decompressed (OPA's reports are a few KiB; its errors list is capped).
+MAX_STATUS_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,11 +88,13 @@ def etag_of(header: str) -> str:
 
 @dataclass
 class BundleStats:
-    """Answers and bytes sent, by kind (snapshot, delta, not_modified, unauthorized, unavailable)."""
+    """Answers and bytes sent, by kind (snapshot, delta, not_modified, unauthorized, unavailable), and the
+    status reports received, by result (accepted, unauthorized, invalid)."""
 
     responses: Counter[str] = field(default_factory=Counter)
     sent_bytes: Counter[str] = field(default_factory=Counter)
     held: int = 0  # requests held now (long polls, and requests waiting for the first complete load)
+    status_reports: Counter[str] = field(default_factory=Counter)
 
 
 class BundleServer:
@@ -99,6 +111,7 @@ class BundleServer:
         self.host = host
         self.port = port
         self.stats = BundleStats()
+        self.fleet = Fleet()
         self._token = token
         self._ssl = ssl_context
         self._snapshot: tuple[str, bytes] | None = None
@@ -106,8 +119,10 @@ class BundleServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_STATUS_BYTES)
         app.router.add_get(f"/bundles/{BUNDLE_NAME}", self.serve)
+        app.router.add_post("/status", self.status)
+        app.router.add_post("/status/{partition}", self.status)
         return app
 
     async def start(self) -> None:
@@ -126,9 +141,13 @@ class BundleServer:
         )
 
     async def run(self) -> None:
-        """Serves until cancelled, then closes the listener and the connections."""
+        """Serves until cancelled (telling the fleet each new revision), then closes the listener and the
+        connections."""
         try:
-            await anyio.sleep_forever()
+            await self.state.published.wait()
+            while True:
+                self.fleet.revision(self.state.current.revision, time.time())
+                await self.state.wait_changed()
         finally:
             if self._runner is not None:
                 with anyio.CancelScope(shield=True):
@@ -195,6 +214,34 @@ class BundleServer:
             if body is not None:
                 return self._answer("delta", 200, body, current.revision)
         return self._answer("snapshot", 200, self._snapshot_of(current), current.revision)
+
+    async def status(self, request: web.Request) -> web.Response:
+        """An OPA's status report: which revision it runs, and its bundle error, if any."""
+        if not self._authorized(request):
+            self.stats.status_reports["unauthorized"] += 1
+            return web.Response(
+                status=401,
+                text="a bearer token is required\n",
+                headers={"WWW-Authenticate": 'Bearer realm="kopa"'},
+            )
+        try:
+            # aiohttp decodes the Content-Encoding (gzip, deflate...) as it reads, in bounded chunks, and
+            # stops past client_max_size (413): a small compressed body cannot inflate without bound.
+            report = Report.parse(orjson.loads(await request.read()))
+        except web.HTTPRequestEntityTooLarge as exc:
+            self.stats.status_reports["invalid"] += 1
+            return web.Response(status=exc.status, text=f"status report too large: {exc.text}\n")
+        except web.RequestPayloadError:
+            self.stats.status_reports["invalid"] += 1
+            encoding = request.headers.get("Content-Encoding", "")[:20]
+            return web.Response(status=400, text=f"invalid status report: not readable as {encoding!r}\n")
+        except (orjson.JSONDecodeError, ReportError) as exc:
+            self.stats.status_reports["invalid"] += 1
+            what = "not JSON: " if isinstance(exc, orjson.JSONDecodeError) else ""
+            return web.Response(status=400, text=f"invalid status report: {what}{exc}\n")
+        self.fleet.record(report, time.time())
+        self.stats.status_reports["accepted"] += 1
+        return web.Response(status=204)
 
     def _snapshot_of(self, current: Revision) -> bytes:
         if self._snapshot is None or self._snapshot[0] != current.revision:

@@ -3,7 +3,8 @@ their bundle service, long polling on, the token), a private validation OPA, and
 
 What each OPA activated is read from OPA itself: its REST API for policies and data, `/health?bundles`, and
 its status log (`status.console`), whose bundle status says whether the last activation was a snapshot or a
-delta (`type`).
+delta (`type`). The OPAs also send their status reports to kopa (`status.service`), as the chart configures
+them, and kopa's `/readyz` says which revision each runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kubernetes import client
 
 from devstack.certs import TestCA
 from devstack.kopa import KopaProcess
-from devstack.opa import OpaServer
+from devstack.opa import OpaHttp, OpaServer
 from devstack.processes import HOST, free_port, wait_until
 from tests.conftest import require_binaries
 from tests.integration.conftest import KopaFactory
@@ -45,9 +46,10 @@ HELLO = 'package kubernetes.example\n\ngreeting := data[NS].settings["s.json"].g
 
 
 def opa_config(url: str, token_file: Path, ca_file: Path | None = None) -> str:
-    """An OPA configured with kopa as its bundle service, as the chart does: long polling and the token read
-    from a file (the chart mounts kopa's token Secret; OPA trims the newline), kopa's CA with TLS; a short
-    retry cap so that an OPA refused before kopa's first load asks again soon."""
+    """An OPA configured with kopa as its bundle and status service, as the chart does: long polling and the
+    token read from a file (the chart mounts kopa's token Secret; OPA trims the newline), kopa's CA with TLS;
+    a short retry cap so that an OPA refused before kopa's first load asks again soon. Its status reports
+    also go to its log (`console`)."""
     service: dict[str, Any] = {"url": url, "credentials": {"bearer": {"token_path": str(token_file)}}}
     if ca_file is not None:
         service["tls"] = {"ca_cert": str(ca_file)}
@@ -65,7 +67,7 @@ def opa_config(url: str, token_file: Path, ca_file: Path | None = None) -> str:
                     },
                 }
             },
-            "status": {"console": True},
+            "status": {"console": True, "service": "kopa"},
         }
     )
 
@@ -95,6 +97,19 @@ class Fleet:
     def metric(self, name: str) -> float:
         _, text = get(self.kopa, "/metrics")
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    def reported(self) -> dict[str, Any]:
+        """The `opas` section of kopa's /readyz: the OPAs' status reports."""
+        section: dict[str, Any] = json.loads(get(self.kopa, "/readyz")[1])["opas"]
+        return section
+
+    def states(self) -> dict[str, str]:
+        """OPA instance id -> its state as kopa sees it (current, behind, failing)."""
+        return {o["id"]: o["state"] for o in self.reported()["opas"]}
+
+    def ids(self) -> list[str]:
+        """Each OPA's instance id (`labels.id`, what it reports with), in the order of `opas`."""
+        return [opa.http().get_json("/v1/config")["result"]["labels"]["id"] for opa in self.opas]
 
 
 def activations(opa: OpaServer) -> list[dict[str, Any]]:
@@ -286,7 +301,73 @@ def test_the_token_is_required_and_never_logged(
     assert bundle_request(fleet.url, "not-the-token") == 401
     assert bundle_request(fleet.url, fleet.token) == 200
     assert fleet.metric('kopa_bundle_responses_total{kind="unauthorized"}') >= 2
+    status = OpaHttp(fleet.url.removesuffix("/bundles/kopa"), token=fleet.token)  # OPA's status API
+    assert status.request("POST", "/status", {}, token=None) == (401, "a bearer token is required\n")
+    answer = status.request("POST", "/status", b"{not json", content_type="application/json")
+    assert answer[0] == 400 and answer[1].startswith("invalid status report: not JSON:")
+    assert fleet.metric('kopa_bundle_status_reports_total{result="unauthorized"}') == 1
     assert fleet.token not in fleet.kopa.log_path.read_text(errors="replace")
+
+
+def test_the_opas_report_to_kopa_which_revision_they_run(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """Every OPA's status report reaches kopa: after each change `/readyz` shows each OPA on kopa's new
+    revision, and the metric counts them. An OPA that refuses to activate a revision (a module pushed into it
+    through its API calls a function the new revision no longer defines; kopa's validation OPA has no such
+    module, so kopa accepts the change) shows as failing with OPA's error, and as current once it activates.
+    None of this touches kopa's own readiness."""
+    lib = "package team.lib\n\ndouble(x) := 2 * x\n"
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": lib}, POLICY)
+    fleet.converge("team/lib", {})
+    ids = fleet.ids()
+    everyone_current = dict.fromkeys(ids, "current")
+    wait_until(lambda: fleet.states() == everyone_current, timeout=TIMEOUT, what="every OPA current")
+    first = fleet.reported()
+    assert {o["revision"] for o in first["opas"]} == {first["revision"]}
+    assert activations(fleet.opas[0])[-1]["active_revision"] == first["revision"]  # what OPA logs itself
+    assert fleet.metric('kopa_bundle_opas{state="current"}') == 3
+
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": lib + "\nhalf(x) := x / 2\n"}, POLICY)
+    wait_until(
+        lambda: fleet.reported()["revision"] != first["revision"] and fleet.states() == everyone_current,
+        timeout=TIMEOUT,
+        what="every OPA current on the new revision",
+    )
+    second = fleet.reported()
+    assert {o["revision"] for o in second["opas"]} == {second["revision"]}
+    assert fleet.metric('kopa_bundle_opas{state="current"}') == 3
+    assert (
+        fleet.metric('kopa_bundle_opas{state="behind"}')
+        == fleet.metric('kopa_bundle_opas{state="failing"}')
+        == 0
+    )
+
+    refusing = fleet.opas[0]
+    refusing.http().put(
+        "/v1/policies/mine", "package mine\n\nfour := data.team.lib.double(2)\n", "text/plain"
+    )
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": "package team.lib\n\ntriple(x) := 3 * x\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "lib") == OK
+    wait_until(
+        lambda: fleet.states() == {**everyone_current, ids[0]: "failing"},
+        timeout=TIMEOUT,
+        what="the refusing OPA failing, the others current",
+    )
+    third = fleet.reported()
+    failing = next(o for o in third["opas"] if o["state"] == "failing")
+    assert failing["revision"] == second["revision"] != third["revision"]
+    assert failing["error"]["code"] == "bundle_error"
+    assert any("undefined function data.team.lib.double" in e for e in failing["error"]["errors"])
+    assert third["opas"][0]["id"] == ids[0]  # failing OPAs come first
+    assert fleet.metric('kopa_bundle_opas{state="failing"}') == 1
+    wait_until(lambda: fleet.metric("kopa_bundle_opa_lag_seconds") > 0, timeout=TIMEOUT, what="a lag")
+    assert get(fleet.kopa, "/readyz")[0] == 200  # an OPA behind never makes kopa unready
+
+    refusing.http().delete("/v1/policies/mine")
+    wait_until(lambda: fleet.states() == everyone_current, timeout=TIMEOUT, what="the OPA current again")
+    assert fleet.metric("kopa_bundle_opa_lag_seconds") == 0
+    assert fleet.metric('kopa_bundle_status_reports_total{result="accepted"}') > 0
 
 
 def test_a_restarted_validation_opa_is_refilled_and_the_bundle_does_not_change(
