@@ -30,7 +30,7 @@ from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
 from app.opa.configuration import bundle_names
-from app.opa.credentials import OpaTls, StaticToken, TokenFile
+from app.opa.credentials import StaticToken, TokenFile, opa_tls
 from app.opa.process import OpaProcess
 from app.operations.leader import LeaderElector, Timing, default_identity
 from app.operations.liveness import Liveness, on_opa_request
@@ -43,7 +43,7 @@ from app.replication.auto import AutoReplication, AutoSettings
 from app.replication.discovery import discover
 from app.replication.replicator import ReplicationOptions
 from app.replication.running import Replicators
-from app.server.bundle import BundleServer, server_tls
+from app.server.bundle import BundleServer, reloading_server_tls
 from app.server.http import HealthServer
 from app.settings import Settings
 from app.version import version_line
@@ -211,12 +211,14 @@ def reserved_roots(settings: Settings) -> list[list[str]]:
 
 async def start_bundle_server(settings: Settings, state: BundleState) -> BundleServer:
     """The bundle endpoint, bound; raises CredentialsError or ServerError (one line) when it cannot be."""
-    token = TokenFile(settings.bundle.token_file, setting="--bundle-token-file")
-    token.load()
     b = settings.bundle
-    tls = server_tls(b.tls_cert_file, b.tls_key_file) if b.tls_cert_file else None
+    token = TokenFile(b.token_file, setting="--bundle-token-file") if b.token_file else None
+    if token is not None:
+        token.load()
+    # Without a token file the settings require a CA: client certificates alone authenticate the OPAs.
+    tls = reloading_server_tls(b.tls_cert_file, b.tls_key_file, b.tls_ca_file) if b.tls_cert_file else None
     host, _, port = b.endpoint.rpartition(":")
-    server = BundleServer(state, host.strip("[]"), int(port), token=token, ssl_context=tls)
+    server = BundleServer(state, host.strip("[]"), int(port), token=token, tls=tls)
     await server.start()
     return server
 
@@ -294,7 +296,7 @@ def opa_client(settings: Settings, observe: list[Observe]) -> OpaClient:
         token_file = TokenFile(settings.opa.auth_token_file)
         token_file.load()
         token = token_file
-    tls = OpaTls(
+    tls = opa_tls(
         ca_file=settings.opa.ca_file,
         allow_insecure=settings.opa.allow_insecure,
         cert_file=settings.opa.client_cert_file,

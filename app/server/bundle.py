@@ -5,8 +5,10 @@ holds>` and `Prefer: modes=snapshot,delta` plus `;wait=N` once long polling is o
 stays on) when an answer carries `Content-Type: application/vnd.openpolicyagent.bundles`, which every answer
 here does. The answers:
 
+- none, the handshake failing, without a client certificate signed by `--bundle-tls-ca-file` when given
+  (the TLS files are read again when they change: `server_tls`, `ReloadingTls`);
 - 401 without the bearer token (`--bundle-token-file`, re-read when it changes; compared in constant time,
-  never logged);
+  never logged; with a CA and no token file, the certificate alone);
 - 503 until the bundle first reflects the cluster (`BundleState.published`): a request is held up to its
   `wait` (or `UNPUBLISHED_HOLD` without one, below OPA's 10 s response-header timeout) in case that happens;
 - 304 when the client's ETag is the current revision, after holding the request until the state changes or
@@ -34,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import orjson
@@ -42,7 +45,7 @@ from aiohttp import web
 from app.bundle import tarball
 from app.bundle.fleet import BUNDLE_NAME, Fleet, Report, ReportError
 from app.bundle.state import BundleState, Revision
-from app.opa.credentials import CredentialsError
+from app.opa.credentials import CredentialsError, ReloadingTls, reason_of
 from app.server.http import WILDCARD_HOSTS, ServerError, dual_stack_socket, ipv4_wildcard_socket
 
 log = logging.getLogger(__name__)
@@ -104,16 +107,19 @@ class BundleServer:
         host: str,
         port: int,
         *,
-        token: Callable[[], str | None],
-        ssl_context: ssl.SSLContext | None = None,
+        token: Callable[[], str | None] | None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
     ) -> None:
+        """`token`: the bearer token every request must carry, asked each time; None only with client
+        certificates (`server_tls` with a CA), which then alone authenticate the OPAs. `tls`: the current
+        TLS context, asked at each handshake (`ReloadingTls`: rotated files are picked up); None: HTTP."""
         self.state = state
         self.host = host
         self.port = port
         self.stats = BundleStats()
         self.fleet = Fleet()
         self._token = token
-        self._ssl = ssl_context
+        self._tls = tls
         self._snapshot: tuple[str, bytes] | None = None
         self._deltas: dict[tuple[str, str], bytes] = {}
         self._runner: web.AppRunner | None = None
@@ -155,21 +161,42 @@ class BundleServer:
 
     @property
     def _scheme(self) -> str:
-        return "https" if self._ssl is not None else "http"
+        return "https" if self._tls is not None else "http"
+
+    def _listening_tls(self) -> ssl.SSLContext | None:
+        """The context the listener is made with. The listener keeps it for good, so at each handshake its
+        server-name callback (called with or without SNI) hands the connection the current context instead:
+        its certificate, and the CA its client certificate is verified against (whether one is asked for
+        stays the listener's: it does not change while kopa runs)."""
+        if self._tls is None:
+            return None
+        listening = self._tls()
+        tls = self._tls
+
+        def current(connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext) -> None:
+            latest = tls()
+            if latest is not context:
+                connection.context = latest
+
+        listening.sni_callback = current
+        return listening
 
     async def _start(self, runner: web.AppRunner) -> None:
+        tls = self._listening_tls()
         try:
             if self.host in WILDCARD_HOSTS:
                 sock = dual_stack_socket(self.port) or ipv4_wildcard_socket(self.port)
-                site: web.BaseSite = web.SockSite(runner, sock, ssl_context=self._ssl)
+                site: web.BaseSite = web.SockSite(runner, sock, ssl_context=tls)
             else:
-                site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl)
+                site = web.TCPSite(runner, self.host, self.port, ssl_context=tls)
             await site.start()
         except OSError as exc:
             reason = exc.strerror or exc
             raise ServerError(f"cannot serve the bundle on {self.host}:{self.port}: {reason}") from None
 
     def _authorized(self, request: web.Request) -> bool:
+        if self._token is None:
+            return True  # client certificates only: the TLS handshake verified this client's
         expected = self._token()
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
@@ -261,14 +288,35 @@ class BundleServer:
         return self._deltas[key]
 
 
-def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """The bundle endpoint's TLS context; CredentialsError names the settings when the files do not load."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+def server_tls(cert_file: str, key_file: str, ca_file: str = "") -> ssl.SSLContext:
+    """The bundle endpoint's TLS context: its certificate and, with `ca_file`, a client certificate required
+    and verified against that CA alone. Not `create_default_context`: for client authentication it trusts
+    the system's CAs too, which would admit any publicly issued client certificate. CredentialsError names
+    the settings when the files do not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CredentialsError(
-            f"invalid --bundle-tls-cert-file/--bundle-tls-key-file {cert_file}, {key_file}: {reason}"
+            f"invalid --bundle-tls-cert-file/--bundle-tls-key-file {cert_file}, {key_file}: {reason_of(exc)}"
         ) from None
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise CredentialsError(f"invalid --bundle-tls-ca-file {ca_file}: {reason_of(exc)}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def reloading_server_tls(cert_file: str, key_file: str, ca_file: str = "") -> ReloadingTls:
+    """`server_tls`, built again when one of its files changes (checked at most once a second, at a
+    handshake); loaded now, so unusable files stop start-up."""
+    tls = ReloadingTls(
+        (cert_file, key_file, ca_file),
+        partial(server_tls, cert_file, key_file, ca_file),
+        "the bundle endpoint's TLS files",
+    )
+    tls.load()
+    return tls

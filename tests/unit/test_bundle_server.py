@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import ssl
 import tarfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import anyio
@@ -18,7 +20,17 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from app.bundle.state import BundleState
-from app.server.bundle import CONTENT_TYPE, MAX_STATUS_BYTES, BundleServer, Preferences, etag_of
+from app.opa.credentials import CredentialsError
+from app.server.bundle import (
+    CONTENT_TYPE,
+    MAX_STATUS_BYTES,
+    BundleServer,
+    Preferences,
+    etag_of,
+    reloading_server_tls,
+    server_tls,
+)
+from devstack.certs import TestCA
 from tests.unit.polling import until
 from tests.unit.test_fleet import REFUSED
 
@@ -222,3 +234,28 @@ async def test_the_status_service_refuses_what_is_not_a_report(
     assert (await post(status_url, gzip.compress(huge), **{"Content-Encoding": "gzip"}, **AUTH))[0] == 413
     assert server.fleet.counts(0) == {"current": 0, "behind": 0, "failing": 0}
     assert server.stats.status_reports == {"unauthorized": 2, "invalid": 6}
+
+
+def test_client_certificates_are_verified_against_the_given_ca_alone(tmp_path: Path) -> None:
+    """Mutual TLS trusts --bundle-tls-ca-file and nothing else: the system's CAs would admit any publicly
+    issued client certificate. Without it, no client certificate is asked for."""
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("kopa")
+    mutual = server_tls(str(cert), str(key), str(ca.ca_file))
+    assert mutual.verify_mode == ssl.CERT_REQUIRED
+    subjects = [certificate["subject"] for certificate in mutual.get_ca_certs()]
+    assert subjects == [((("commonName", "kopa test CA"),),)]
+    assert server_tls(str(cert), str(key)).verify_mode == ssl.CERT_NONE
+
+
+def test_unusable_tls_files_name_their_setting(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("kopa")
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate\n", encoding="utf-8")
+    with pytest.raises(CredentialsError, match=r"^invalid --bundle-tls-ca-file .*missing"):
+        reloading_server_tls(str(cert), str(key), str(tmp_path / "missing"))
+    with pytest.raises(CredentialsError, match=r"^invalid --bundle-tls-ca-file "):
+        server_tls(str(cert), str(key), str(not_pem))
+    with pytest.raises(CredentialsError, match=r"^invalid --bundle-tls-cert-file/--bundle-tls-key-file "):
+        server_tls(str(not_pem), str(key))
