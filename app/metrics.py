@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.bundle.fleet import Fleet
 from app.pipeline.watcher import WatchStats
 from app.pipeline.workqueue import WorkQueue
 from app.server.bundle import BundleStats
@@ -40,6 +41,7 @@ class MetricSources:
     drift_repaired: Callable[[], dict[str, int]] = dict  # kind -> repairs
     bundle: BundleStats | None = None  # the bundle endpoint's answers, in bundle mode
     bundle_compiles: Callable[[], int] = lambda: 0  # candidates the validation OPA compiled, in bundle mode
+    fleet: Fleet | None = None  # the OPAs reporting their status to the bundle endpoint, in bundle mode
     ready: Callable[[], bool] = lambda: False
     opa_up: Callable[[], bool] = lambda: False
     leader: Callable[[], bool] = lambda: True  # writes statuses and Events (leads, or no election)
@@ -225,6 +227,32 @@ class Metrics(Collector):
                 "kopa_bundle_requests_held",
                 "Bundle requests held now: long polls, and requests waiting for the first complete load.",
                 value=float(s.bundle.held),
+            )
+            reports = CounterMetricFamily(
+                "kopa_bundle_status_reports",
+                "Status reports the OPAs sent, by result (accepted, unauthorized, invalid).",
+                labels=["result"],
+            )
+            for result, count in sorted(s.bundle.status_reports.items()):
+                reports.add_metric([result], count)
+            yield reports
+        if s.fleet is not None:
+            wall = time.time()
+            opas = GaugeMetricFamily(
+                "kopa_bundle_opas",
+                "OPAs reporting their status to this kopa, by state: current (they run kopa's current "
+                "revision), behind (another revision, or none yet), failing (their last download or "
+                "activation failed).",
+                labels=["state"],
+            )
+            for state, count in s.fleet.counts(wall).items():
+                opas.add_metric([state], count)
+            yield opas
+            yield GaugeMetricFamily(
+                "kopa_bundle_opa_lag_seconds",
+                "How long the OPA longest off kopa's current revision (behind or failing) has been so; 0 "
+                "when every OPA runs it.",
+                value=s.fleet.max_lag(wall),
             )
         yield GaugeMetricFamily(
             "kopa_ready", "1 when OPA holds everything kopa should have put there.", value=float(s.ready())

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -31,7 +32,7 @@ from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
 from app.opa.configuration import bundle_names
-from app.opa.credentials import OpaTls, StaticToken, TokenFile
+from app.opa.credentials import StaticToken, TokenFile, opa_tls
 from app.opa.process import OpaProcess
 from app.operations.leader import LeaderElector, Timing, default_identity
 from app.operations.liveness import Liveness, on_opa_request
@@ -44,7 +45,7 @@ from app.replication.auto import AutoReplication, AutoSettings
 from app.replication.discovery import discover
 from app.replication.replicator import ReplicationOptions
 from app.replication.running import Replicators
-from app.server.bundle import BundleServer, server_tls
+from app.server.bundle import BundleServer, reloading_server_tls
 from app.server.http import HealthServer
 from app.settings import Settings
 from app.version import version_line
@@ -149,6 +150,8 @@ async def run(settings: Settings) -> None:
             details=lambda: {
                 **(auto.report() if auto is not None else {}),
                 **({"leaderElection": elector.report()} if elector is not None else {}),
+                # Which revision each OPA runs (their status reports); never holds readiness.
+                **(bundle_server.fleet.report(time.time()) if bundle_server is not None else {}),
             },
         )
         metrics.sources = MetricSources(
@@ -169,6 +172,7 @@ async def run(settings: Settings) -> None:
             },
             bundle=bundle_server.stats if bundle_server is not None else None,
             bundle_compiles=lambda: compiler.compiles if compiler is not None else 0,
+            fleet=bundle_server.fleet if bundle_server is not None else None,
             ready=lambda: readiness.ready,
             opa_up=lambda: process.available,
             leader=lambda: configmaps.reporter.writing,
@@ -217,14 +221,14 @@ def reserved_roots(settings: Settings) -> list[list[str]]:
 
 async def start_bundle_server(settings: Settings, state: BundleState, candidates: Candidates) -> BundleServer:
     """The bundle endpoint, bound; raises CredentialsError or ServerError (one line) when it cannot be."""
-    token = TokenFile(settings.bundle.token_file, setting="--bundle-token-file")
-    token.load()
     b = settings.bundle
-    tls = server_tls(b.tls_cert_file, b.tls_key_file) if b.tls_cert_file else None
+    token = TokenFile(b.token_file, setting="--bundle-token-file") if b.token_file else None
+    if token is not None:
+        token.load()
+    # Without a token file the settings require a CA: client certificates alone authenticate the OPAs.
+    tls = reloading_server_tls(b.tls_cert_file, b.tls_key_file, b.tls_ca_file) if b.tls_cert_file else None
     host, _, port = b.endpoint.rpartition(":")
-    server = BundleServer(
-        state, host.strip("[]"), int(port), token=token, ssl_context=tls, candidates=candidates
-    )
+    server = BundleServer(state, host.strip("[]"), int(port), token=token, tls=tls, candidates=candidates)
     await server.start()
     return server
 
@@ -302,7 +306,7 @@ def opa_client(settings: Settings, observe: list[Observe]) -> OpaClient:
         token_file = TokenFile(settings.opa.auth_token_file)
         token_file.load()
         token = token_file
-    tls = OpaTls(
+    tls = opa_tls(
         ca_file=settings.opa.ca_file,
         allow_insecure=settings.opa.allow_insecure,
         cert_file=settings.opa.client_cert_file,

@@ -63,20 +63,27 @@ allow if input.identity == {json.dumps(token)}
 """
 
 
-def kopa_service(kopa_url: str, token_file: Path, ca_file: Path | None = None) -> dict[str, Any]:
-    """kopa's bundle endpoint as a service in an OPA configuration: the token read from a file (OPA trims
-    the newline), kopa's CA with TLS."""
-    service: dict[str, Any] = {"url": kopa_url, "credentials": {"bearer": {"token_path": str(token_file)}}}
+def kopa_service(
+    kopa_url: str,
+    credentials: dict[str, Any],
+    ca_file: Path | None = None,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """kopa's bundle endpoint as a service in an OPA configuration: `credentials` as OPA takes them (one
+    method: a bearer token read from a file, OPA trimming the newline, or `client_tls`), kopa's CA with
+    TLS, and `headers` (a token besides a client certificate)."""
+    service: dict[str, Any] = {"url": kopa_url, "credentials": credentials}
     if ca_file is not None:
         service["tls"] = {"ca_cert": str(ca_file)}
+    if headers:
+        service["headers"] = headers
     return service
 
 
-def validation_config(kopa_url: str, token_file: Path, ca_file: Path | None = None) -> str:
+def validation_config(service: dict[str, Any]) -> str:
     """The configuration of kopa's validation OPA in bundle mode (README, bundle mode): it downloads the
-    candidate bundle from kopa's bundle endpoint (`kopa_url`, e.g. http://127.0.0.1:8282) with long polling
-    and the bundle token, and its status plugin is on, which is where kopa reads each candidate's outcome."""
-    service = kopa_service(kopa_url, token_file, ca_file)
+    candidate bundle from kopa's bundle endpoint (`service`, see `kopa_service`) with long polling, and its
+    status plugin is on, which is where kopa reads each candidate's outcome."""
     polling = {"min_delay_seconds": 1, "max_delay_seconds": 1, "long_polling_timeout_seconds": 60}
     return json.dumps(
         {
@@ -164,12 +171,10 @@ class OpaServer:
         return cls(work_dir, "plain", **kwargs)
 
     @classmethod
-    def validation(
-        cls, work_dir: Path, kopa_url: str, token_file: Path, ca_file: Path | None = None, **kwargs: Any
-    ) -> OpaServer:
+    def validation(cls, work_dir: Path, service: dict[str, Any], **kwargs: Any) -> OpaServer:
         """kopa's validation OPA in bundle mode (see `validation_config`), plain HTTP on loopback."""
         work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / "validation.json").write_text(validation_config(kopa_url, token_file, ca_file), "utf-8")
+        (work_dir / "validation.json").write_text(validation_config(service), "utf-8")
         return cls(work_dir, "plain", extra_args=("--config-file=validation.json",), **kwargs)
 
     @classmethod

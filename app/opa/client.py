@@ -110,8 +110,8 @@ def encode_path(segments: Sequence[str]) -> str:
 class OpaClient(OwnedSession):
     """One session for one OPA. `token` is asked for each request, so a rotated token file takes effect.
 
-    `ssl_context` may be a callable (credentials.OpaTls) asked before each request: when it returns another
-    context (a rotated CA), the next request uses a new session, as the connector holds the context.
+    `ssl_context` may be a callable (credentials.ReloadingTls) asked before each request: when it returns
+    another context (a rotated CA), the next request uses a new session, as the connector holds the context.
     """
 
     def __init__(

@@ -2,7 +2,8 @@
 
 The token file is re-read when it changes (a rotated Secret is swapped in by the kubelet), and so are the
 CA and client certificate files, each checked at most once a second. Nothing here ever puts the token into
-a message.
+a message. The bundle endpoint uses the same pieces for its side: `TokenFile` for the token OPAs send, and
+`ReloadingTls` for its serving certificate and client CA.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +35,20 @@ def ssl_context(
         try:
             context.load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise CredentialsError(f"invalid --opa-ca-file {ca_file}: {_reason(exc)}") from None
+            raise CredentialsError(f"invalid --opa-ca-file {ca_file}: {reason_of(exc)}") from None
     if cert_file or key_file:
         try:
             context.load_cert_chain(cert_file, key_file)
         except (OSError, ssl.SSLError) as exc:
             files = f"{cert_file}, {key_file}"
             raise CredentialsError(
-                f"invalid --opa-client-cert-file/--opa-client-key-file {files}: {_reason(exc)}"
+                f"invalid --opa-client-cert-file/--opa-client-key-file {files}: {reason_of(exc)}"
             ) from None
     return context
 
 
-def _reason(exc: Exception) -> str:
+def reason_of(exc: Exception) -> str:
+    """Why a file did not load, in one line (an OSError's own words, or the SSL error)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -78,7 +82,7 @@ class TokenFile:
             with open(self.path, encoding="utf-8") as stream:
                 line = stream.readline().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise CredentialsError(f"invalid {self.setting} {self.path}: {_reason(exc)}") from None
+            raise CredentialsError(f"invalid {self.setting} {self.path}: {reason_of(exc)}") from None
         if not line:
             raise CredentialsError(f"invalid {self.setting} {self.path}: the file is empty")
         self._token = line
@@ -104,18 +108,18 @@ Stamp = tuple[tuple[int, int, int], ...]
 
 
 @dataclass
-class OpaTls:
-    """The TLS context for OPA, built again when one of its files changes (cert-manager rotating OPA's CA).
+class ReloadingTls:
+    """A TLS context built from files, built again when one of them changes (cert-manager rotating a CA or a
+    certificate), checked at most every `check_every` seconds.
 
-    A new context means a new connection pool (the OPA client makes a new session when it gets a different
-    object). A file that does not load (half written, not PEM) keeps the previous context, and is logged once
-    per version of the file.
+    Calling it returns the current context: the same object until a file changes and loads. A file that
+    does not load (half written, not PEM) keeps the previous context, and is logged once per version of the
+    file. Used for OPA's client side (`opa_tls`) and for the bundle endpoint's server side.
     """
 
-    ca_file: str = ""
-    allow_insecure: bool = False
-    cert_file: str = ""
-    key_file: str = ""
+    files: tuple[str, ...]  # what the context is built from ("" entries ignored)
+    build: Callable[[], ssl.SSLContext]  # raises CredentialsError naming the settings
+    name: str  # for the log line: "OPA's TLS files"
     check_every: float = 1.0
     _context: ssl.SSLContext | None = field(default=None, repr=False)
     _stamp: Stamp = ()
@@ -123,7 +127,7 @@ class OpaTls:
     _checked: float = 0.0
 
     def _files(self) -> list[str]:
-        return [f for f in (self.ca_file, self.cert_file, self.key_file) if f]
+        return [f for f in self.files if f]
 
     def _current_stamp(self) -> Stamp:
         stamps = []
@@ -132,21 +136,13 @@ class OpaTls:
             stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
         return tuple(stamps)
 
-    def _build(self) -> ssl.SSLContext:
-        return ssl_context(
-            ca_file=self.ca_file,
-            allow_insecure=self.allow_insecure,
-            cert_file=self.cert_file,
-            key_file=self.key_file,
-        )
-
     def load(self) -> ssl.SSLContext:
         """Builds the context now; raises CredentialsError for unusable files (a start-up error)."""
         try:
             stamp = self._current_stamp()
         except OSError:
-            stamp = ()  # ssl_context names the missing file
-        self._context = self._build()
+            stamp = ()  # build() names the missing file
+        self._context = self.build()
         self._stamp, self._checked = stamp, time.monotonic()
         return self._context
 
@@ -165,11 +161,22 @@ class OpaTls:
         if stamp in (self._stamp, self._refused):
             return self._context
         try:
-            context = self._build()
+            context = self.build()
         except CredentialsError as exc:
             self._refused = stamp
             log.warning("%s; keeping the previous one", exc)
             return self._context
         self._context, self._stamp, self._refused = context, stamp, None
-        log.info("OPA's TLS files changed (%s); using them from now on", ", ".join(self._files()))
+        log.info("%s changed (%s); using them from now on", self.name, ", ".join(self._files()))
         return context
+
+
+def opa_tls(
+    *, ca_file: str = "", allow_insecure: bool = False, cert_file: str = "", key_file: str = ""
+) -> ReloadingTls:
+    """The TLS context for OPA. A new context means a new connection pool (the OPA client makes a new
+    session when it gets a different object)."""
+    build = partial(
+        ssl_context, ca_file=ca_file, allow_insecure=allow_insecure, cert_file=cert_file, key_file=key_file
+    )
+    return ReloadingTls((ca_file, cert_file, key_file), build, "OPA's TLS files")

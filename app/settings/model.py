@@ -58,12 +58,14 @@ class ReplicationSettings:
 
 @dataclass(frozen=True)
 class BundleSettings:
-    """Bundle mode: where kopa serves its bundle, who may fetch it, and which roots are not kopa's."""
+    """Bundle mode: where kopa serves its bundle, who may fetch it (token, client certificates), and which
+    roots are not kopa's."""
 
     endpoint: str  # "host:port"; "" = push mode
     token_file: str
     tls_cert_file: str
     tls_key_file: str
+    tls_ca_file: str  # "" = no client certificates asked for
     reserved_roots: tuple[str, ...]  # slash-separated paths below data
 
     @property

@@ -366,8 +366,10 @@ OPTIONS: tuple[Option[Any], ...] = (
         "bundle-token-file",
         STRING,
         "",
-        "File whose first line is the bearer token OPAs must send to the bundle endpoint (required in "
-        "bundle mode); re-read when it changes.",
+        "File whose first line is the bearer token OPAs must send to the bundle endpoint and its status "
+        "service; re-read when it changes. Required in bundle mode unless bundle-tls-ca-file is given: "
+        "with both, an OPA needs a client certificate and the token; with the CA file alone, the "
+        "certificate only.",
         BUNDLE,
         metavar="PATH",
         default_text="none",
@@ -376,7 +378,8 @@ OPTIONS: tuple[Option[Any], ...] = (
         "bundle-tls-cert-file",
         STRING,
         "",
-        "PEM certificate the bundle endpoint serves TLS with (with bundle-tls-key-file); without it, HTTP.",
+        "PEM certificate the bundle endpoint serves TLS with (with bundle-tls-key-file); without it, HTTP. "
+        "Read again when it changes (checked at most once a second, on new connections).",
         BUNDLE,
         metavar="PATH",
         default_text="none",
@@ -386,6 +389,18 @@ OPTIONS: tuple[Option[Any], ...] = (
         STRING,
         "",
         "PEM private key of bundle-tls-cert-file.",
+        BUNDLE,
+        metavar="PATH",
+        default_text="none",
+    ),
+    Option(
+        "bundle-tls-ca-file",
+        STRING,
+        "",
+        "PEM CA certificates for mutual TLS: the bundle endpoint then accepts only clients presenting a "
+        "certificate signed by one of them (OPA's client_tls credentials), and trusts no other CA; read "
+        "again when it changes. Needs bundle-tls-cert-file. With bundle-token-file too, an OPA needs both "
+        "(OPA takes one credentials method per service: it then sends the token as a header).",
         BUNDLE,
         metavar="PATH",
         default_text="none",

@@ -333,17 +333,23 @@ def check_opa_connection(values: dict[str, Any]) -> None:
 
 
 def check_bundle_mode(values: dict[str, Any]) -> None:
-    """Bundle mode needs its token; TLS needs both files; what bundle mode does not do yet stops start-up."""
+    """Bundle mode needs its token or client certificates; TLS needs both files, and mutual TLS needs TLS;
+    what bundle mode does not do yet stops start-up."""
     cert, key = values["bundle-tls-cert-file"], values["bundle-tls-key-file"]
     if bool(cert) != bool(key):
         missing = "--bundle-tls-key-file" if cert else "--bundle-tls-cert-file"
         given = "--bundle-tls-cert-file" if cert else "--bundle-tls-key-file"
         raise SettingsError(f"invalid {given}: TLS needs {missing} too")
+    if values["bundle-tls-ca-file"] and not cert:
+        raise SettingsError(
+            "invalid --bundle-tls-ca-file: mutual TLS needs --bundle-tls-cert-file and --bundle-tls-key-file"
+        )
     if not values["bundle-endpoint"]:
         return
-    if not values["bundle-token-file"]:
+    if not values["bundle-token-file"] and not values["bundle-tls-ca-file"]:
         raise SettingsError(
-            "invalid --bundle-endpoint: bundle mode needs --bundle-token-file (OPAs must send it)"
+            "invalid --bundle-endpoint: bundle mode needs --bundle-token-file (OPAs must send it), or "
+            "--bundle-tls-ca-file (OPAs must present a client certificate)"
         )
     if values["opa-config"]:
         raise SettingsError(

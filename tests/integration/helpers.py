@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client
@@ -227,3 +229,19 @@ def wait_probe(kopa: KopaProcess, path: str, status: int, timeout: float = 30) -
 
     result: dict[str, Any] = wait_until(check, timeout=timeout, what=f"{path} answering {status}")
     return result
+
+
+def swap_in(secret_dir: Path, version: str, files: dict[str, bytes]) -> dict[str, Path]:
+    """A mounted Secret as the kubelet writes it: each file a link through `..data` to a versioned directory.
+    The first call lays it out; each later one (a rotation: all the files, in a new `version`) is one rename
+    of the `..data` link. Returns each file's path, as a pod would name it."""
+    secret_dir.mkdir(parents=True, exist_ok=True)
+    (secret_dir / version).mkdir()
+    for name, content in files.items():
+        (secret_dir / version / name).write_bytes(content)
+    (secret_dir / "..data_tmp").symlink_to(version)
+    os.replace(secret_dir / "..data_tmp", secret_dir / "..data")
+    for name in files:
+        if not (secret_dir / name).is_symlink():
+            (secret_dir / name).symlink_to(f"..data/{name}")
+    return {name: secret_dir / name for name in files}

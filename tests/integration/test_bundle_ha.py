@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 
 from devstack.kopa import KopaProcess
-from devstack.opa import OpaServer
+from devstack.opa import OpaServer, kopa_service
 from devstack.processes import HOST, free_port, wait_until
 from tests.conftest import require_binaries
 from tests.integration.conftest import KopaFactory
@@ -89,9 +89,8 @@ def start_replicas(run_kopa: KopaFactory, namespace: str, tmp_path: Path) -> Ite
         kopas = []
         for i in range(2):
             port = free_port()
-            validation = OpaServer.validation(
-                tmp_path / f"opa-validation-{i}", f"http://{HOST}:{port}", token_file
-            )
+            service = kopa_service(f"http://{HOST}:{port}", {"bearer": {"token_path": str(token_file)}})
+            validation = OpaServer.validation(tmp_path / f"opa-validation-{i}", service)
             started.append(validation)
             validation.start()
             kopas.append(

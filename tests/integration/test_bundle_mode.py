@@ -3,7 +3,8 @@ their bundle service, long polling on, the token), a private validation OPA, and
 
 What each OPA activated is read from OPA itself: its REST API for policies and data, `/health?bundles`, and
 its status log (`status.console`), whose bundle status says whether the last activation was a snapshot or a
-delta (`type`).
+delta (`type`). The OPAs also send their status reports to kopa (`status.service`), as the chart configures
+them, and kopa's `/readyz` says which revision each runs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ from kubernetes import client
 
 from devstack.certs import TestCA
 from devstack.kopa import KopaProcess
-from devstack.opa import OpaServer, kopa_service
+from devstack.opa import OpaHttp, OpaServer, kopa_service
 from devstack.processes import HOST, free_port, wait_until
 from tests.conftest import require_binaries
 from tests.integration.conftest import KopaFactory
@@ -34,9 +37,11 @@ from tests.integration.helpers import (
     TIMEOUT,
     error_of,
     get,
+    log_text,
     put_configmap,
     start_up_error,
     status_of,
+    swap_in,
     wait_status,
 )
 
@@ -45,13 +50,13 @@ pytestmark = pytest.mark.integration
 HELLO = 'package kubernetes.example\n\ngreeting := data[NS].settings["s.json"].greeting\n'
 
 
-def opa_config(url: str, token_file: Path, ca_file: Path | None = None) -> str:
-    """An OPA configured with kopa as its bundle service, as the chart does: long polling and the token read
-    from a file (the chart mounts kopa's token Secret; OPA trims the newline), kopa's CA with TLS; a short
-    retry cap so that an OPA refused before kopa's first load asks again soon."""
+def opa_config(service: dict[str, Any]) -> str:
+    """An OPA configured with kopa (`service`, see `devstack.opa.kopa_service`) as its bundle and status
+    service, as the chart does: long polling, and a short retry cap so that an OPA refused before kopa's
+    first load asks again soon. Its status reports also go to its log (`console`)."""
     return json.dumps(
         {
-            "services": {"kopa": kopa_service(url, token_file, ca_file)},
+            "services": {"kopa": service},
             "bundles": {
                 "kopa": {
                     "service": "kopa",
@@ -63,7 +68,7 @@ def opa_config(url: str, token_file: Path, ca_file: Path | None = None) -> str:
                     },
                 }
             },
-            "status": {"console": True},
+            "status": {"console": True, "service": "kopa"},
         }
     )
 
@@ -77,6 +82,7 @@ class Fleet:
     token: str
     validation: OpaServer
     opas: list[OpaServer] = field(default_factory=list)
+    tls_dir: Path | None = None  # kopa's certificate, key and client CA, as a mounted Secret (with TLS)
 
     def data(self, opa: OpaServer, path: str) -> Any:
         answer = opa.http().get_json(f"/v1/data/{path}")
@@ -94,6 +100,19 @@ class Fleet:
     def metric(self, name: str) -> float:
         _, text = get(self.kopa, "/metrics")
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    def reported(self) -> dict[str, Any]:
+        """The `opas` section of kopa's /readyz: the OPAs' status reports."""
+        section: dict[str, Any] = json.loads(get(self.kopa, "/readyz")[1])["opas"]
+        return section
+
+    def states(self) -> dict[str, str]:
+        """OPA instance id -> its state as kopa sees it (current, behind, failing)."""
+        return {o["id"]: o["state"] for o in self.reported()["opas"]}
+
+    def ids(self) -> list[str]:
+        """Each OPA's instance id (`labels.id`, what it reports with), in the order of `opas`."""
+        return [opa.http().get_json("/v1/config")["result"]["labels"]["id"] for opa in self.opas]
 
 
 def activations(opa: OpaServer) -> list[dict[str, Any]]:
@@ -120,49 +139,110 @@ def bundle_request(url: str, token: str | None) -> int:
             return int(exc.code)
 
 
+def exchange(
+    url: str, ca_file: Path, client: tuple[Path, Path] | None = None, token: str | None = None
+) -> tuple[str, int]:
+    """One new TLS connection to kopa and one GET of `url`: the common name of the certificate kopa served,
+    and the HTTP status. A refused client raises ssl.SSLError or ConnectionError (with TLS 1.3 the server
+    refuses a client certificate after the client's side of the handshake: at the first read)."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or HOST, parts.port or 443
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if client is not None:
+        context.load_cert_chain(*client)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = f"GET {parts.path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        certificate: dict[str, Any] = tls.getpeercert() or {}
+        tls.sendall(request.encode())
+        status_line = tls.recv(64).split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2:
+        raise ConnectionError("closed without an answer")
+    names = [value for rdn in certificate["subject"] for key, value in rdn if key == "commonName"]
+    return names[0], int(status_line[1])
+
+
+def refused(
+    url: str, ca_file: Path, client: tuple[Path, Path] | None = None, token: str | None = None
+) -> bool:
+    """kopa refuses this client in the TLS handshake."""
+    try:
+        exchange(url, ca_file, client, token)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    return False
+
+
 FleetFactory = Callable[..., Fleet]
 
 
 @pytest.fixture
-def start_fleet(
-    run_kopa: KopaFactory, opa: OpaServer, namespace: str, tmp_path: Path
-) -> Iterator[FleetFactory]:
-    """Factory: start_fleet(opas=3, ca=None) starts kopa serving the bundle (policies checked by the `opa`
-    fixture's OPA), replicating Services, and `opas` OPAs downloading it; over TLS with a certificate from
-    `ca` when given. The OPAs are stopped after the test (kopa by run_kopa)."""
+def start_fleet(run_kopa: KopaFactory, namespace: str, tmp_path: Path) -> Iterator[FleetFactory]:
+    """Factory: start_fleet(opas=3, ca=None, client_certificates=False, token=True) starts kopa serving the
+    bundle (policies checked by its validation OPA, `Fleet.validation`), replicating Services, and `opas`
+    OPAs downloading it, each OPA (the validation OPA too) with the same kind of credentials. With `ca`:
+    over TLS, kopa's certificate from `ca` in a directory laid out as the kubelet mounts a Secret
+    (`Fleet.tls_dir`: tls.crt, tls.key, ca.crt); with `client_certificates` too, mutual TLS
+    (--bundle-tls-ca-file), each OPA with a client certificate from `ca`; without `token`, no token at all.
+    The OPAs are stopped after the test (kopa by run_kopa)."""
     require_binaries("opa")
     started: list[OpaServer] = []
 
-    def start(*, opas: int = 3, ca: TestCA | None = None) -> Fleet:
-        token = secrets.token_urlsafe(24)
+    def start(
+        *, opas: int = 3, ca: TestCA | None = None, client_certificates: bool = False, token: bool = True
+    ) -> Fleet:
+        secret = secrets.token_urlsafe(24)
         token_file = tmp_path / "bundle-token"
-        token_file.write_text(token + "\n", encoding="utf-8")
+        token_file.write_text(secret + "\n", encoding="utf-8")
         port = free_port()
-        tls: list[str] = []
+        args = [f"--bundle-token-file={token_file}"] if token else []
+        tls_dir = tmp_path / "kopa-tls"
         if ca is not None:
             cert, key = ca.issue("kopa", ips=[HOST], dns=["localhost"])
-            tls = [f"--bundle-tls-cert-file={cert}", f"--bundle-tls-key-file={key}"]
+            files = {
+                "tls.crt": cert.read_bytes(),
+                "tls.key": key.read_bytes(),
+                "ca.crt": ca.ca_file.read_bytes(),
+            }
+            paths = swap_in(tls_dir, "..v1", files)
+            args += [
+                f"--bundle-tls-cert-file={paths['tls.crt']}",
+                f"--bundle-tls-key-file={paths['tls.key']}",
+            ]
+            if client_certificates:
+                args.append(f"--bundle-tls-ca-file={paths['ca.crt']}")
         url = f"{'https' if ca is not None else 'http'}://{HOST}:{port}"
         ca_file = ca.ca_file if ca is not None else None
-        validation = OpaServer.validation(tmp_path / "opa-validation", url, token_file, ca_file)
+
+        def service(name: str) -> dict[str, Any]:
+            credentials: dict[str, Any] = {"bearer": {"token_path": str(token_file)}}
+            headers = None
+            if ca is not None and client_certificates:
+                cert, key = ca.issue(name, ips=(), dns=())
+                credentials = {"client_tls": {"cert": str(cert), "private_key": str(key)}}
+                headers = {"Authorization": f"Bearer {secret}"} if token else None
+            return kopa_service(url, credentials, ca_file, headers)
+
+        validation = OpaServer.validation(tmp_path / "opa-validation", service("opa-validation"))
         started.append(validation)
         validation.start()
         kopa = run_kopa(
             f"--opa-url={validation.api_url}",
             f"--namespaces={namespace}",
             f"--bundle-endpoint={HOST}:{port}",
-            f"--bundle-token-file={token_file}",
             f"--leader-election-namespace={namespace}",  # its Lease is the test's too
             "--replicate=v1/services",
             "--replicate-ignore-namespaces=default,kube-system,kube-public",
-            *tls,
+            *args,
         )
-        fleet = Fleet(kopa, f"{url}/bundles/kopa", token, validation)
+        fleet = Fleet(kopa, f"{url}/bundles/kopa", secret, validation, tls_dir=tls_dir)
         for i in range(opas):
             work = tmp_path / f"opa-{i}"
             work.mkdir()
-            config = opa_config(url, token_file, ca_file)
-            (work / "config.json").write_text(config, encoding="utf-8")
+            (work / "config.json").write_text(opa_config(service(f"opa-{i}")), encoding="utf-8")
             server = OpaServer(work, "plain", log_level="info", extra_args=("--config-file=config.json",))
             started.append(server)
             fleet.opas.append(server.start())
@@ -289,7 +369,73 @@ def test_the_token_is_required_and_never_logged(
     assert bundle_request(fleet.url, "not-the-token") == 401
     assert bundle_request(fleet.url, fleet.token) == 200
     assert fleet.metric('kopa_bundle_responses_total{kind="unauthorized"}') >= 2
+    status = OpaHttp(fleet.url.removesuffix("/bundles/kopa"), token=fleet.token)  # OPA's status API
+    assert status.request("POST", "/status", {}, token=None) == (401, "a bearer token is required\n")
+    answer = status.request("POST", "/status", b"{not json", content_type="application/json")
+    assert answer[0] == 400 and answer[1].startswith("invalid status report: not JSON:")
+    assert fleet.metric('kopa_bundle_status_reports_total{result="unauthorized"}') == 1
     assert fleet.token not in fleet.kopa.log_path.read_text(errors="replace")
+
+
+def test_the_opas_report_to_kopa_which_revision_they_run(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """Every OPA's status report reaches kopa: after each change `/readyz` shows each OPA on kopa's new
+    revision, and the metric counts them. An OPA that refuses to activate a revision (a module pushed into it
+    through its API calls a function the new revision no longer defines; kopa's validation OPA has no such
+    module, so kopa accepts the change) shows as failing with OPA's error, and as current once it activates.
+    None of this touches kopa's own readiness."""
+    lib = "package team.lib\n\ndouble(x) := 2 * x\n"
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": lib}, POLICY)
+    fleet.converge("team/lib", {})
+    ids = fleet.ids()
+    everyone_current = dict.fromkeys(ids, "current")
+    wait_until(lambda: fleet.states() == everyone_current, timeout=TIMEOUT, what="every OPA current")
+    first = fleet.reported()
+    assert {o["revision"] for o in first["opas"]} == {first["revision"]}
+    assert activations(fleet.opas[0])[-1]["active_revision"] == first["revision"]  # what OPA logs itself
+    assert fleet.metric('kopa_bundle_opas{state="current"}') == 3
+
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": lib + "\nhalf(x) := x / 2\n"}, POLICY)
+    wait_until(
+        lambda: fleet.reported()["revision"] != first["revision"] and fleet.states() == everyone_current,
+        timeout=TIMEOUT,
+        what="every OPA current on the new revision",
+    )
+    second = fleet.reported()
+    assert {o["revision"] for o in second["opas"]} == {second["revision"]}
+    assert fleet.metric('kopa_bundle_opas{state="current"}') == 3
+    assert (
+        fleet.metric('kopa_bundle_opas{state="behind"}')
+        == fleet.metric('kopa_bundle_opas{state="failing"}')
+        == 0
+    )
+
+    refusing = fleet.opas[0]
+    refusing.http().put(
+        "/v1/policies/mine", "package mine\n\nfour := data.team.lib.double(2)\n", "text/plain"
+    )
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": "package team.lib\n\ntriple(x) := 3 * x\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "lib") == OK
+    wait_until(
+        lambda: fleet.states() == {**everyone_current, ids[0]: "failing"},
+        timeout=TIMEOUT,
+        what="the refusing OPA failing, the others current",
+    )
+    third = fleet.reported()
+    failing = next(o for o in third["opas"] if o["state"] == "failing")
+    assert failing["revision"] == second["revision"] != third["revision"]
+    assert failing["error"]["code"] == "bundle_error"
+    assert any("undefined function data.team.lib.double" in e for e in failing["error"]["errors"])
+    assert third["opas"][0]["id"] == ids[0]  # failing OPAs come first
+    assert fleet.metric('kopa_bundle_opas{state="failing"}') == 1
+    wait_until(lambda: fleet.metric("kopa_bundle_opa_lag_seconds") > 0, timeout=TIMEOUT, what="a lag")
+    assert get(fleet.kopa, "/readyz")[0] == 200  # an OPA behind never makes kopa unready
+
+    refusing.http().delete("/v1/policies/mine")
+    wait_until(lambda: fleet.states() == everyone_current, timeout=TIMEOUT, what="the OPA current again")
+    assert fleet.metric("kopa_bundle_opa_lag_seconds") == 0
+    assert fleet.metric('kopa_bundle_status_reports_total{result="accepted"}') > 0
 
 
 def test_a_restarted_validation_opa_changes_nothing_and_later_policies_compile_against_the_bundle(
@@ -348,6 +494,103 @@ def test_the_bundle_over_tls(
     assert fleet.url.startswith("https://")
     put_configmap(core_v1, namespace, "settings", {"s.json": '{"tls": true}'}, DATA)
     fleet.converge(f"{namespace}/settings/s.json", {"tls": True})
+
+
+def test_mutual_tls_without_a_token(
+    start_fleet: FleetFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """With --bundle-tls-ca-file and no token file, a client certificate alone admits an OPA: OPAs with
+    `client_tls` credentials download the bundle and report their status. A client without a certificate,
+    or with one from another CA, is refused in the handshake, and so is a real OPA without one. A rotated CA
+    file is followed: the new CA's clients get in, the old one's no longer."""
+    ca = TestCA(tmp_path / "ca")
+    fleet = start_fleet(opas=2, ca=ca, client_certificates=True, token=False)
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"mtls": true}'}, DATA)
+    fleet.converge(f"{namespace}/settings/s.json", {"mtls": True})
+    everyone_current = dict.fromkeys(fleet.ids(), "current")
+    wait_until(lambda: fleet.states() == everyone_current, timeout=TIMEOUT, what="both OPAs reporting")
+
+    admitted = ca.issue("client", ips=(), dns=())
+    assert exchange(fleet.url, ca.ca_file, admitted) == ("kopa", 200)
+    assert refused(fleet.url, ca.ca_file)
+    other = TestCA(tmp_path / "other", common_name="another CA")
+    foreign = other.issue("intruder", ips=(), dns=())
+    assert refused(fleet.url, ca.ca_file, foreign)
+
+    work = tmp_path / "opa-without-certificate"
+    work.mkdir()
+    base_url = fleet.url.removesuffix("/bundles/kopa")
+    (work / "config.json").write_text(opa_config(kopa_service(base_url, {}, ca.ca_file)), encoding="utf-8")
+    with OpaServer(work, "plain", log_level="info", extra_args=("--config-file=config.json",)) as outsider:
+        wait_until(
+            # Go's client sees the connection closed in the handshake (EOF) where kopa refuses it.
+            lambda: "Bundle load failed: request failed" in outsider.log_path.read_text(errors="replace"),
+            timeout=TIMEOUT,
+            what="the OPA without a client certificate refused in the handshake",
+        )
+        assert outsider.http().request("GET", "/health?bundles")[0] != 200
+
+    assert fleet.tls_dir is not None
+    kept = {name: (fleet.tls_dir / name).read_bytes() for name in ("tls.crt", "tls.key")}
+    swap_in(fleet.tls_dir, "..v2", {**kept, "ca.crt": other.ca_file.read_bytes()})
+    wait_until(
+        lambda: not refused(fleet.url, ca.ca_file, foreign),
+        timeout=TIMEOUT,
+        what="a client of the new CA admitted",
+    )
+    assert refused(fleet.url, ca.ca_file, admitted)
+
+
+def test_mutual_tls_and_the_token(
+    start_fleet: FleetFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """With --bundle-tls-ca-file and a token file, an OPA needs both: a client certificate, and the token
+    (OPA takes one credentials method per service, so the token goes as a header)."""
+    ca = TestCA(tmp_path / "ca")
+    fleet = start_fleet(opas=1, ca=ca, client_certificates=True)
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"both": true}'}, DATA)
+    fleet.converge(f"{namespace}/settings/s.json", {"both": True})
+    admitted = ca.issue("client", ips=(), dns=())
+    assert exchange(fleet.url, ca.ca_file, admitted) == ("kopa", 401)
+    assert exchange(fleet.url, ca.ca_file, admitted, fleet.token) == ("kopa", 200)
+    assert refused(fleet.url, ca.ca_file, token=fleet.token)
+
+
+def test_a_rotated_serving_certificate_reaches_new_connections(
+    start_fleet: FleetFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """cert-manager renews kopa's certificate: new connections get the new one without a restart. A file
+    caught half written is logged once and the certificate in use is kept."""
+    ca = TestCA(tmp_path / "ca")
+    fleet = start_fleet(opas=1, ca=ca)
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"v": 1}'}, DATA)
+    fleet.converge(f"{namespace}/settings/s.json", {"v": 1})
+    assert exchange(fleet.url, ca.ca_file, token=fleet.token) == ("kopa", 200)
+
+    assert fleet.tls_dir is not None
+    in_place = (fleet.tls_dir / "tls.crt").resolve()
+    pem = in_place.read_bytes()
+    in_place.write_bytes(pem[: len(pem) // 2])
+    wait_until(  # kopa looks at its files when a connection comes, at most once a second
+        lambda: (
+            exchange(fleet.url, ca.ca_file, token=fleet.token)[0] == "kopa"
+            and "invalid --bundle-tls-cert-file" in log_text(fleet.kopa)
+        ),
+        timeout=TIMEOUT,
+        what="the half-written certificate refused, the old one still served",
+    )
+
+    cert, key = ca.issue("kopa-renewed", ips=[HOST], dns=["localhost"])
+    renewed = {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes(), "ca.crt": ca.ca_file.read_bytes()}
+    swap_in(fleet.tls_dir, "..v2", renewed)
+    wait_until(
+        lambda: exchange(fleet.url, ca.ca_file, token=fleet.token)[0] == "kopa-renewed",
+        timeout=TIMEOUT,
+        what="the renewed certificate served",
+    )
+    assert log_text(fleet.kopa).count("invalid --bundle-tls-cert-file") == 1, "a bad file is logged once"
+    put_configmap(core_v1, namespace, "settings", {"s.json": '{"v": 2}'}, DATA)
+    fleet.converge(f"{namespace}/settings/s.json", {"v": 2})
 
 
 def test_policies_present_at_start_are_checked_in_a_few_compiles_not_one_per_module(

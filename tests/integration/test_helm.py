@@ -645,6 +645,7 @@ def check_bundle_mode(r: Rendered) -> None:
     bundle = config["bundles"]["kopa"]
     assert (bundle["service"], bundle["resource"]) == ("kopa", "bundles/kopa")
     assert bundle["polling"]["long_polling_timeout_seconds"] == 30
+    assert config["status"] == {"service": "kopa"}, "the OPAs report their revision to kopa"
     volume, key, read_only = mounted_file(r, "opa", service["credentials"]["bearer"]["token_path"])
     assert (volume["secret"]["secretName"], key, read_only) == ("kopa-bundle-token", "token", True)
     assert r.secret_data("kopa-bundle-token")["token"]
@@ -706,6 +707,18 @@ def test_auto_read_is_granted_only_with_auto_and_changing_it_restarts_no_pod(hel
     assert nothing.flag_values("mgmt", "opa-config") == ["/config/config.yaml"]
     more = helm.template({**plain, "mgmt": {"replicate": {"auto": True, "autoRead": AUTO_READ}}})
     assert more.deployment == nothing.deployment, "a new grant is an RBAC change only: the pods stay"
+
+
+def test_bundle_mode_keeps_a_status_service_given_in_opa(helm: Helm) -> None:
+    """OPA reports to one status service: the OPAs report to kopa unless opa.status names another."""
+    status = {"service": "control-plane", "console": True}
+    services = {"control-plane": {"url": "https://cp.example.com"}}
+    rendered = helm.template(
+        {"mode": "bundle", "useHttps": False, "opa": {"services": services, "status": status}}
+    )
+    config = yaml.safe_load(rendered.secret_data("kopa-config")["config.yaml"])
+    assert config["status"] == status
+    assert set(config["services"]) == {"control-plane", "kopa"}
 
 
 def test_chart_ships_the_opa_version_kopa_is_tested_against() -> None:

@@ -6,7 +6,6 @@ The token must never show up in anything kopa prints.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import urllib.error
@@ -30,6 +29,7 @@ from tests.integration.helpers import (
     put_configmap,
     secure_args,
     start_up_error,
+    swap_in,
     wait_data,
     wait_log,
     wait_status,
@@ -171,14 +171,6 @@ def _config_requests(kopa: KopaProcess) -> float:
     )
 
 
-def _swap_in(secret_dir: Path, version: str, pem: bytes) -> None:
-    """What the kubelet does with a rotated Secret: a new directory, then one rename of the ..data link."""
-    (secret_dir / version).mkdir()
-    (secret_dir / version / "ca.pem").write_bytes(pem)
-    (secret_dir / "..data_tmp").symlink_to(version)
-    os.replace(secret_dir / "..data_tmp", secret_dir / "..data")
-
-
 def test_a_rotated_opa_ca_file_is_picked_up(
     run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
 ) -> None:
@@ -186,9 +178,7 @@ def test_a_rotated_opa_ca_file_is_picked_up(
     follow without a restart, and a CA file caught half-written must not lose it the CA it has."""
     ca1, ca2 = TestCA(tmp_path / "ca1"), TestCA(tmp_path / "ca2", common_name="kopa test CA 2")
     secret = tmp_path / "secret"  # the kubelet's layout of a mounted Secret
-    secret.mkdir()
-    _swap_in(secret, "..v1", ca1.ca_file.read_bytes())
-    (secret / "ca.pem").symlink_to("..data/ca.pem")
+    swap_in(secret, "..v1", {"ca.pem": ca1.ca_file.read_bytes()})
     with OpaServer.secure(tmp_path / "opa", ca=ca1) as opa:
         args = [a for a in secure_args(opa, namespace) if not a.startswith("--opa-ca-file")]
         kopa = run_kopa(*args, f"--opa-ca-file={secret / 'ca.pem'}", "--opa-check-interval=200ms")
@@ -217,7 +207,7 @@ def test_a_rotated_opa_ca_file_is_picked_up(
         )
 
         # The rotation proper: CA2 swapped in atomically. kopa trusts the new OPA and refills it.
-        _swap_in(secret, "..v2", pem2)
+        swap_in(secret, "..v2", {"ca.pem": pem2})
         wait_until(lambda: _readyz(kopa) == 200, timeout=30, what="kopa ready again")
         wait_data(opa, "rotateca/x", 1)
         wait_data(opa, "system/kopa/ready", True)

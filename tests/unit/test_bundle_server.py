@@ -1,13 +1,16 @@
 """The bundle endpoint's answers, over HTTP on loopback: the token, 503 before the first complete load, 304
-for a current ETag, long polls woken by a change, and when a delta is sent rather than a snapshot. Real OPAs
-downloading from kopa are in tests/integration/test_bundle_mode.py."""
+for a current ETag, long polls woken by a change, and when a delta is sent rather than a snapshot; and the
+status service (`POST /status`). Real OPAs downloading from kopa and reporting to it are in
+tests/integration/test_bundle_mode.py."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import ssl
 import tarfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import anyio
@@ -17,8 +20,19 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from app.bundle.state import BundleState
-from app.server.bundle import CONTENT_TYPE, BundleServer, Preferences, etag_of
+from app.opa.credentials import CredentialsError
+from app.server.bundle import (
+    CONTENT_TYPE,
+    MAX_STATUS_BYTES,
+    BundleServer,
+    Preferences,
+    etag_of,
+    reloading_server_tls,
+    server_tls,
+)
+from devstack.certs import TestCA
 from tests.unit.polling import until
+from tests.unit.test_fleet import REFUSED
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +174,88 @@ def test_prefer_and_etag_parsing() -> None:
     assert Preferences.parse("wait=99999").wait == 600.0
     assert Preferences.parse("wait=x") == Preferences(False, None)
     assert etag_of('"abc"') == etag_of('W/"abc"') == etag_of("abc") == "abc"
+
+
+async def post(url: str, body: bytes, **headers: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.post(url, data=body, headers=headers) as response,
+    ):
+        return response.status, await response.text()
+
+
+async def test_the_status_service_records_what_each_opa_runs(
+    served: tuple[BundleState, BundleServer, str],
+) -> None:
+    """OPA's report, plain or gzip-encoded (and under a partition's path), with the bundle's token; kopa's
+    revision followed as the bundle changes (`run`)."""
+    state, server, url = served
+    status_url = url.replace("/bundles/kopa", "/status")
+    report = orjson.dumps(REFUSED)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.run)
+        state.publish()
+        await until(lambda: server.fleet.report(0)["opas"]["revision"] == state.current.revision)
+        assert await post(status_url, report, **AUTH) == (204, "")
+        fine = orjson.dumps({"labels": {"id": "b"}, "bundles": {"kopa": {"active_revision": "r"}}})
+        assert (
+            await post(status_url + "/part", gzip.compress(fine), **{"Content-Encoding": "gzip"}, **AUTH)
+        )[0] == 204
+        await state.put_data(["ns", "cm", "k"], b"{}")
+        await until(lambda: server.fleet.report(0)["opas"]["revision"] == state.current.revision)
+        tg.cancel_scope.cancel()
+    assert server.fleet.counts(0) == {"current": 0, "behind": 1, "failing": 1}
+    assert server.stats.status_reports == {"accepted": 2}
+
+
+async def test_the_status_service_refuses_what_is_not_a_report(
+    served: tuple[BundleState, BundleServer, str],
+) -> None:
+    _, server, url = served
+    status_url = url.replace("/bundles/kopa", "/status")
+    report = orjson.dumps(REFUSED)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        status, body = await post(status_url, report, **headers)
+        assert status == 401 and TOKEN not in body
+    status, body = await post(status_url, b"{not json", **AUTH)
+    assert status == 400 and body.startswith("invalid status report: not JSON:")
+    assert await post(status_url, b'{"labels": {}}', **AUTH) == (
+        400,
+        "invalid status report: a status report needs labels.id (the OPA's instance id)\n",
+    )
+    assert await post(status_url, b"not gzip", **{"Content-Encoding": "gzip"}, **AUTH) == (
+        400,
+        "invalid status report: not readable as 'gzip'\n",
+    )
+    status, body = await post(status_url, gzip.compress(report)[:-20], **{"Content-Encoding": "gzip"}, **AUTH)
+    assert status == 400 and body.startswith("invalid status report: not JSON:")
+    huge = b" " * (MAX_STATUS_BYTES + 1)
+    assert (await post(status_url, huge, **AUTH))[0] == 413
+    assert (await post(status_url, gzip.compress(huge), **{"Content-Encoding": "gzip"}, **AUTH))[0] == 413
+    assert server.fleet.counts(0) == {"current": 0, "behind": 0, "failing": 0}
+    assert server.stats.status_reports == {"unauthorized": 2, "invalid": 6}
+
+
+def test_client_certificates_are_verified_against_the_given_ca_alone(tmp_path: Path) -> None:
+    """Mutual TLS trusts --bundle-tls-ca-file and nothing else: the system's CAs would admit any publicly
+    issued client certificate. Without it, no client certificate is asked for."""
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("kopa")
+    mutual = server_tls(str(cert), str(key), str(ca.ca_file))
+    assert mutual.verify_mode == ssl.CERT_REQUIRED
+    subjects = [certificate["subject"] for certificate in mutual.get_ca_certs()]
+    assert subjects == [((("commonName", "kopa test CA"),),)]
+    assert server_tls(str(cert), str(key)).verify_mode == ssl.CERT_NONE
+
+
+def test_unusable_tls_files_name_their_setting(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("kopa")
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("not a certificate\n", encoding="utf-8")
+    with pytest.raises(CredentialsError, match=r"^invalid --bundle-tls-ca-file .*missing"):
+        reloading_server_tls(str(cert), str(key), str(tmp_path / "missing"))
+    with pytest.raises(CredentialsError, match=r"^invalid --bundle-tls-ca-file "):
+        server_tls(str(cert), str(key), str(not_pem))
+    with pytest.raises(CredentialsError, match=r"^invalid --bundle-tls-cert-file/--bundle-tls-key-file "):
+        server_tls(str(not_pem), str(key))

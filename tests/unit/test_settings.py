@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "token_file": "",
         "tls_cert_file": "",
         "tls_key_file": "",
+        "tls_ca_file": "",
         "reserved_roots": ("system",),
     },
     "leader_election": {
@@ -1173,6 +1174,14 @@ def test_bundle_mode_settings() -> None:
     assert loaded.bundle.enabled
     assert loaded.bundle.reserved_roots == ("system", "other/bundle")
     assert not load().bundle.enabled
+    # Client certificates alone may authenticate the OPAs: no token file then.
+    mutual = load(
+        "--bundle-endpoint=:8443",
+        "--bundle-tls-cert-file=/c",
+        "--bundle-tls-key-file=/k",
+        "--bundle-tls-ca-file=/ca",
+    )
+    assert (mutual.bundle.token_file, mutual.bundle.tls_ca_file) == ("", "/ca")
 
 
 @pytest.mark.parametrize(
@@ -1181,6 +1190,10 @@ def test_bundle_mode_settings() -> None:
         (["--bundle-endpoint=:8443"], "bundle mode needs --bundle-token-file"),
         (["--bundle-tls-cert-file=/c"], "TLS needs --bundle-tls-key-file too"),
         (
+            ["--bundle-tls-ca-file=/ca"],
+            "invalid --bundle-tls-ca-file: mutual TLS needs --bundle-tls-cert-file",
+        ),
+        (
             ["--bundle-endpoint=:8443", "--bundle-token-file=/t", "--replicate-path=system/kube"],
             'overlaps the reserved root "system"',
         ),
@@ -1188,8 +1201,8 @@ def test_bundle_mode_settings() -> None:
     ],
 )
 def test_bundle_mode_refusals(argv: list[str], message: str) -> None:
-    """Bundle mode without its token, TLS with one file, and what bundle mode cannot do yet stop start-up
-    with one line naming the setting."""
+    """Bundle mode without its token (or client certificates), TLS with one file, mutual TLS without TLS, and
+    what bundle mode cannot do yet stop start-up with one line naming the setting."""
     assert message in error(argv)
 
 

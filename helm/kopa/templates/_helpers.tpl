@@ -256,7 +256,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/*
 OPA's configuration file. Push mode: the opa value as it is. Bundle mode: the opa value plus kopa as the
 service `kopa` and its bundle `kopa` (long polling, the token read from the mounted Secret at each request,
-kopa's CA with useHttps).
+kopa's CA with useHttps), and kopa as OPA's status service (`status: {service: kopa}`: each OPA reports
+which revision it runs) unless opa.status is given (OPA reports to one service only).
 */}}
 {{- define "kopa.opaConfig" -}}
 {{- if include "kopa.bundleMode" . }}
@@ -275,6 +276,9 @@ kopa's CA with useHttps).
 {{- $polling := dict "min_delay_seconds" 2 "max_delay_seconds" 10 "long_polling_timeout_seconds" (int .Values.mgmt.bundle.longPollingTimeoutSeconds) }}
 {{- $_ := set $bundles "kopa" (dict "service" "kopa" "resource" "bundles/kopa" "polling" $polling) }}
 {{- $_ := set $config "bundles" $bundles }}
+{{- if not (hasKey $config "status") }}
+{{- $_ := set $config "status" (dict "service" "kopa") }}
+{{- end }}
 {{- toYaml $config }}
 {{- else }}
 {{- toYaml .Values.opa }}
