@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -25,6 +25,9 @@ from app.bundle import tarball
 from app.bundle.candidate import Candidates, Offer
 from app.bundle.settle import Failure
 from app.opa.client import OpaUnavailable
+from app.replication.analysis import rule_paths
+
+Path = tuple[str, ...]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class ValidationApi(Protocol):
     async def config(self) -> dict[str, Any]: ...
 
     async def status(self) -> dict[str, Any]: ...
+
+    async def get_policy(self, policy_id: str) -> dict[str, Any] | None: ...
 
 
 def revision_of(modules: Mapping[str, str]) -> str:
@@ -118,6 +123,28 @@ class BundleCompiler:
         while len(self._outcomes) > KEPT:
             self._outcomes.popitem(last=False)
         return failures
+
+    async def rule_paths(self, modules: Mapping[str, str], ids: Sequence[str]) -> dict[str, list[Path]]:
+        """Where the rules of the modules `ids` of the set `modules` (which compiles) are, from the ASTs the
+        validation OPA compiled: it is made to hold exactly `modules` first when it holds anything else."""
+        if not ids:
+            return {}
+        async with self._lock:
+            bundle = await self._bundle_name()
+            files = tarball.module_files(sorted(modules))
+            held = [await self._opa.get_policy(bundle + files[i]) for i in ids]
+            if any(p is None or p.get("raw") != modules[i] for p, i in zip(held, ids, strict=True)):
+                offer = offer_of(modules)
+                self.candidates.offer(offer)
+                with anyio.move_on_after(self._timeout):
+                    await self.candidates.tried(offer.revision)
+                held = [await self._opa.get_policy(bundle + files[i]) for i in ids]
+        policies = [
+            {**p, "id": i} for p, i in zip(held, ids, strict=True) if p and p.get("raw") == modules[i]
+        ]
+        if len(policies) < len(ids):
+            raise OpaUnavailable("the validation OPA does not hold the modules kopa had it compile")
+        return rule_paths(policies)
 
     def rest(self, modules: Mapping[str, str]) -> None:
         """Offers a set known to compile (what the bundle holds), so that the validation OPA stops retrying

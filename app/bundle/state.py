@@ -11,6 +11,11 @@ depth (a replicated object at `kubernetes/<plural>/<namespace>/<name>`, a key of
 its canonical JSON. Digests down to that depth are cached and a write drops only those on its path, so a
 change costs the hashing of what it touched plus one line of siblings per level, not the whole tree.
 
+**Rules and data.** OPA refuses a bundle (or, in push mode, a write) when a rule's path holds data, or lies
+below data that is not an object (`ast.CheckPathConflicts` with `storage.NonEmpty`). The state keeps each
+module's rule paths (given by `BundleTarget` once the module compiled), refuses a data write that would
+collide with one, in OPA's words, and answers `data_conflict` for a module's rules.
+
 **Changes.** Each write records its data operations in OPA's delta form (`upsert`, `remove`). They are
 folded into a log entry when the revision is next asked for (`commit`): writes between two questions make one
 entry, and writes that end where they started make none. The log keeps the last `LOG_ENTRIES` entries and at
@@ -47,6 +52,27 @@ def _hash(*parts: bytes) -> bytes:
         h.update(len(part).to_bytes(8, "big"))
         h.update(part)
     return h.digest()
+
+
+RULE = "\x00rule"  # the trie key that marks a rule's path (never a data key: OPA paths are text)
+
+
+def _any_rule(trie: dict[str, Any]) -> str:
+    """A module with a rule somewhere below this trie node."""
+    pending = [trie]
+    while pending:
+        node = pending.pop()
+        if RULE in node:
+            return str(node[RULE])
+        pending += [v for k, v in node.items() if k != RULE]
+    return ""
+
+
+def _conflict(path: Sequence[str], module_id: str) -> OpaError:
+    """OPA's answer to a data write that collides with a rule (in push mode, from `PUT /v1/data`)."""
+    found = f"rego_compile_error: conflicting rule for data path {'/'.join(path)} found"
+    message = f"1 error occurred: {module_id}: {found}"
+    return OpaError(400, "invalid_parameter", message, {"code": "invalid_parameter", "message": message})
 
 
 def _not_found(path: Sequence[str]) -> OpaError:
@@ -111,6 +137,8 @@ class BundleState:
         self.reserved: list[Path] = [tuple(root) for root in reserved]
         self.modules: dict[str, str] = {}
         self.data: dict[str, Any] = {}
+        self._rule_paths: dict[str, tuple[Path, ...]] = {}  # module id -> its rules' paths (ground prefix)
+        self._rule_trie: dict[str, Any] = {}  # the same paths as a trie; RULE marks where a rule is
         self._digests: dict[Path, bytes] = {}
         self._modules_digest: bytes | None = None
         self._pending: list[Operation] = []
@@ -250,11 +278,58 @@ class BundleState:
         self._changed_now([])
 
     def delete_module(self, module_id: str) -> bool:
+        if self._rule_paths.pop(module_id, None) is not None:
+            self._index_rules()
         if self.modules.pop(module_id, None) is None:
             return False
         self._modules_digest = None
         self._changed_now([])
         return True
+
+    def set_rule_paths(self, module_id: str, paths: Iterable[Sequence[str]]) -> None:
+        """Where a module's rules are (each rule's path down to its first non-constant segment)."""
+        self._rule_paths[module_id] = tuple(tuple(p) for p in paths)
+        self._index_rules()
+
+    def _index_rules(self) -> None:
+        trie: dict[str, Any] = {}
+        for module_id, paths in self._rule_paths.items():
+            for path in paths:
+                node = trie
+                for segment in path:
+                    node = node.setdefault(segment, {})
+                node.setdefault(RULE, module_id)
+        self._rule_trie = trie
+
+    def data_conflict(self, path: Sequence[str]) -> bool:
+        """Whether a rule at `path` would collide with the data (OPA's `storage.NonEmpty`): something is
+        there, or the nearest thing above it is not an object."""
+        node: Any = self.data
+        for segment in path:
+            if not isinstance(node, dict):
+                return True
+            if segment not in node:
+                return False
+            node = node[segment]
+        return bool(path)
+
+    def _rule_conflict(self, where: Path, value: Any) -> OpaError | None:
+        """OPA's refusal of writing `value` at `where` when it would collide with a rule, or None."""
+        node = self._rule_trie
+        for depth, segment in enumerate(where):
+            if RULE in node:  # a rule above: the write would put data at its path
+                return _conflict(where[:depth], node[RULE])
+            if segment not in node:
+                return None
+            node = node[segment]
+        # Rules at or below `where`: the value must hold nothing at their paths.
+        pending: list[tuple[dict[str, Any], Any, Path]] = [(node, value, where)]
+        while pending:
+            trie, content, at = pending.pop()
+            if RULE in trie or not isinstance(content, dict):
+                return _conflict(at, trie.get(RULE) or _any_rule(trie))
+            pending += [(trie[k], content[k], (*at, k)) for k in trie if k != RULE and k in content]
+        return None
 
     def list_modules(self) -> list[dict[str, Any]]:
         return [{"id": i, "raw": t} for i, t in self.modules.items()]
@@ -290,6 +365,9 @@ class BundleState:
             raise OpaError(400, "invalid_parameter", "kopa never writes the whole data tree", {})
         value = orjson.loads(document)
         where = tuple(path)
+        refused = self._rule_conflict(where, value)
+        if refused is not None:
+            raise refused
         try:
             if self._node(where) == value:
                 return
@@ -330,6 +408,9 @@ class BundleState:
                     raise _not_found(where)
                 if op["op"] not in ("add", "replace", "remove"):
                     raise OpaError(400, "invalid_parameter", f"unsupported patch op {op['op']!r}", {})
+                refused = self._rule_conflict(where, op["value"]) if op["op"] != "remove" else None
+                if refused is not None:
+                    raise refused
                 undo.append((where, parent.get(where[-1]), existed))
                 self._forget(where, parent.get(where[-1]))
                 if op["op"] == "remove":

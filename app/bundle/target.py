@@ -13,6 +13,9 @@ the whole bundle:
   candidate in the validation OPA (`app/bundle/settle.py`, `compiler.py`), so loading N modules costs one
   compile, not N. Until then the book counts a staged module as loaded; `settle` tells it what became of
   each one, in OPA's words.
+- and its rules must not lie where data is (OPA checks that on activation too): the rule paths come from
+  the ASTs the validation OPA compiled, and a module that collides is refused with OPA's words; a data
+  write that would collide with a rule is refused by the state, as OPA refuses it in push mode.
 
 Data needs no compile and goes into the bundle at once.
 """
@@ -22,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from app.bundle.settle import Failure, Outcome, settle
-from app.bundle.state import BundleState
+from app.bundle.settle import COMPILE_MESSAGE, Failure, Outcome, settle
+from app.bundle.state import BundleState, Path
 from app.configmaps.policies import package_of
 from app.model import related
 from app.opa.client import Chunks, OpaError
@@ -33,6 +36,8 @@ class Compiler(Protocol):
     """What the target needs of the validation OPA (`BundleCompiler`)."""
 
     async def compile(self, modules: Mapping[str, str]) -> list[Failure]: ...
+
+    async def rule_paths(self, modules: Mapping[str, str], ids: Sequence[str]) -> dict[str, list[Path]]: ...
 
     def rest(self, modules: Mapping[str, str]) -> None: ...
 
@@ -48,6 +53,16 @@ def root_error(what: str, path: Sequence[str], state: BundleState) -> OpaError |
         "(--bundle-reserved-roots); kopa's bundle cannot hold it"
     )
     return OpaError(400, "bundle_root_error", message, {"code": "bundle_root_error", "message": message})
+
+
+def collision_error(module_id: str, path: Sequence[str]) -> dict[str, Any]:
+    """OPA's answer to a PUT of a module whose rule lies where data is (push mode's words)."""
+    error = {
+        "code": "rego_compile_error",
+        "message": f"conflicting rule for data path {'/'.join(path)} found",
+        "location": {"file": module_id},
+    }
+    return {"code": "invalid_parameter", "message": COMPILE_MESSAGE, "errors": [error]}
 
 
 class BundleTarget:
@@ -83,15 +98,27 @@ class BundleTarget:
         held = self.state.modules
         changes = [(i, t) for i, t in self._staged.items() if held.get(i) != t]
         same = [Outcome(i, t) for i, t in self._staged.items() if held.get(i) == t]
-        accepted, outcomes = await settle(held, changes, self._compiler.compile)
+        refused: list[Outcome] = []
+        while True:
+            accepted, outcomes = await settle(held, changes, self._compiler.compile)
+            entering = [i for i, t in accepted.items() if held.get(i) != t]
+            paths = await self._compiler.rule_paths(accepted, entering)
+            collisions = {
+                i: path for i in entering for path in paths.get(i, []) if self.state.data_conflict(path)
+            }
+            if not collisions:
+                break
+            # OPA would refuse the bundle: those modules stay out, and the rest is decided again without them.
+            changes = [(i, t) for i, t in changes if i not in collisions]
+            refused += [Outcome(i, held.get(i), collision_error(i, p)) for i, p in sorted(collisions.items())]
         self._staged.clear()
         for module_id in [i for i in held if i not in accepted]:
             self.state.delete_module(module_id)
-        for module_id, text in accepted.items():
-            if held.get(module_id) != text:
-                self.state.put_module(module_id, text)
+        for module_id in entering:
+            self.state.put_module(module_id, accepted[module_id])
+            self.state.set_rule_paths(module_id, paths.get(module_id, []))
         self._compiler.rest(accepted)
-        return same + outcomes
+        return same + outcomes + refused
 
     async def list_policies(self) -> list[dict[str, Any]]:
         return self.state.list_modules()

@@ -248,6 +248,13 @@ class OpaClient(OwnedSession):
         status, _ = await self.request("DELETE", f"policies/{encode_path(policy_id.split('/'))}")
         return status != 404
 
+    async def get_policy(self, policy_id: str) -> dict[str, Any] | None:
+        """One module as OPA holds it (`raw` text and compiled `ast`), None when OPA has no such id."""
+        status, payload = await self.request("GET", f"policies/{encode_path(policy_id.split('/'))}")
+        if status == 404:
+            return None
+        return dict(orjson.loads(payload).get("result") or {})
+
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every module with its AST: megabytes for a few hundred modules, so a large answer is parsed in a
         worker thread rather than holding up the event loop (and the writer) for a few hundred ms."""

@@ -85,6 +85,20 @@ def analyse(
     return result
 
 
+def rule_paths(policies: Sequence[dict[str, Any]]) -> dict[str, list[tuple[str, ...]]]:
+    """Each module's rule paths below data, each down to its first segment that is not a constant: where
+    OPA's rule tree holds the rule, which is what it checks against data for conflicts."""
+    found: dict[str, list[tuple[str, ...]]] = {}
+    for rule in _rules(policies)[0]:
+        ground = []
+        for segment in rule.path:
+            if segment is None:
+                break
+            ground.append(str(segment))
+        found.setdefault(rule.module, []).append(tuple(ground))
+    return found
+
+
 class _RuleIndex:
     """The rules in a tree of their path segments, so that finding the rules a reference reaches costs
     the reference's length, not the number of rules (a bundle of 300 modules has thousands)."""

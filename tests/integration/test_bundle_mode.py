@@ -660,3 +660,24 @@ def test_a_validation_opa_that_does_not_download_the_candidate_keeps_kopa_unread
     assert get(kopa, "/readyz")[0] == 503
     errors = [line for line in kopa.log_path.read_text(errors="replace").splitlines() if " ERROR " in line]
     assert len(errors) == 1 and problem in errors[0]  # the writer's retries say it as warnings
+
+
+def test_a_rule_where_replicated_data_is_is_refused_and_the_opas_never_refuse_the_bundle(
+    fleet: Fleet, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """OPA refuses to activate a bundle whose rule lies at a data path; kopa keeps such a module out and
+    says so on its ConfigMap, as OPA's answer to the PUT would in push mode. (Had the module come first,
+    the collection's write would be refused instead, in OPA's words too, as in push mode.)"""
+    wait_until(
+        lambda: isinstance(fleet.data(fleet.opas[0], "kubernetes/services"), dict),
+        timeout=TIMEOUT,
+        what="the replicated Services in the bundle",
+    )
+    put_configmap(core_v1, namespace, "clash", {"p.rego": "package kubernetes\n\nservices := 1\n"}, POLICY)
+    put_configmap(core_v1, namespace, "fine", {"p.rego": "package team.fine\n\nok := true\n"}, POLICY)
+    clash = error_of(wait_status(core_v1, namespace, "clash", lambda s: "error" in s))
+    assert clash["errors"][0]["message"] == "conflicting rule for data path kubernetes/services found"
+    assert wait_status(core_v1, namespace, "fine") == OK
+    fleet.converge("team/fine/ok", True)
+    for opa in fleet.opas:
+        assert all(a.get("code", "") == "" for a in activations(opa)), "OPA refused a bundle"

@@ -10,7 +10,7 @@ that decide outcomes (the real OPA's view is in tests/integration/test_bundle_mo
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from app.bundle.settle import Failure
@@ -61,6 +61,11 @@ class RegoModel:
                         (module_id, _error("rego_type_error", f"undefined ref: data.{ref}", module_id))
                     )
         return failures
+
+    async def rule_paths(
+        self, modules: Mapping[str, str], ids: Sequence[str]
+    ) -> dict[str, list[tuple[str, ...]]]:
+        return {i: [(*package_of(modules[i]), name) for name, _ in _RULE.findall(modules[i])] for i in ids}
 
     def rest(self, modules: Mapping[str, str]) -> None:
         """Nothing to offer in the model."""

@@ -231,3 +231,47 @@ async def test_data_in_a_reserved_root_is_refused() -> None:
         await bundle.put_data(["system", "cm", "k"], b"{}")
     assert "data.system.cm.k overlaps data.system" in info.value.message
     assert bundle.state.data == {}
+
+
+async def test_a_module_whose_rule_lies_where_data_is_is_refused_in_opas_words() -> None:
+    """OPA refuses a bundle whose rule lies at a data path (or below data that is not an object), so such
+    a module never enters: its ConfigMap says why, as a PUT in push mode would."""
+    bundle, _ = target()
+    await bundle.put_data(["team", "settings"], b'{"mode": "strict"}')
+    await bundle.put_data(["team", "flag"], b"true")
+    await bundle.put_policy("ns/cm/at.rego", "package team\nsettings := 1\n")
+    await bundle.put_policy("ns/cm/below.rego", "package team.flag\nx := 1\n")
+    await bundle.put_policy("ns/cm/fine.rego", "package team.rules\nallow := true\n")
+    outcomes = {o.id: o for o in await bundle.settle()}
+    assert set(bundle.state.modules) == {"ns/cm/fine.rego"}
+    at = outcomes["ns/cm/at.rego"].error
+    assert (
+        at is not None and at["errors"][0]["message"] == "conflicting rule for data path team/settings found"
+    )
+    below = outcomes["ns/cm/below.rego"].error
+    assert below is not None and "team/flag/x" in below["errors"][0]["message"]
+
+
+async def test_a_data_write_that_would_collide_with_a_rule_is_refused_and_changes_nothing() -> None:
+    bundle, _ = target()
+    await bundle.put_policy("ns/cm/p.rego", "package team.rules\nallow := true\n")
+    await bundle.settle()
+    for path, document in [
+        (["team", "rules", "allow"], b"1"),
+        (["team", "rules", "allow", "deeper"], b"1"),
+        (["team", "rules"], b'{"allow": false}'),
+        (["team"], b'{"rules": 3}'),
+    ]:
+        with pytest.raises(OpaError) as info:
+            await bundle.put_data(path, document)
+        assert "conflicting rule for data path" in info.value.message
+        assert "ns/cm/p.rego" in info.value.message
+    with pytest.raises(OpaError):
+        await bundle.patch_data(["team"], patch({"op": "add", "path": "/rules/allow", "value": 1}))
+    assert bundle.state.data == {}
+    await bundle.put_data(["team", "rules", "other"], b"1")  # beside the rule: fine
+    await bundle.put_data(["team", "more"], b'{"rules": 1}')
+    assert bundle.state.data == {"team": {"rules": {"other": 1}, "more": {"rules": 1}}}
+    assert await bundle.delete_policy("ns/cm/p.rego")
+    await bundle.settle()
+    await bundle.put_data(["team", "rules", "allow"], b"1")  # the rule is gone
