@@ -256,7 +256,7 @@ class Samples:
 
 def _sampler(stack: Stack, work: Path, name: str, names: list[str]) -> Helper:
     config = {"host": "127.0.0.1", "port": stack.opa.port, "interval": SAMPLE_INTERVAL, "names": names}
-    return _spawn(sampler_main, config, work / f"samples-{name}.json")
+    return spawn_helper(sampler_main, config, work / f"samples-{name}.json")
 
 
 async def _ready(helper: Helper) -> None:
@@ -292,7 +292,8 @@ def lags(
 
 @dataclass
 class Helper:
-    """A helper process (updater or decision client) and its end of the control pipe."""
+    """A helper process (updater, decision client, sampler, or the bundle phase's prober) and its end of the
+    control pipe."""
 
     process: multiprocessing.process.BaseProcess
     control: Connection
@@ -300,11 +301,11 @@ class Helper:
 
     def result(self) -> Any:
         if self.process.exitcode != 0:
-            raise RuntimeError(f"a churn helper process failed (exit code {self.process.exitcode})")
+            raise RuntimeError(f"a helper process failed (exit code {self.process.exitcode})")
         return orjson.loads(self.out.read_bytes())
 
 
-def _spawn(target: Any, config: dict[str, Any], out: Path) -> Helper:
+def spawn_helper(target: Any, config: dict[str, Any], out: Path) -> Helper:
     """Starts a helper in a fresh interpreter (spawn: nothing of the bench's event loop is inherited)."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
@@ -313,11 +314,11 @@ def _spawn(target: Any, config: dict[str, Any], out: Path) -> Helper:
     return Helper(process, ours, out)
 
 
-async def _start_together(helpers: list[Helper], lead: float = 0.3) -> float:
+async def start_together(helpers: list[Helper], lead: float = 0.3) -> float:
     """Waits until every helper is ready (imports done, connections open), then gives them one start time."""
     for helper in helpers:
         if not await asyncio.to_thread(helper.control.poll, 60):
-            raise RuntimeError("a churn helper process did not get ready within 60 s")
+            raise RuntimeError("a helper process did not get ready within 60 s")
         helper.control.recv()
     start = time.monotonic() + lead
     for helper in helpers:
@@ -343,12 +344,12 @@ async def idle_decisions(
         "rate": DECISION_RATE,
         "seconds": seconds,
     }
-    helper = _spawn(decisions_main, config, stack.work / "decisions-idle.json")
+    helper = spawn_helper(decisions_main, config, stack.work / "decisions-idle.json")
     sampler = _sampler(stack, stack.work, "idle", names) if with_sampler else None
     if sampler is not None:
         await _ready(sampler)
     opa_cpu = cpu_seconds(stack.opa.pid) if stack.opa.pid else 0.0
-    start = await _start_together([helper])
+    start = await start_together([helper])
     await asyncio.to_thread(helper.process.join, seconds + 60)
     opa_cores = ((cpu_seconds(stack.opa.pid) if stack.opa.pid else 0.0) - opa_cpu) / (
         time.monotonic() - start
@@ -416,7 +417,7 @@ async def churn_run(
             seqs, lambda v: v == expected, interval=0.05, within=60, what="OPA settled before churn"
         )
         base: dict[str, Any] = {"namespace": namespace, "names": names}
-        updater = _spawn(
+        updater = spawn_helper(
             updater_main,
             {
                 **base,
@@ -429,7 +430,7 @@ async def churn_run(
             },
             work / f"updates-{rate:g}.json",
         )
-        decisions = _spawn(
+        decisions = spawn_helper(
             decisions_main,
             {**base, "host": "127.0.0.1", "port": stack.opa.port, "rate": DECISION_RATE, "seconds": seconds},
             work / f"decisions-{rate:g}.json",
@@ -438,7 +439,7 @@ async def churn_run(
         await _ready(sampler)
         writes_before = await opa.writes()
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        start = await _start_together([updater, decisions])
+        start = await start_together([updater, decisions])
         await asyncio.to_thread(updater.process.join, seconds + 120)
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         window = time.monotonic() - start

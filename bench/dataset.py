@@ -18,6 +18,8 @@ from bench.common import JSON
 PER_NAMESPACE = 1000
 POLICY_NAMESPACE = "bench-policies"
 RULES_NAMESPACE = "bench-rules"  # the policy-load phase's modules, which only its own kopa loads
+BUNDLE_NAMESPACE = "bench-bundle"  # the bundle phase's data ConfigMap, which only its own kopas load
+MODULES_NAMESPACE = "bench-modules"  # the bundle phase's policy modules, likewise
 # Everything replication skips: the API server's own namespaces, `default`, and the policy ConfigMaps.
 IGNORED_NAMESPACES = (
     "default",
@@ -26,11 +28,27 @@ IGNORED_NAMESPACES = (
     "kube-system",
     POLICY_NAMESPACE,
     RULES_NAMESPACE,
+    BUNDLE_NAMESPACE,
+    MODULES_NAMESPACE,
 )
 FIELD_SELECTOR = ",".join(f"metadata.namespace!={ns}" for ns in IGNORED_NAMESPACES)
 REPLICATE_PATH = ["kubernetes", "configmaps"]
 # Size of the settings text: with metadata the API server adds, the replicated object is about 2 KB.
 FILLER_BYTES = 1560
+
+
+POLICY_LABEL = ("openpolicyagent.org/policy", "rego")
+DATA_LABEL = ("openpolicyagent.org/data", "opa")
+
+
+def labelled_configmap(namespace: str, name: str, label: tuple[str, str], data: dict[str, str]) -> JSON:
+    """A ConfigMap kopa loads: labelled with POLICY_LABEL (its keys are modules) or DATA_LABEL (JSON)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict([label])},
+        "data": data,
+    }
 
 
 def namespace_of(index: int) -> str:

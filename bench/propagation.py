@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from bench.common import poll_until, summary
-from bench.dataset import POLICY_NAMESPACE
+from bench.dataset import POLICY_LABEL, POLICY_NAMESPACE, labelled_configmap
 from bench.stack import Stack
 
 POLL = 0.005
@@ -22,16 +22,12 @@ GAP = 1.2  # seconds between one trial's answer and the next create
 
 
 def policy_configmap(i: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": f"policy-{i:03d}",
-            "namespace": POLICY_NAMESPACE,
-            "labels": {"openpolicyagent.org/policy": "rego"},
-        },
-        "data": {"main.rego": f"package benchprop.p{i:03d}\n\nanswer := {i}\n"},
-    }
+    return labelled_configmap(
+        POLICY_NAMESPACE,
+        f"policy-{i:03d}",
+        POLICY_LABEL,
+        {"main.rego": f"package benchprop.p{i:03d}\n\nanswer := {i}\n"},
+    )
 
 
 async def propagation(stack: Stack, trials: int, log: Any) -> dict[str, Any]:

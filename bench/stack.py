@@ -90,31 +90,48 @@ class Stack:
         self.opa.kill()
         self.opa.start()
 
-    def flags(self, namespaces: str = POLICY_NAMESPACE, replicate: bool = True) -> list[str]:
-        """The flags kopa and kube-mgmt both get: replicating v1/configmaps (all bench namespaces, unless
-        not `replicate`) and loading policies and data from `namespaces` (bench-policies)."""
+    def flags(
+        self,
+        namespaces: str = POLICY_NAMESPACE,
+        replicate: bool = True,
+        *,
+        resource: str = "v1/configmaps",
+        opa_url: str | None = None,
+    ) -> list[str]:
+        """The flags kopa and kube-mgmt both get: replicating `resource` (v1/configmaps; all bench namespaces,
+        unless not `replicate`), loading policies and data from `namespaces` (bench-policies), writing into
+        the stack's OPA unless `opa_url` names another."""
         replication = [
-            "--replicate=v1/configmaps",
+            f"--replicate={resource}",
             f"--replicate-ignore-namespaces={','.join(IGNORED_NAMESPACES)}",
         ]
         return [
             f"--kubeconfig={self.kube.admin_kubeconfig}",
-            f"--opa-url={self.opa.api_url}",
+            f"--opa-url={opa_url or self.opa.api_url}",
             f"--namespaces={namespaces}",
             *(replication if replicate else []),
             "--log-level=info",
         ]
 
     def sidecar(
-        self, side: str, name: str, namespaces: str = POLICY_NAMESPACE, replicate: bool = True
+        self,
+        side: str,
+        name: str,
+        namespaces: str = POLICY_NAMESPACE,
+        replicate: bool = True,
+        *,
+        resource: str = "v1/configmaps",
+        opa_url: str | None = None,
     ) -> ManagedProcess:
         """kopa (side "kopa") or Go kube-mgmt (side "kube-mgmt"), not yet started, with the same flags."""
         if side == KOPA:
-            return self.kopa(name, namespaces=namespaces, replicate=replicate)
+            return self.kopa(
+                name, namespaces=namespaces, replicate=replicate, resource=resource, opa_url=opa_url
+            )
         assert self.kube_mgmt is not None, "kube-mgmt is not there"
         process = ManagedProcess(
             KUBE_MGMT,
-            [self.kube_mgmt, *self.flags(namespaces, replicate)],
+            [self.kube_mgmt, *self.flags(namespaces, replicate, resource=resource, opa_url=opa_url)],
             self.work / f"kube-mgmt-{name}.log",
         )
         self._others.append(process)
@@ -127,10 +144,19 @@ class Stack:
             process.stop()
 
     def kopa(
-        self, name: str, *extra: str, namespaces: str = POLICY_NAMESPACE, replicate: bool = True
+        self,
+        name: str,
+        *extra: str,
+        namespaces: str = POLICY_NAMESPACE,
+        replicate: bool = True,
+        resource: str = "v1/configmaps",
+        opa_url: str | None = None,
     ) -> KopaProcess:
         """kopa with the common flags (see `flags`) and `extra`."""
-        args: list[str] = [*self.flags(namespaces, replicate), *extra]
+        args: list[str] = [
+            *self.flags(namespaces, replicate, resource=resource, opa_url=opa_url),
+            *extra,
+        ]
         process = kopa_process(args, self.work / f"kopa-{name}.log")
         spy = py_spy()
         if self.profile_dir is not None and spy:
