@@ -13,7 +13,11 @@
      refills [refill];
   7. the drift check: its cost per check (kopa and OPA CPU, OPA requests), with it off and then every
      second, and the time it takes to repair a policy, a data document and a namespace deleted in OPA
-     [drift].
+     [drift];
+  8. bundle mode: one kopa feeding 10 OPAs, a change's lag to all of them and the bytes it costs; the API
+     server's watches and the sidecars' memory, 1 kopa for 10 OPAs against 10 push-mode sidecars (and 10
+     kube-mgmts); load and refill time against the number of policy modules, bundle mode and push mode
+     [bundle].
 
 Go kube-mgmt runs side by side, with the same flags, when its binary is found: --kube-mgmt PATH, the
 environment variable KOPA_BENCH_KUBE_MGMT, or the tools cache (`scripts/build-servers.sh kube-mgmt`).
@@ -21,8 +25,8 @@ Without it the bench says so and runs kopa alone.
 
 Results go to <out>/benchmarks.json, <out>/benchmarks/*.png and the generated part of <out>/benchmarks.md.
 A run of some phases (--only) replaces only their figures there and keeps the others'. `--quick` is a
-short smoke run (N = 1,000 only, short churn, few trials) that writes to the work directory instead, so
-it never replaces the published figures.
+short smoke run (N = 1,000 only, short churn, few trials, 20 bundle changes, 20-80 modules) that writes
+to the work directory instead, so it never replaces the published figures.
 """
 
 from __future__ import annotations
@@ -42,14 +46,16 @@ from typing import Any
 
 import orjson
 
-from bench import churn, dataset, drift, load, policies, propagation, refill, report
+from bench import bundle, churn, dataset, drift, load, modules, policies, propagation, refill, report
 from bench.common import load_average, poll_until, proc_memory
 from bench.stack import KUBE_MGMT, Stack, find_kube_mgmt, py_spy
 from devstack.binaries import read_versions, repo_root
 
 STARTED = time.monotonic()
 MB = 2**20
-PHASES = ("load", "policies", "churn", "propagation", "refill", "drift")
+PHASES = ("load", "policies", "churn", "propagation", "refill", "drift", "bundle")
+# The phases that replicate the N ConfigMaps of bench/dataset.py (the others bring their own objects).
+OBJECT_PHASES = {"load", "churn", "propagation", "refill", "drift"}
 
 
 def log(message: str) -> None:
@@ -169,7 +175,8 @@ async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     results["initial_load"] = []
     results["memory"] = []
     created = 0
-    for n in sizes if "load" in phases else sizes[-1:]:
+    wanted = sizes if "load" in phases else sizes[-1:] if phases & OBJECT_PHASES else []
+    for n in wanted:
         await create_objects(stack, created, n)
         created = n
         if "load" not in phases:
@@ -223,6 +230,23 @@ async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             results["memory"].append(memory_entry(sizes[-1], size, kopa_peak, kopa_peak, "after churn"))
     if phases & {"propagation", "refill", "drift"}:
         await long_running(opts, stack, sizes[-1], results)
+    if "bundle" in phases:
+        log(
+            f"bundle mode: {opts.bundle_opas} OPAs, {opts.bundle_objects:,} Services,"
+            f" {opts.bundle_changes} changes; modules {', '.join(map(str, opts.module_counts))}"
+        )
+        info = run_info()
+        section = await bundle.bundle_phase(
+            stack,
+            opas=opts.bundle_opas,
+            objects=opts.bundle_objects,
+            changes_count=opts.bundle_changes,
+            log=log,
+        )
+        section["modules"] = await modules.module_curves(
+            stack, bundle.bundle_token(stack), opts.module_counts, opts.module_cap, log
+        )
+        results["bundle"] = {"run": finished(info), **section}
     results["load_average"]["end"] = load_average()
     results["elapsed_seconds"] = round(time.monotonic() - STARTED, 1)
     return results
@@ -335,6 +359,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--drift-seconds", type=float, default=None, help="seconds with the drift check off, then on (20)"
     )
     parser.add_argument("--repairs", type=int, default=None, help="drift repairs timed (4)")
+    parser.add_argument("--bundle-opas", type=int, default=10, help="OPAs downloading kopa's bundle (10)")
+    parser.add_argument(
+        "--bundle-objects", type=int, default=1000, help="Services the bundle phase replicates (1000)"
+    )
+    parser.add_argument(
+        "--bundle-changes", type=int, default=None, help="changes of the bundle fan-out (100)"
+    )
+    parser.add_argument(
+        "--module-counts", type=ints, default=None, help="policy modules per load run (50,100,200,300)"
+    )
+    parser.add_argument(
+        "--module-cap",
+        type=float,
+        default=200.0,
+        help="seconds a module-curve run past the first two may be projected to take (200; 0: no cap)",
+    )
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
@@ -360,6 +400,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "policy_modules": 60 if quick else 200,
         "drift_seconds": 8.0 if quick else 20.0,
         "repairs": 1 if quick else 4,
+        "bundle_changes": 20 if quick else 100,
+        "module_counts": [20, 40, 80] if quick else [50, 100, 200, 300],
     }
     for key, value in defaults.items():
         if getattr(opts, key) is None:

@@ -55,6 +55,39 @@ def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
 
 
+def polynomial_fit(points: Sequence[tuple[float, float]], degree: int) -> list[float] | None:
+    """Least-squares coefficients [a, b, ...] of y = a + b x + c x^2 ... through (x, y) points; None when
+    fewer distinct x than coefficients. Solved from the normal equations (a few points, small degree)."""
+    size = degree + 1
+    if len({x for x, _ in points}) < size:
+        return None
+    rows = [[sum(x ** (i + j) for x, _ in points) for j in range(size)] for i in range(size)]
+    rhs = [sum(y * x**i for x, y in points) for i in range(size)]
+    for col in range(size):  # Gaussian elimination with partial pivoting
+        pivot = max(range(col, size), key=lambda r: abs(rows[r][col]))
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rhs[col], rhs[pivot] = rhs[pivot], rhs[col]
+        for r in range(col + 1, size):
+            factor = rows[r][col] / rows[col][col]
+            rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col], strict=True)]
+            rhs[r] -= factor * rhs[col]
+    coefficients = [0.0] * size
+    for col in reversed(range(size)):
+        known = sum(rows[col][k] * coefficients[k] for k in range(col + 1, size))
+        coefficients[col] = (rhs[col] - known) / rows[col][col]
+    return coefficients
+
+
+def growth_exponent(points: Sequence[tuple[float, float]]) -> float | None:
+    """k of a power law y = C x^k through (x, y) points, by least squares on log y against log x: about 1
+    when y grows in proportion to x, 2 when it grows with its square, below 1 when a fixed cost dominates.
+    None with fewer than two distinct x, or a y that is not positive."""
+    if any(x <= 0 or y <= 0 for x, y in points):
+        return None
+    fit = polynomial_fit([(math.log(x), math.log(y)) for x, y in points], 1)
+    return None if fit is None else fit[1]
+
+
 def proc_memory(pid: int) -> dict[str, int]:
     """VmHWM (peak RSS) and VmRSS of a process, in bytes, from /proc/<pid>/status."""
     found: dict[str, int] = {}
