@@ -244,7 +244,7 @@ async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             log=log,
         )
         section["modules"] = await modules.module_curves(
-            stack, bundle.bundle_token(stack), opts.module_counts, opts.module_cap, log
+            stack, bundle.bundle_token(stack), opts.module_counts, opts.module_budget, log
         )
         results["bundle"] = {"run": finished(info), **section}
     results["load_average"]["end"] = load_average()
@@ -370,10 +370,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--module-counts", type=ints, default=None, help="policy modules per load run (50,100,200,300)"
     )
     parser.add_argument(
-        "--module-cap",
+        "--module-budget",
         type=float,
-        default=200.0,
-        help="seconds a module-curve run past the first two may be projected to take (200; 0: no cap)",
+        default=360.0,
+        help="seconds for the module-count runs: past the first two counts, a run that would not fit is"
+        " skipped (360; 0: no budget)",
     )
     parser.add_argument(
         "--only",

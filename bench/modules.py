@@ -15,12 +15,14 @@ an OPA activating a bundle compiles it once. (kopa still PUTs each module into i
 bundle mode's initial load is quadratic too until validation compiles one candidate bundle per batch.)
 
 Budget: the first two counts of each mode always run; a later one only when the mode's last run (initial
-plus refill), scaled by the square of the count's growth (what a quadratic would take), stays under `cap`
-seconds (0: no cap). The counts skipped are recorded.
+plus refill), grown with the square of the count (what a quadratic would take), fits in what is left of
+`budget` seconds for the whole sweep (0: no budget), so that push mode's loads cannot take the phase much
+past 8 minutes. The counts skipped are recorded.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,7 +38,7 @@ PACKAGE = "benchload"
 LOADED_QUERY = f"x := count([p | data.{PACKAGE}[p].loaded])"
 POLL = 0.05
 WITHIN = 900.0  # seconds one load may take
-ALWAYS = 2  # counts of each mode run whatever the cap (a growth exponent needs two)
+ALWAYS = 2  # counts of each mode run whatever the budget (a growth exponent needs two)
 MODES = ("bundle", "push")
 
 
@@ -65,13 +67,14 @@ def module_configmap(i: int) -> dict[str, Any]:
     )
 
 
-def worth_running(done: list[dict[str, Any]], count: int, cap: float) -> bool:
-    """Whether a mode's run at `count` modules fits the cap (see the module docstring)."""
-    if len(done) < ALWAYS or cap <= 0:
+def worth_running(done: list[dict[str, Any]], count: int, left: float) -> bool:
+    """Whether a mode's run at `count` modules fits in the `left` seconds of the budget (see the module
+    docstring)."""
+    if len(done) < ALWAYS:
         return True
     last = done[-1]
     projected: float = (last["initial"] + last["refill"]) * (count / last["modules"]) ** 2
-    return projected <= cap
+    return projected <= left
 
 
 async def _complete(opa: Opa, count: int, since: float, what: str) -> float:
@@ -129,10 +132,13 @@ RUNS: dict[str, Callable[[Stack, Path, int], Awaitable[dict[str, float]]]] = {
 }
 
 
-async def module_curves(stack: Stack, token: Path, counts: list[int], cap: float, log: Any) -> dict[str, Any]:
+async def module_curves(
+    stack: Stack, token: Path, counts: list[int], budget: float, log: Any
+) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     skipped: dict[str, list[int]] = {mode: [] for mode in MODES}
     created = 0
+    began = time.monotonic()
     async with stack.api() as api:
         await api.ensure_namespace(MODULES_NAMESPACE)
     for count in sorted(counts):
@@ -143,9 +149,10 @@ async def module_curves(stack: Stack, token: Path, counts: list[int], cap: float
             )
         created = count
         for mode in MODES:
-            if not worth_running(runs[mode], count, cap):
+            left = budget - (time.monotonic() - began) if budget > 0 else math.inf
+            if not worth_running(runs[mode], count, left):
                 skipped[mode].append(count)
-                log(f"  modules: {mode} mode at {count} skipped (projected over the {cap:g} s cap)")
+                log(f"  modules: {mode} mode at {count} skipped (projected past the {budget:g} s budget)")
                 continue
             found = await RUNS[mode](stack, token, count)
             runs[mode].append({"modules": count, **found})
@@ -153,4 +160,10 @@ async def module_curves(stack: Stack, token: Path, counts: list[int], cap: float
                 f"  modules: {mode} mode, {count}: initial {found['initial']:.2f} s,"
                 f" refill {found['refill']:.2f} s"
             )
-    return {"rules_per_module": RULES, "cap_seconds": cap, "runs": runs, "skipped": skipped}
+    return {
+        "rules_per_module": RULES,
+        "budget_seconds": budget,
+        "seconds": round(time.monotonic() - began, 1),
+        "runs": runs,
+        "skipped": skipped,
+    }

@@ -1145,7 +1145,7 @@ def _modules_markdown(modules: dict[str, Any] | None) -> list[str]:
         for mode in ("bundle", "push"):
             run = next((r for r in runs.get(mode, []) if r["modules"] == count), None)
             if run is None:
-                cells += ["skipped (cap)"] * 2
+                cells += ["skipped (budget)"] * 2
             else:
                 cells += [f"{run['initial']:.2f}", f"{run['refill']:.2f}"]
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
@@ -1165,11 +1165,12 @@ def _modules_markdown(modules: dict[str, Any] | None) -> list[str]:
             lines.append(
                 f"| {mode} mode, {kind} | {_exponent(fit)} | {'n/a' if per is None else f'{per:.1f}'} |"
             )
-    if modules["cap_seconds"] and any(modules["skipped"].values()):
+    if any(modules["skipped"].values()):
         lines += [
             "",
-            f"Skipped: a count whose run would take over {modules['cap_seconds']:g} s if it grew with the"
-            " square of the count (the first two run whatever they take; `--module-cap 0` runs every"
+            f"Skipped: a count whose run, grown with the square of the count from the mode's last run,"
+            f" would not fit in what was left of the {modules['budget_seconds']:g} s budget of these runs"
+            " (the first two counts of each mode run whatever they take; `--module-budget 0` runs every"
             " count).",
         ]
     return lines

@@ -43,7 +43,7 @@ def test_noise_around_a_flat_line_stays_far_below_the_bound() -> None:
 def _modules(bundle: list[float], push: list[float]) -> dict[str, object]:
     return {
         "rules_per_module": 20,
-        "cap_seconds": 0,
+        "budget_seconds": 0,
         "skipped": {"bundle": [], "push": []},
         "runs": {
             mode: [{"modules": m, "initial": t, "refill": t / 2} for m, t in zip(COUNTS, times, strict=True)]
@@ -65,12 +65,11 @@ def test_the_verdict_is_met_when_bundle_mode_is_linear_and_push_mode_is_not() ->
     assert [v["met"] for v in found] == [False, False]
 
 
-def test_the_first_two_counts_always_run_and_later_ones_only_within_the_cap() -> None:
+def test_the_first_two_counts_always_run_and_later_ones_only_within_the_budget_left() -> None:
     done = [{"modules": 50, "initial": 3.0, "refill": 2.0}, {"modules": 100, "initial": 12.0, "refill": 11.0}]
-    assert worth_running(done[:1], 100, cap=1)  # one so far: a growth exponent needs two points
-    assert worth_running(done, 200, cap=120)  # 23 s x (200/100)^2 = 92 s
-    assert not worth_running(done, 200, cap=60)
-    assert worth_running(done, 200, cap=0)  # 0: no cap
+    assert worth_running(done[:1], 100, left=-5)  # one so far: a growth exponent needs two points
+    assert worth_running(done, 200, left=120)  # 23 s x (200/100)^2 = 92 s
+    assert not worth_running(done, 200, left=60)
 
 
 def test_the_bundle_counters_and_the_watches_are_read_from_prometheus_text() -> None:
