@@ -34,7 +34,7 @@ integration: $(STAMP) servers
 # The benchmarks (docs/benchmarks.md) against local etcd, kube-apiserver and OPA, and Go kube-mgmt beside kopa when
 # `scripts/build-servers.sh kube-mgmt` built it: about 20 minutes on 2 cores (12 without kube-mgmt).
 # Writes docs/benchmarks.json, docs/benchmarks/*.png and the figures in docs/benchmarks.md.
-# BENCH_ARGS passes options (see `python -m bench --help`); BENCH_ARGS=--quick is a 1-minute smoke run.
+# BENCH_ARGS passes options (see `python -m bench --help`); BENCH_ARGS=--quick is a short smoke run.
 bench: $(BENCH_STAMP) servers
 	$(PY) -m bench $(BENCH_ARGS)
 
