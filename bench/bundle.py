@@ -188,6 +188,20 @@ async def kopa_metrics(kopa: KopaProcess) -> dict[str, float]:
     return prometheus_samples(text)
 
 
+async def kopa_idle(kopa: KopaProcess, within: float = 300) -> None:
+    """kopa's work queues are empty and nothing is in work (its statuses written, say)."""
+
+    async def busy() -> float:
+        metrics = await kopa_metrics(kopa)
+        return sum(
+            v
+            for k, v in metrics.items()
+            if k.startswith(("workqueue_depth{", "workqueue_unfinished_work_seconds{"))
+        )
+
+    await poll_until(busy, lambda b: b == 0, interval=0.1, within=within, what="kopa idle")
+
+
 def prometheus_samples(text: str) -> dict[str, float]:
     samples: dict[str, float] = {}
     for line in text.splitlines():

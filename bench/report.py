@@ -1134,8 +1134,10 @@ def _modules_markdown(modules: dict[str, Any] | None) -> list[str]:
         "",
         f"Load against the number of policy modules ({modules['rules_per_module']} rules each, one per"
         " ConfigMap): seconds from kopa's start until an OPA answers for every module (initial), and from"
-        " an OPA's restart until the same (refill); bundle mode with one OPA downloading the bundle, push"
-        " mode with kopa as the OPA's sidecar:",
+        " an OPA's restart, once kopa is idle, until the same (refill; in bundle mode the median of"
+        f" {max((len(r.get('refills') or [1]) for r in runs.get('bundle', [])), default=1)} restarts,"
+        " each in brackets); bundle mode with one OPA downloading the bundle, push mode with kopa as the"
+        " OPA's sidecar:",
         "",
         "| modules | bundle: initial | bundle: refill | push: initial | push: refill |",
         "|---|---|---|---|---|",
@@ -1147,7 +1149,9 @@ def _modules_markdown(modules: dict[str, Any] | None) -> list[str]:
             if run is None:
                 cells += ["skipped (budget)"] * 2
             else:
-                cells += [f"{run['initial']:.2f}", f"{run['refill']:.2f}"]
+                each = run.get("refills") or []
+                spread = f" ({', '.join(f'{r:.2f}' for r in each)})" if len(each) > 1 else ""
+                cells += [f"{run['initial']:.2f}", f"{run['refill']:.2f}{spread}"]
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
     fits = module_fits(modules)
     lines += [
