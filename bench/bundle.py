@@ -96,9 +96,9 @@ def fleet_opa_config(url: str, token_file: Path) -> dict[str, Any]:
 
 
 def validation_opa_config(url: str, token_file: Path) -> dict[str, Any]:
-    """kopa's private validation OPA (--opa-url): it downloads the candidate bundle kopa serves it, so that a
-    batch of modules is compiled once through OPA's own bundle plugin. The one place that shapes it: kopa
-    before that change only PUTs modules into this OPA, and the OPA logs that the bundle is not there."""
+    """kopa's private validation OPA (--opa-url), as README's "Bundle mode" gives it: it downloads the
+    candidate bundles kopa serves it, so that a batch of modules is compiled once by OPA's own bundle plugin,
+    and its status plugin is on, for kopa to read the outcome. The one place that shapes it."""
     return {
         "services": {"kopa": _bundle_service(url, token_file)},
         "bundles": {

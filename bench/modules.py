@@ -14,8 +14,8 @@ nothing:
   the new OPA process's spawn (kopa notices it and loads everything again), once (it costs as much as the
   initial load).
 Each PUT makes OPA compile every module it holds, so push mode's time grows with the square of the count;
-an OPA activating a bundle compiles it once. (kopa still PUTs each module into its validation OPA, so
-bundle mode's initial load is quadratic too until validation compiles one candidate bundle per batch.)
+in bundle mode the validation OPA compiles each candidate bundle once, and so does an OPA activating the
+bundle.
 
 Budget: the first two counts of each mode always run; a later one only when the mode's last run (initial
 plus refill), grown with the square of the count (what a quadratic would take), fits in what is left of
