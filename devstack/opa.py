@@ -29,6 +29,7 @@ __all__ = [
     "OpaHttpError",
     "OpaServer",
     "authz_policy",
+    "bundle_config",
     "kopa_service",
     "validation_config",
 ]
@@ -80,24 +81,21 @@ def kopa_service(
     return service
 
 
+def bundle_config(
+    service: dict[str, Any], bundle: str, polling: dict[str, int], status: dict[str, Any]
+) -> str:
+    """An OPA configuration that downloads `bundles/<bundle>` from kopa (`service`) with these polling and
+    status settings."""
+    resource = {"service": "kopa", "resource": f"bundles/{bundle}", "polling": polling}
+    return json.dumps({"services": {"kopa": service}, "bundles": {bundle: resource}, "status": status})
+
+
 def validation_config(service: dict[str, Any]) -> str:
     """The configuration of kopa's validation OPA in bundle mode (README, bundle mode): it downloads the
     candidate bundle from kopa's bundle endpoint (`service`, see `kopa_service`) with long polling, and its
     status plugin is on, which is where kopa reads each candidate's outcome."""
     polling = {"min_delay_seconds": 1, "max_delay_seconds": 1, "long_polling_timeout_seconds": 60}
-    return json.dumps(
-        {
-            "services": {"kopa": service},
-            "bundles": {
-                "kopa-validation": {
-                    "service": "kopa",
-                    "resource": "bundles/kopa-validation",
-                    "polling": polling,
-                }
-            },
-            "status": {"prometheus": True},
-        }
-    )
+    return bundle_config(service, "kopa-validation", polling, {"prometheus": True})
 
 
 class OpaServer:

@@ -58,8 +58,8 @@ def revision_of(modules: Mapping[str, str]) -> str:
     return digest.hexdigest()
 
 
-def offer_of(modules: Mapping[str, str]) -> Offer:
-    revision = revision_of(modules)
+def offer_of(modules: Mapping[str, str], revision: str | None = None) -> Offer:
+    revision = revision or revision_of(modules)
     return Offer(revision, tarball.snapshot(revision, [""], modules, {}))
 
 
@@ -96,30 +96,23 @@ class BundleCompiler:
     async def compile(self, modules: Mapping[str, str]) -> list[Failure]:
         """The errors of the set, [] when it compiles. Raises OpaUnavailable when the validation OPA cannot
         say (unreachable, or not configured to download the candidate)."""
-        offer = offer_of(modules)
-        known = self._outcomes.get(offer.revision)
+        revision = revision_of(modules)
+        known = self._outcomes.get(revision)
         if known is not None:
             return known
         async with self._lock:
             bundle = await self._bundle_name()
-            self.candidates.offer(offer)
-            with anyio.move_on_after(self._timeout):
-                await self.candidates.tried(offer.revision)
-            if not self.candidates.tried_now(offer.revision):
-                self._bundle = None  # its configuration may have changed: read it again next time
-                raise OpaUnavailable(
-                    f"the validation OPA did not try kopa's candidate bundle within {self._timeout:.0f} s"
-                )
+            await self._have_tried(modules, revision)
             status = await self._opa.status()
         self.compiles += 1
         state = (status.get("bundles") or {}).get(bundle) or {}
-        if state.get("active_revision") == offer.revision:
+        if state.get("active_revision") == revision:
             failures: list[Failure] = []
         else:
             files = {name: module_id for module_id, name in tarball.module_files(sorted(modules)).items()}
             failures = failures_of(state, files)
-        log.debug("candidate %s (%d modules): %d errors", offer.revision, len(modules), len(failures))
-        self._outcomes[offer.revision] = failures
+        log.debug("candidate %s (%d modules): %d errors", revision, len(modules), len(failures))
+        self._outcomes[revision] = failures
         while len(self._outcomes) > KEPT:
             self._outcomes.popitem(last=False)
         return failures
@@ -134,10 +127,7 @@ class BundleCompiler:
             files = tarball.module_files(sorted(modules))
             held = [await self._opa.get_policy(bundle + files[i]) for i in ids]
             if any(p is None or p.get("raw") != modules[i] for p, i in zip(held, ids, strict=True)):
-                offer = offer_of(modules)
-                self.candidates.offer(offer)
-                with anyio.move_on_after(self._timeout):
-                    await self.candidates.tried(offer.revision)
+                await self._have_tried(modules, revision_of(modules))
                 held = [await self._opa.get_policy(bundle + files[i]) for i in ids]
         policies = [
             {**p, "id": i} for p, i in zip(held, ids, strict=True) if p and p.get("raw") == modules[i]
@@ -149,9 +139,23 @@ class BundleCompiler:
     def rest(self, modules: Mapping[str, str]) -> None:
         """Offers a set known to compile (what the bundle holds), so that the validation OPA stops retrying
         a failed candidate and holds a set the next compile differs little from."""
-        offer = offer_of(modules)
-        self._outcomes.setdefault(offer.revision, [])
-        self.candidates.offer(offer)
+        revision = revision_of(modules)
+        self._outcomes.setdefault(revision, [])
+        if revision != self.candidates.current.revision:
+            self.candidates.offer(offer_of(modules, revision))
+
+    async def _have_tried(self, modules: Mapping[str, str], revision: str) -> None:
+        """Offers the set (its bundle is built only when it is not the offer already) and returns once the
+        validation OPA has tried it; OpaUnavailable when it does not within the timeout."""
+        if revision != self.candidates.current.revision:
+            self.candidates.offer(offer_of(modules, revision))
+        with anyio.move_on_after(self._timeout):
+            await self.candidates.tried(revision)
+        if not self.candidates.tried_now(revision):
+            self._bundle = None  # its configuration may have changed: read it again next time
+            raise OpaUnavailable(
+                f"the validation OPA did not try kopa's candidate bundle within {self._timeout:.0f} s"
+            )
 
     async def _bundle_name(self) -> str:
         if self._bundle is None:

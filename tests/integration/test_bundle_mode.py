@@ -26,7 +26,7 @@ from kubernetes import client
 
 from devstack.certs import TestCA
 from devstack.kopa import KopaProcess
-from devstack.opa import OpaHttp, OpaServer, kopa_service
+from devstack.opa import OpaHttp, OpaServer, bundle_config, kopa_service
 from devstack.processes import HOST, free_port, wait_until
 from tests.conftest import require_binaries
 from tests.integration.conftest import KopaFactory
@@ -54,23 +54,8 @@ def opa_config(service: dict[str, Any]) -> str:
     """An OPA configured with kopa (`service`, see `devstack.opa.kopa_service`) as its bundle and status
     service, as the chart does: long polling, and a short retry cap so that an OPA refused before kopa's
     first load asks again soon. Its status reports also go to its log (`console`)."""
-    return json.dumps(
-        {
-            "services": {"kopa": service},
-            "bundles": {
-                "kopa": {
-                    "service": "kopa",
-                    "resource": "bundles/kopa",
-                    "polling": {
-                        "min_delay_seconds": 1,
-                        "max_delay_seconds": 2,
-                        "long_polling_timeout_seconds": 10,
-                    },
-                }
-            },
-            "status": {"console": True, "service": "kopa"},
-        }
-    )
+    polling = {"min_delay_seconds": 1, "max_delay_seconds": 2, "long_polling_timeout_seconds": 10}
+    return bundle_config(service, "kopa", polling, {"console": True, "service": "kopa"})
 
 
 @dataclass
