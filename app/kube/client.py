@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import anyio
@@ -24,7 +24,6 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from app.kube.config import KubeConnection
-from app.session import OwnedSession
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +115,9 @@ def _log_throttled(state: RetryCallState) -> None:
     log.debug("API server throttled %s; retrying in %.1fs", what, delay)
 
 
-class KubeClient(OwnedSession):
-    """One API server: a session for requests and one for watches. Reloads credentials after a 401."""
+class KubeClient:
+    """One API server: a session for requests and one for watches, each opened on first use (inside the
+    running event loop) and again if it was closed. Reloads credentials after a 401."""
 
     def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
         self._conn = connection
@@ -135,6 +135,11 @@ class KubeClient(OwnedSession):
             ),
         )
 
+    def _session_for_use(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = self._new_session()
+        return self._session
+
     def _watch_session_for_use(self) -> aiohttp.ClientSession:
         """Watches' own session: limit=0 (no limit), so a watch never waits for, nor starves, a request."""
         if self._watch_session is None or self._watch_session.closed:
@@ -145,10 +150,18 @@ class KubeClient(OwnedSession):
 
     async def close(self) -> None:
         """Closes both sessions (they open again on next use)."""
-        await super().close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
         if self._watch_session is not None:
             await self._watch_session.close()
             self._watch_session = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     @staticmethod
     def _per_request(conn: KubeConnection) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""OPA's REST API: policies and data, on one aiohttp session.
+"""OPA's REST API: policies and data, over a few keep-alive connections (transport.Connections).
 
 A single call that fails transiently (connection error, timeout, 5xx, 429) is retried briefly here; past that
 it raises OpaUnavailable and the caller decides. OPA's 4xx answers are final for that content: OpaError.
@@ -6,16 +6,14 @@ it raises OpaUnavailable and the caller decides. OPA's 4xx answers are final for
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-import aiohttp
 import anyio
 import orjson
 from tenacity import (
@@ -26,7 +24,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from app.session import OwnedSession
+from app.opa.transport import Connections, TransportError, connect
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +105,11 @@ def encode_path(segments: Sequence[str]) -> str:
     return "/".join(quote(s, safe="") for s in segments)
 
 
-class OpaClient(OwnedSession):
-    """One session for one OPA. `token` is asked for each request, so a rotated token file takes effect.
+class OpaClient:
+    """The API of one OPA. `token` is asked for each request, so a rotated token file takes effect.
 
     `ssl_context` may be a callable (credentials.ReloadingTls) asked before each request: when it returns
-    another context (a rotated CA), the next request uses a new session, as the connector holds the context.
+    another context (a rotated CA), the next request opens a new connection under it.
     """
 
     def __init__(
@@ -128,67 +126,67 @@ class OpaClient(OwnedSession):
         self._observe = observe
         self._token = token
         self._ssl = ssl_context
-        self._session_ssl: ssl.SSLContext | bool = True
-        self._closing: set[asyncio.Task[None]] = set()
         self._attempts = attempts
         self._retry_budget = retry_budget
-        self._session: aiohttp.ClientSession | None = None
-
-    def _current_ssl(self) -> ssl.SSLContext | bool:
-        if callable(self._ssl):
-            return self._ssl()
-        return self._ssl if self._ssl is not None else True
-
-    def _new_session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self._session_ssl, limit=8),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT),
+        self._default_tls: ssl.SSLContext | None = None
+        self._connections = Connections(
+            self.api_url,
+            tls=self._tls,
+            limit=8,
+            connect_timeout=CONNECT_TIMEOUT,
+            request_timeout=REQUEST_TIMEOUT,
+            user_agent="kopa",
         )
 
-    def _session_for_use(self) -> aiohttp.ClientSession:
-        current = self._current_ssl()
-        if current is not self._session_ssl:
-            self._session_ssl = current
-            old, self._session = self._session, None
-            if old is not None and not old.closed:
-                # Its connections were made under the old trust; requests still on them fail and are
-                # retried on the new session like any dropped connection.
-                closing = asyncio.get_running_loop().create_task(old.close())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
-        return super()._session_for_use()
+    def _tls(self) -> ssl.SSLContext | None:
+        """The context for a new connection: None for http; the given one (asked anew each time, so a
+        rotated CA takes effect); or, for True/False/None, one made once (verifying, or not at all)."""
+        if not self._connections.origin.https:
+            return None
+        given = self._ssl() if callable(self._ssl) else self._ssl
+        if isinstance(given, ssl.SSLContext):
+            return given
+        if self._default_tls is None:
+            self._default_tls = ssl.create_default_context()
+            if given is False:  # --opa-allow-insecure: no verification
+                self._default_tls.check_hostname = False
+                self._default_tls.verify_mode = ssl.CERT_NONE
+        return self._default_tls
 
     async def close(self) -> None:
-        await super().close()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        self._connections.close()
+
+    async def __aenter__(self) -> OpaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def _once(
-        self, method: str, url: str, body: bytes | Chunks | None, content_type: str
+        self, method: str, path: str, body: bytes | Chunks | None, content_type: str
     ) -> tuple[int, bytes]:
         headers = {"Content-Type": content_type} if body is not None else {}
-        data = body() if callable(body) else body
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
         started = time.monotonic()
         try:
-            async with self._session_for_use().request(method, url, data=data, headers=headers) as resp:
-                payload = await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._record(url, method, "error", started)
-            # Connection errors describe the connection (host, TLS), never the request's headers and token.
-            raise _Transient(f"{method} {url}: {type(exc).__name__}: {exc}"[:500]) from exc
-        self._record(url, method, str(resp.status), started)
-        if resp.status >= 500 or resp.status == 429:
-            raise _Transient(f"{method} {url}: HTTP {resp.status}")
-        return resp.status, payload
+            status, payload = await self._connections.request(
+                method, path, headers, lambda: body() if callable(body) else body
+            )
+        except TransportError as exc:
+            self._record(path, method, "error", started)
+            # Transport errors describe the connection (host, TLS), never the request's headers and token.
+            raise _Transient(f"{method} {self.api_url}/{path}: {exc}"[:500]) from None
+        self._record(path, method, str(status), started)
+        if status >= 500 or status == 429:
+            raise _Transient(f"{method} {self.api_url}/{path}: HTTP {status}")
+        return status, payload
 
-    def _record(self, url: str, method: str, code: str, started: float) -> None:
+    def _record(self, path: str, method: str, code: str, started: float) -> None:
         if self._observe:
             # The endpoint is the API's first segment (policies, data, config, health): few label values.
-            rest = url[len(self.api_url) + 1 :] if url.startswith(self.api_url) else url.rsplit("/", 1)[-1]
-            endpoint, seconds = rest.split("/", 1)[0] or "root", time.monotonic() - started
+            endpoint, seconds = path.split("/", 1)[0] or "root", time.monotonic() - started
             for observe in self._observe:
                 observe(endpoint, method, code, seconds)
 
@@ -200,29 +198,28 @@ class OpaClient(OwnedSession):
         content_type: str = "application/json",
     ) -> tuple[int, bytes]:
         """Returns (status, body) for 2xx and 404; raises OpaError for other 4xx, OpaUnavailable."""
-        url = f"{self.api_url}/{path}"
         started = time.monotonic()
         try:
-            # The first attempt outside tenacity: its machinery costs as much CPU as aiohttp's own part
-            # of a request (py-spy, churn at 50 updates/s), and nearly every request succeeds at once.
-            status, payload = await self._once(method, url, body, content_type)
+            # The first attempt outside tenacity: its machinery costs more CPU than the request itself
+            # (py-spy, churn at 50 updates/s), and nearly every request succeeds at once.
+            status, payload = await self._once(method, path, body, content_type)
         except _Transient as first:
             budget = self._retry_budget - (time.monotonic() - started)
             if self._attempts < 2 or budget <= 0:
                 raise OpaUnavailable(str(first)) from None
             try:
-                status, payload = await self._retry(method, url, body, content_type, budget)
+                status, payload = await self._retry(method, path, body, content_type, budget)
             except _Transient as exc:
                 raise OpaUnavailable(str(exc)) from None
         if status < 300 or status == 404:
             return status, payload
         if status in (401, 403):
             message = _opa_error(status, payload).message
-            raise OpaUnauthorized(f"{method} {url}: HTTP {status}: {message}", status)
+            raise OpaUnauthorized(f"{method} {self.api_url}/{path}: HTTP {status}: {message}", status)
         raise _opa_error(status, payload)
 
     async def _retry(
-        self, method: str, url: str, body: bytes | Chunks | None, content_type: str, budget: float
+        self, method: str, path: str, body: bytes | Chunks | None, content_type: str, budget: float
     ) -> tuple[int, bytes]:
         """The attempts after a first one failed for a transient reason, within what is left of the
         budget (attempts and time both count the first)."""
@@ -235,7 +232,7 @@ class OpaClient(OwnedSession):
             with attempt:
                 if attempt.retry_state.attempt_number == 1:
                     await anyio.sleep(FIRST_RETRY_DELAY)
-                return await self._once(method, url, body, content_type)
+                return await self._once(method, path, body, content_type)
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
     async def put_policy(self, policy_id: str, text: str) -> None:
@@ -305,45 +302,28 @@ class OpaClient(OwnedSession):
 
         The connection asks one GET /health (any answer will do: it is read and dropped) and is then an
         idle keep-alive connection like a pooled one, which an OPA shutting down closes at once; OPA sets
-        no idle timeout of its own. It is a plain stream rather than an aiohttp request because aiohttp
-        tells nobody when an idle pooled connection closes. Raises OpaUnavailable when OPA cannot be
-        reached or the TLS handshake fails."""
-        url = urlsplit(self.api_url)
-        https = url.scheme == "https"
-        context = self._stream_ssl() if https else None
-        host = url.hostname or "localhost"
-        port = url.port or (443 if https else 80)
+        no idle timeout of its own. It is a connection of its own, outside the request pool, so that its
+        close is seen the moment it happens. Raises OpaUnavailable when OPA cannot be reached or the TLS
+        handshake fails."""
+        origin = self._connections.origin
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=context), CONNECT_TIMEOUT
-            )
-        except (OSError, TimeoutError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise OpaUnavailable(f"connecting to {url.netloc}: {type(exc).__name__}: {exc}"[:500]) from None
+            reader, writer = await connect(origin, self._tls(), CONNECT_TIMEOUT)
+        except TransportError as exc:
+            raise OpaUnavailable(str(exc)[:500]) from None
         try:
-            health = url.path.removesuffix("/v1") + "/health"
+            health = origin.base_path.removesuffix("/v1") + "/health"
             token = self._token()
             authorization = f"Authorization: Bearer {token}\r\n" if token else ""
             request = (
-                f"GET {health} HTTP/1.1\r\nHost: {url.netloc}\r\n{authorization}User-Agent: kopa\r\n\r\n"
+                f"GET {health} HTTP/1.1\r\nHost: {origin.netloc}\r\n{authorization}User-Agent: kopa\r\n\r\n"
             )
             writer.write(request.encode("latin-1"))
             while await reader.read(65536):
                 pass  # the answer to GET /health, then nothing until OPA closes the connection
-        except (OSError, ssl.SSLError):
+        except OSError:  # ssl.SSLError is an OSError
             pass  # reset rather than closed: the same news
         finally:
             writer.close()
-
-    def _stream_ssl(self) -> ssl.SSLContext:
-        """The TLS context of until_closed's stream: the session's own, as aiohttp would use it."""
-        current = self._current_ssl()
-        if isinstance(current, ssl.SSLContext):
-            return current
-        context = ssl.create_default_context()
-        if current is False:  # --opa-allow-insecure: no verification, as for the session
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
 
 def _opa_error(status: int, payload: bytes) -> OpaError:
