@@ -220,6 +220,7 @@ async def run(opts: argparse.Namespace, stack: Stack) -> dict[str, Any]:
             seconds=opts.churn_seconds,
             objects=opts.churn_objects,
             trials=opts.churn_trials,
+            min_updates=opts.churn_min_updates,
             log=log,
         )
         section["churn_run"] = finished(info)
@@ -346,6 +347,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=15.0,
         help="how long the bench waits for kube-mgmt to refill a restarted OPA, s (15)",
     )
+    parser.add_argument(
+        "--churn-min-updates",
+        type=int,
+        default=None,
+        help=f"updates per churn run at the least: slow rates run longer ({churn.MIN_UPDATES}; quick: 0)",
+    )
     parser.add_argument("--churn-objects", type=int, default=100, help="objects the churn updates (100)")
     parser.add_argument("--trials", type=int, default=None, help="policy propagation trials (100)")
     parser.add_argument("--refills", type=int, default=None, help="OPA kill/restart rounds (3)")
@@ -396,6 +403,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "rates": [10.0, 50.0, 200.0, 400.0],
         "churn_seconds": 8.0 if quick else 20.0,
         "churn_trials": 1 if quick else 3,
+        "churn_min_updates": 0 if quick else churn.MIN_UPDATES,
         "trials": 20 if quick else 100,
         "refills": 2 if quick else 3,
         "policy_modules": 60 if quick else 200,

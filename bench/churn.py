@@ -49,6 +49,10 @@ if TYPE_CHECKING:  # the helper processes import this module: keep them light
     from bench.stack import Stack
 
 SAMPLE_INTERVAL = 0.001
+# Updates per run at the least: a slow rate runs longer than --churn-seconds (10/s: 50 s), so that a run's
+# p50 is known to about 0.1 ms. With 200 updates, trials of one sidecar differed by 0.4 ms, as much as
+# kopa and kube-mgmt differ at that rate.
+MIN_UPDATES = 500
 DECISION_RATE = 50
 UPDATER_CONNECTIONS = 12
 
@@ -540,15 +544,17 @@ async def churn_phase(
     seconds: float,
     objects: int,
     trials: int,
+    min_updates: int = MIN_UPDATES,
     log: Any,
 ) -> dict[str, Any]:
-    """Trial after trial, each sidecar in turn against a fresh OPA holding the N objects, every rate.
+    """Trial after trial, each sidecar in turn against a fresh OPA holding the N objects, every rate
+    (for `seconds`, or longer for `min_updates`).
 
     Returns {"churn": [run, ...] (each with its "side" and "trial"), "decisions_idle": ...,
     "sampler_cost": ..., "churn_peak_rss_bytes": {side: bytes}}.
     """
     namespace, names = churn_objects(n, objects)
-    out: dict[str, Any] = {"churn": [], "churn_peak_rss_bytes": {}}
+    out: dict[str, Any] = {"churn": [], "churn_peak_rss_bytes": {}, "churn_min_updates": min_updates}
     for trial in range(1, trials + 1):
         for side in stack.sides:
             stack.fresh_opa()
@@ -583,12 +589,13 @@ async def churn_phase(
                     "etcd": stack.kube.etcd.pid,
                 }
                 for rate in rates:
-                    log(f"  trial {trial}, {side}: {rate:g} updates/s for {seconds:g} s, {objects} objects")
+                    duration = max(seconds, min_updates / rate)
+                    log(f"  trial {trial}, {side}: {rate:g} updates/s for {duration:g} s, {objects} objects")
                     run = await churn_run(
                         stack,
                         n=n,
                         rate=rate,
-                        seconds=seconds,
+                        seconds=duration,
                         objects=objects,
                         pids={k: v for k, v in pids.items() if v is not None},
                         log=log,

@@ -40,7 +40,14 @@ TARGETS = {
 SECTIONS = {
     "load": ("initial_load", "kopa_idle_rss_bytes"),
     "policies": ("policies",),
-    "churn": ("churn", "decisions_idle", "sampler_cost", "churn_peak_rss_bytes", "churn_run"),
+    "churn": (
+        "churn",
+        "decisions_idle",
+        "sampler_cost",
+        "churn_peak_rss_bytes",
+        "churn_run",
+        "churn_min_updates",
+    ),
     "propagation": ("propagation",),
     "refill": ("refill",),
     "drift": ("drift",),
@@ -892,10 +899,14 @@ def _churn_markdown(results: dict[str, Any]) -> list[str]:
             )
     first = churns[0]
     trials = max(r.get("trial", 1) for r in churns)
+    lengths = {r["rate"]: r["seconds"] for r in churns}
+    per_rate = ", ".join(f"{seconds:g} s at {rate:g}/s" for rate, seconds in sorted(lengths.items()))
+    minimum = results.get("churn_min_updates")
+    least = f" (at least {minimum} updates each)" if minimum else ""
     lines += [
         "",
-        f"{first['objects']} objects updated round-robin, {first['seconds']:g} s per run, {trials} trial(s)"
-        " of every sidecar and rate.",
+        f"{first['objects']} objects updated round-robin, runs of {per_rate}{least}, {trials} trial(s) of"
+        " every sidecar and rate.",
     ]
     cost = results.get("sampler_cost")
     if cost:
