@@ -14,6 +14,7 @@ Nothing here knows OPA's API, retries or metrics: OpaClient does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from urllib.parse import urlsplit
 
 # A reader's buffer limit: also the largest status line plus headers accepted.
 READ_LIMIT = 1 << 20
+# Bodies up to this size are written at once and the answer read after; larger ones are sent while the
+# answer is read (Connections._send_while_receiving).
+SMALL_BODY = 64 * 1024
 # Statuses that never have a body (RFC 9110 6.4.1).
 NO_BODY = frozenset({204, 304})
 
@@ -132,11 +136,17 @@ class Connections:
                 connection, reused = _Connection(reader, writer, tls), False
             kept = False
             try:
-                try:
-                    await self._send(connection.writer, method, path, headers, body())
-                except ConnectionError:
-                    raise _ClosedBeforeAnswer() from None
-                status, payload, kept = await _receive(connection.reader, method)
+                content = body()
+                if isinstance(content, bytes | None) and len(content or b"") <= SMALL_BODY:
+                    try:
+                        await self._send(connection.writer, method, path, headers, content)
+                    except ConnectionError:
+                        raise _ClosedBeforeAnswer() from None
+                    status, payload, kept = await _receive(connection.reader, method)
+                else:
+                    status, payload, kept = await self._send_while_receiving(
+                        connection, method, path, headers, content
+                    )
                 return status, payload
             except _ClosedBeforeAnswer:
                 if reused:
@@ -145,10 +155,31 @@ class Connections:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 raise TransportError(f"{method} to {self.origin.netloc}: {_reason(exc)}") from None
             finally:
-                if kept and len(self._idle) < 64:
+                if kept:
                     self._idle.append(connection)
                 else:
                     connection.close()
+
+    async def _send_while_receiving(
+        self, connection: _Connection, method: str, path: str, headers: dict[str, str], body: Body
+    ) -> tuple[int, bytes, bool]:
+        """Sends a large body while reading the answer. OPA answers some requests before it reads their
+        body (a refused token: 401) and then closes the connection; the reset that the rest of the body
+        meets must not hide that answer. The connection is kept only when both sides completed."""
+        answer = asyncio.ensure_future(_receive(connection.reader, method))
+        sending = asyncio.ensure_future(self._send(connection.writer, method, path, headers, body))
+        try:
+            await asyncio.wait((answer, sending), return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():
+                # A reset while sending: the answer (or the connection's end) is read below all the same.
+                with contextlib.suppress(ConnectionError):
+                    sending.result()
+            status, payload, kept = await answer
+            return status, payload, kept and sending.done() and sending.exception() is None
+        finally:
+            for task in (answer, sending):
+                task.cancel()
+            await asyncio.gather(answer, sending, return_exceptions=True)
 
     def _reusable(self, tls: ssl.SSLContext | None) -> _Connection | None:
         while self._idle:

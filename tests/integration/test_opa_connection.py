@@ -10,11 +10,14 @@ import re
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from kubernetes import client
 
+from app.opa.client import OpaClient, OpaUnauthorized
+from app.opa.credentials import ssl_context
 from devstack.binaries import tool_path
 from devstack.certs import TestCA
 from devstack.kopa import KopaProcess
@@ -212,3 +215,26 @@ def test_a_rotated_opa_ca_file_is_picked_up(
         wait_data(opa, "rotateca/x", 1)
         wait_data(opa, "system/kopa/ready", True)
         assert log_text(kopa).count("invalid --opa-ca-file") == 1, "a bad CA file is logged once"
+
+
+@pytest.mark.anyio
+async def test_a_large_write_with_a_refused_token_is_refused_not_an_outage(secure_opa: OpaServer) -> None:
+    """The real OPA answers 401 before it reads a body, and then resets the connection when the body is
+    large: kopa's client reports the refusal (OpaUnauthorized), as for a small write, and the same write
+    with the right token goes through whole."""
+    tls = ssl_context(ca_file=str(secure_opa.ca_file))
+    row = b'"' + b"x" * 1000 + b'"'
+
+    async def document() -> AsyncIterator[bytes]:
+        yield b"{"
+        for i in range(10_000):  # about 10 MB
+            yield b'%s"k%d":%s' % (b"," if i else b"", i, row)
+        yield b"}"
+
+    async with OpaClient(secure_opa.api_url, token=lambda: "not-the-token", ssl_context=tls) as refused:
+        with pytest.raises(OpaUnauthorized) as raised:
+            await refused.put_data(["big"], document)
+    assert raised.value.status == 401
+    async with OpaClient(secure_opa.api_url, token=lambda: secure_opa.token, ssl_context=tls) as client_:
+        await client_.put_data(["big"], document)
+        assert len(await client_.get_data(["big"])) == 10_000

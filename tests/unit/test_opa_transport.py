@@ -304,3 +304,30 @@ async def test_a_request_cancelled_in_flight_leaves_no_answer_behind_for_the_nex
         assert await pool.request("GET", "fast", {}, lambda: None) == (200, b"fresh")
         pool.close()
     assert server.connections == 2
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_an_answer_given_before_a_large_body_was_read_is_the_answer(chunked: bool) -> None:
+    """OPA refuses a bad token before it reads the body, answers 401 and closes the connection (Go's server
+    half-closes, waits, then resets what is left unread): that 401 is what the request gets, not a reset."""
+    piece = b"x" * 65536
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for _ in range(200):  # 13 MB: far more than the socket buffers hold
+            yield piece
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(401, b'{"code":"unauthorized","message":"token refused"}'))
+        await writer.drain()
+        writer.transport.set_write_buffer_limits(0)
+        if writer.can_write_eof():
+            writer.write_eof()
+        await asyncio.sleep(0.2)  # then closes with the body unread: the client's sends meet a reset
+
+    async with Server(script) as server:
+        pool = connections(server.url)
+        body: Callable[[], bytes | AsyncIterator[bytes]] = pieces if chunked else (lambda: piece * 200)
+        status, payload = await pool.request("PUT", "data/big", {}, body)
+        pool.close()
+    assert status == 401 and b"token refused" in payload
