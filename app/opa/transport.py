@@ -231,7 +231,7 @@ async def _receive(reader: asyncio.StreamReader, method: str) -> tuple[int, byte
             if not exc.partial:
                 raise _ClosedBeforeAnswer() from None
             raise
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or a broken pipe met while sending, handed on by the reader
             raise _ClosedBeforeAnswer() from None
         version, status, fields = _parse_head(head)
         if not 100 <= status < 200:
