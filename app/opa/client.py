@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import anyio
@@ -24,6 +24,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from app.opa.credentials import ssl_context
 from app.opa.transport import Connections, TransportError, connect
 
 log = logging.getLogger(__name__)
@@ -147,16 +148,13 @@ class OpaClient:
         if isinstance(given, ssl.SSLContext):
             return given
         if self._default_tls is None:
-            self._default_tls = ssl.create_default_context()
-            if given is False:  # --opa-allow-insecure: no verification
-                self._default_tls.check_hostname = False
-                self._default_tls.verify_mode = ssl.CERT_NONE
+            self._default_tls = ssl_context(allow_insecure=given is False)
         return self._default_tls
 
     async def close(self) -> None:
         self._connections.close()
 
-    async def __aenter__(self) -> OpaClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
