@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from devstack import goyaml
 from devstack.binaries import read_versions, repo_root, tool_path
 from devstack.processes import HOST, ManagedProcess, free_port
 
@@ -118,7 +119,7 @@ class Helm:
         self.home.mkdir(parents=True, exist_ok=True)
         existing = len(list(self.home.glob(f"{name}-*.yaml")))
         path = self.home / f"{name}-{existing}.yaml"
-        path.write_text(yaml.safe_dump(dict(values), sort_keys=False), encoding="utf-8")
+        path.write_text(goyaml.dump(dict(values), sort_keys=False), encoding="utf-8")
         return path
 
     def image_values(self) -> Path:

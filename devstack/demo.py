@@ -33,8 +33,7 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
-import yaml
-
+from devstack import goyaml
 from devstack.binaries import MissingBinary, repo_root, tool_path
 from devstack.certs import TestCA
 from devstack.chart import RBAC_KINDS, Helm, LocalPod, Obj, flag_values
@@ -360,7 +359,7 @@ def admission_stack(
     with contextlib.ExitStack() as cleanup:
         # Callbacks run last-registered first: the webhook goes before OPA stops, RBAC after kopa stops.
         # Each is registered before its object is created, so a failed creation leaves nothing behind.
-        manifest = yaml.safe_dump_all(rbac)
+        manifest = goyaml.dump_all(rbac)
         cleanup.callback(
             kubectl, admin, "delete", "--ignore-not-found", "--wait=false", "-f=-", stdin=manifest
         )
@@ -397,7 +396,7 @@ def admission_stack(
         )
         kind, name = webhook["kind"].lower(), webhook["metadata"]["name"]
         cleanup.callback(kubectl, admin, "delete", kind, name, "--ignore-not-found")
-        kubectl(admin, "create", "-f=-", stdin=yaml.safe_dump(webhook))
+        kubectl(admin, "create", "-f=-", stdin=goyaml.dump(webhook))
         yield AdmissionStack(
             cluster=cluster,
             namespace=namespace,

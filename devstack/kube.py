@@ -17,10 +17,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from devstack import goyaml
 from devstack.binaries import tool_path
 from devstack.certs import TestCA, run_openssl
 from devstack.processes import HOST, ManagedProcess, free_port, http_status
@@ -221,7 +221,7 @@ class KubeCluster:
             "preferences": {},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        path.write_text(goyaml.dump(config, sort_keys=False), encoding="utf-8")
         path.chmod(0o600)
         return path
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 
+from devstack import goyaml
 from devstack.demo import run_kubectl
 from devstack.kube import KOPA_USER, KubeCluster, api_client
 from devstack.opa import OpaHttp, OpaServer
@@ -185,7 +185,7 @@ def chart_rbac(kube: KubeCluster, k8s: client.ApiClient) -> Iterator[Callable[[R
             assert where in (None, namespace), f"{obj['kind']} {obj['metadata']['name']} would go to {where}"
             if where is None:
                 created.append((obj["kind"].lower(), obj["metadata"]["name"]))
-        result = kubectl("create", "-f", "-", stdin=yaml.safe_dump_all(objects))
+        result = kubectl("create", "-f", "-", stdin=goyaml.dump_all(objects))
         assert result.returncode == 0, result.stderr
 
     yield apply

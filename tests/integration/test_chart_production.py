@@ -23,6 +23,7 @@ import pytest
 import yaml
 from kubernetes import client
 
+from devstack import goyaml
 from devstack.certs import TestCA
 from devstack.demo import run_kubectl, webhook_is_loopback
 from devstack.kube import KubeCluster
@@ -311,7 +312,7 @@ def test_the_api_server_never_sends_a_node_lease_an_event_or_the_releases_own_na
     admin = kube.admin_kubeconfig
     with recorder.running():
         try:
-            created = run_kubectl(admin, "create", "-f", "-", stdin=yaml.safe_dump(config))
+            created = run_kubectl(admin, "create", "-f", "-", stdin=goyaml.dump(config))
             assert created.returncode == 0, created.stderr
             # The webhook is in effect once a ConfigMap in scope reaches the recorder (the API server
             # loads webhook configurations asynchronously).
@@ -832,7 +833,7 @@ def test_kube_mgmt_values_render_and_pass_server_side_dry_run(
         and o["kind"] not in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration")
     ]
     webhooks = [o for o in rendered.objects if o["kind"].endswith("WebhookConfiguration")]
-    manifest = yaml.safe_dump_all(checked + webhooks, sort_keys=False)
+    manifest = goyaml.dump_all(checked + webhooks, sort_keys=False)
     # --dry-run=server: the webhook names a Service, so it is never created.
     result = run_kubectl(
         kube.admin_kubeconfig, "create", "--dry-run=server", "-o", "name", "-f", "-", stdin=manifest
@@ -946,7 +947,7 @@ def test_kube_mgmts_auto_replication_values_install_with_a_server_dry_run(
     assert "WARNING: mgmt.replicate.auto" not in notes_text, notes_text
     created = run_kubectl(
         kube.admin_kubeconfig, "create", "--dry-run=server", "-o", "name", "-f", "-",
-        stdin=yaml.safe_dump_all(rendered.objects, sort_keys=False),
+        stdin=goyaml.dump_all(rendered.objects, sort_keys=False),
     )  # fmt: skip
     assert created.returncode == 0, created.stderr
     assert len(created.stdout.split()) == len(rendered.objects)

@@ -23,6 +23,7 @@ import yaml
 from kubernetes import client
 
 from app.settings import OPTIONS
+from devstack import goyaml
 from devstack.certs import TestCA
 from devstack.demo import run_kubectl
 from devstack.kube import KubeCluster
@@ -812,7 +813,7 @@ def test_every_rendered_object_passes_server_side_dry_run(
     rendered = helm.template(case_values(case, namespace, user_tls), namespace=namespace)
     checked = [obj for obj in rendered.objects if not is_unchecked(obj)]
     unchecked = [obj for obj in rendered.objects if is_unchecked(obj)]
-    manifest = yaml.safe_dump_all(checked, sort_keys=False)
+    manifest = goyaml.dump_all(checked, sort_keys=False)
     result = kubectl(kube, "create", "--dry-run=server", "-o", "name", "-f", "-", stdin=manifest)
     assert result.returncode == 0, result.stderr
     names = result.stdout.split()
