@@ -9,16 +9,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.bundle.fleet import Fleet
 from app.pipeline.watcher import WatchStats
 from app.pipeline.workqueue import WorkQueue
-from app.server.bundle import BundleStats
+
+if TYPE_CHECKING:  # bundle mode's, imported only when it is on
+    from app.bundle.fleet import Fleet
+    from app.server.bundle import BundleStats
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

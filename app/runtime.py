@@ -15,40 +15,43 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup
 
-from app.bundle.candidate import Candidates
-from app.bundle.compiler import BundleCompiler
-from app.bundle.state import BundleState
-from app.bundle.target import BundleTarget, Publication
 from app.configmaps.source import ConfigMapSource, Selection
 from app.kube.client import KubeClient
 from app.kube.config import KubeConnection, load_connection
-from app.kube.leases import Leases
 from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
-from app.opa.configuration import bundle_names
 from app.opa.credentials import StaticToken, TokenFile, opa_tls
 from app.opa.process import OpaProcess
-from app.operations.leader import LeaderElector, Timing, default_identity
 from app.operations.liveness import Liveness, on_opa_request
 from app.operations.readiness import Readiness
 from app.operations.supervisor import supervise
 from app.pipeline.periodic import every
 from app.pipeline.worker import Footprint, Handler, run_worker
 from app.pipeline.workqueue import WorkQueue
-from app.replication.auto import AutoReplication, AutoSettings
 from app.replication.discovery import discover
 from app.replication.replicator import ReplicationOptions
 from app.replication.running import Replicators
-from app.server.bundle import BundleServer, reloading_server_tls
 from app.server.http import HealthServer
 from app.settings import Settings
 from app.version import version_line
+
+# What only bundle mode, leader election and auto-replication use is imported when they are on: a third of
+# kopa's imports, paid before its first request otherwise.
+if TYPE_CHECKING:
+    from app.bundle.compiler import BundleCompiler
+    from app.bundle.state import BundleState
+    from app.bundle.target import BundleTarget, Publication
+    from app.operations.leader import LeaderElector
+    from app.replication.auto import AutoReplication
+    from app.server.bundle import BundleServer
 
 log = logging.getLogger("kopa")
 
@@ -83,14 +86,11 @@ async def run(settings: Settings) -> None:
         # Bundle mode: the handlers write into the bundle (each batch of policies compiled once by the OPA
         # at --opa-url first, which downloads it as a candidate bundle), which the bundle server hands to
         # the OPAs; push mode: straight into that OPA.
-        bundle = BundleState(reserved_roots(settings)) if settings.bundle.enabled else None
-        compiler = BundleCompiler(opa) if bundle is not None else None
-        target = BundleTarget(bundle, compiler) if bundle is not None and compiler is not None else None
-        bundle_server = (
-            await start_bundle_server(settings, bundle, compiler.candidates)
-            if bundle is not None and compiler is not None
-            else None
-        )
+        mode = await bundle_mode(settings, opa) if settings.bundle.enabled else None
+        bundle = mode.state if mode is not None else None
+        compiler = mode.compiler if mode is not None else None
+        target = mode.target if mode is not None else None
+        bundle_server = mode.server if mode is not None else None
         # Several replicas: only the holder of the Lease writes statuses and Events.
         elector = leader_elector(settings, kube, connection) if settings.leader_election.enabled else None
 
@@ -138,7 +138,7 @@ async def run(settings: Settings) -> None:
         process.on_restart(refill)
 
         readiness = Readiness(
-            Publication(bundle) if bundle is not None else opa,
+            mode.publication() if mode is not None else opa,
             process,
             pending=lambda: queue.pending,
             retrying=lambda: queue.failing,
@@ -219,8 +219,31 @@ def reserved_roots(settings: Settings) -> list[list[str]]:
     return [root.split("/") for root in settings.bundle.reserved_roots]
 
 
-async def start_bundle_server(settings: Settings, state: BundleState, candidates: Candidates) -> BundleServer:
-    """The bundle endpoint, bound; raises CredentialsError or ServerError (one line) when it cannot be."""
+@dataclass
+class BundleMode:
+    """Bundle mode's parts: the bundle, the compiler that checks each batch of policies, the handlers'
+    target that writes into both, and the bundle endpoint."""
+
+    state: BundleState
+    compiler: BundleCompiler
+    target: BundleTarget
+    server: BundleServer
+
+    def publication(self) -> Publication:
+        from app.bundle.target import Publication
+
+        return Publication(self.state)
+
+
+async def bundle_mode(settings: Settings, opa: OpaClient) -> BundleMode:
+    """The bundle endpoint bound; raises CredentialsError or ServerError (one line) when it cannot be."""
+    from app.bundle.compiler import BundleCompiler
+    from app.bundle.state import BundleState
+    from app.bundle.target import BundleTarget
+    from app.server.bundle import BundleServer, reloading_server_tls
+
+    state = BundleState(reserved_roots(settings))
+    compiler = BundleCompiler(opa)
     b = settings.bundle
     token = TokenFile(b.token_file, setting="--bundle-token-file") if b.token_file else None
     if token is not None:
@@ -228,14 +251,19 @@ async def start_bundle_server(settings: Settings, state: BundleState, candidates
     # Without a token file the settings require a CA: client certificates alone authenticate the OPAs.
     tls = reloading_server_tls(b.tls_cert_file, b.tls_key_file, b.tls_ca_file) if b.tls_cert_file else None
     host, _, port = b.endpoint.rpartition(":")
-    server = BundleServer(state, host.strip("[]"), int(port), token=token, tls=tls, candidates=candidates)
+    server = BundleServer(
+        state, host.strip("[]"), int(port), token=token, tls=tls, candidates=compiler.candidates
+    )
     await server.start()
-    return server
+    return BundleMode(state, compiler, BundleTarget(state, compiler), server)
 
 
 def leader_elector(settings: Settings, kube: KubeClient, connection: KubeConnection) -> LeaderElector:
     """The election of the status writer, over the Lease in --leader-election-namespace (default: kopa's
     own namespace)."""
+    from app.kube.leases import Leases
+    from app.operations.leader import LeaderElector, Timing, default_identity
+
     le = settings.leader_election
     leases = Leases(kube, le.namespace or connection.namespace, le.lease_name)
     elector = LeaderElector(
@@ -267,6 +295,9 @@ def auto_replication(
     replication = settings.replication
     if not replication.opa_config:
         return None
+    from app.opa.configuration import bundle_names
+    from app.replication.auto import AutoReplication, AutoSettings
+
     auto = AutoSettings(
         entrypoint=replication.analysis_entrypoint.split("/"),
         prefix=replication.path.split("/"),

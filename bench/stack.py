@@ -8,6 +8,7 @@ without it the bench says so and runs kopa alone.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from bench.common import KubeApi, Opa
 from bench.dataset import IGNORED_NAMESPACES, POLICY_NAMESPACE
-from devstack.binaries import BUILD_HINT, MissingBinary, tool_path
+from devstack.binaries import BUILD_HINT, MissingBinary, repo_root, tool_path
 from devstack.kopa import KopaProcess, kopa_process
 from devstack.kube import KubeCluster
 from devstack.opa import OpaServer
@@ -63,6 +64,9 @@ class Stack:
         return (KOPA, KUBE_MGMT) if self.kube_mgmt is not None else (KOPA,)
 
     def start(self) -> None:
+        # kopa's modules byte-compiled, as the image ships them (its Dockerfile runs compileall): where
+        # PYTHONDONTWRITEBYTECODE is set, every kopa start would otherwise compile them from source first.
+        compileall.compile_dir(repo_root() / "app", quiet=1)
         self.kube = KubeCluster(self.work / "kube", extra_apiserver_args=["--max-requests-inflight=800"])
         self.kube.start()
         self.token_file = self.work / "admin-token"
