@@ -436,3 +436,18 @@ class BundleState:
             return copy.deepcopy(self._node(path))
         except OpaError:
             return None
+
+    async def keys(self, path: Sequence[str]) -> list[str] | None:
+        node = self._object(path)
+        return None if node is None else list(node)
+
+    async def get_many(self, path: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+        node = self._object(path) or {}
+        return {name: copy.deepcopy(node[name]) for name in names if name in node}
+
+    def _object(self, path: Sequence[str]) -> dict[str, Any] | None:
+        try:
+            node = self._node(path)
+        except OpaError:
+            return None
+        return node if isinstance(node, dict) else None

@@ -140,6 +140,12 @@ class BundleTarget:
     async def get_data(self, path: Sequence[str]) -> Any:
         return await self.state.get_data(path)
 
+    async def keys(self, path: Sequence[str]) -> list[str] | None:
+        return await self.state.keys(path)
+
+    async def get_many(self, path: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+        return await self.state.get_many(path, names)
+
 
 class Publication:
     """Readiness's marker in bundle mode. Push mode writes `data.system.kopa` into OPA once everything is

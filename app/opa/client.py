@@ -106,6 +106,12 @@ def encode_path(segments: Sequence[str]) -> str:
     return "/".join(quote(s, safe="") for s in segments)
 
 
+def _reference(path: Sequence[str]) -> str:
+    """A Rego reference to the document at path: each segment a JSON string, which is Rego's string syntax,
+    so no name can change the reference's shape."""
+    return "data" + "".join(f"[{orjson.dumps(segment).decode()}]" for segment in path)
+
+
 class OpaClient:
     """The API of one OPA. `token` is asked for each request, so a rotated token file takes effect.
 
@@ -283,6 +289,24 @@ class OpaClient:
         if status == 404:
             return None
         return orjson.loads(payload).get("result")
+
+    async def keys(self, path: Sequence[str]) -> list[str] | None:
+        """The keys of the object at path; None when it is undefined or not an object. An ad-hoc query:
+        it costs OPA a few milliseconds whatever the values' size, where a GET serializes all of them."""
+        ref = _reference(path)
+        rows = await self._query(f"x := [k | some k, _ in {ref}]; is_object({ref})", None)
+        return [str(k) for k in rows[0]["x"]] if rows else None
+
+    async def get_many(self, path: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+        """The values at path/<name> for these names, each as OPA holds it; an undefined one is left out."""
+        rows = await self._query(f"x := {{k: v | some k in input; v := {_reference(path)}[k]}}", list(names))
+        return dict(rows[0]["x"]) if rows else {}
+
+    async def _query(self, query: str, input_: Any) -> list[dict[str, Any]]:
+        """POST /v1/query: the rows of bindings (none when the query is undefined)."""
+        body = orjson.dumps({"query": query, "input": input_})
+        _, payload = await self.request("POST", "query", body)
+        return list(orjson.loads(payload).get("result") or [])
 
     async def config(self) -> dict[str, Any]:
         _, payload = await self.request("GET", "config")

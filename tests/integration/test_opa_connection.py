@@ -238,3 +238,23 @@ async def test_a_large_write_with_a_refused_token_is_refused_not_an_outage(secur
     async with OpaClient(secure_opa.api_url, token=lambda: secure_opa.token, ssl_context=tls) as client_:
         await client_.put_data(["big"], document)
         assert len(await client_.get_data(["big"])) == 10_000
+
+
+@pytest.mark.anyio
+async def test_the_drift_checks_reads_see_what_a_get_sees(secure_opa: OpaServer) -> None:
+    """keys and get_many (ad-hoc queries) answer what GET /v1/data answers, for names no query text can
+    hold (quotes, brackets, slashes, non-ASCII), a false value, a path that is not an object, none at all."""
+    tls = ssl_context(ca_file=str(secure_opa.ca_file))
+    odd = ['a"b', "c]d", "e/f", "\u00fc \u00f1", "x\\y", "false-valued"]
+    document = {name: {"n": i} for i, name in enumerate(odd)} | {"false-valued": False}
+    async with OpaClient(secure_opa.api_url, token=lambda: secure_opa.token, ssl_context=tls) as opa:
+        for path in (["k s", "ns 1"], ['k"s', "ns]1"]):  # OPA's GET refuses the second path (a quote)
+            await opa.put_data(path, json.dumps(document).encode())
+            assert sorted(await opa.keys(path) or []) == sorted(odd)
+            assert await opa.get_many(path, [*odd, "missing"]) == document
+            assert await opa.get_many(path, ["e/f"]) == {"e/f": {"n": 2}}
+        assert await opa.get_data(["k s", "ns 1"]) == document
+        await opa.put_data(["k", "text"], b'"not an object"')
+        assert await opa.keys(["k", "text"]) is None
+        assert await opa.keys(["k", "nothing"]) is None
+        assert await opa.get_many(["k", "nothing"], ["a"]) == {}

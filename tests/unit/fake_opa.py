@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
 
 from app.configmaps.policies import data_refs, package_of
 from app.opa.client import Chunks, OpaError, OpaUnauthorized
+
+T = TypeVar("T")
 
 
 def _not_found(path: Sequence[str]) -> OpaError:
@@ -38,7 +40,8 @@ class FakeOpa:
         self.refuse_writes_under: str | None = None  # a path prefix whose writes OPA refuses (400)
         self.refuse_token_after: int | None = None  # writes accepted before OPA refuses kopa's token (401)
         self.restart_before_put: bool = False  # the next data PUT lands in a new process (a retried PUT)
-        self.reads: list[str] = []  # the data paths read (GET), in order
+        self.reads: list[str] = []  # the data paths read (GET, or a drift check's keys), in order
+        self.slices: list[int] = []  # how many objects each of a drift check's reads asked for
         self.read_gate: anyio.Event | None = None  # a read answers its snapshot only once the test sets it
 
     # --- the process ---
@@ -106,20 +109,37 @@ class FakeOpa:
             self.data = before  # all or nothing
             raise
 
-    async def get_data(self, path: Sequence[str]) -> Any:
-        """What OPA held when the read began, answered when read_gate (if any) is set: writes made while
-        the answer is on its way are not in it."""
-        self.reads.append("/".join(path))
+    def _at(self, path: Sequence[str]) -> Any:
         node: Any = self.data
         for segment in path:
             if not isinstance(node, dict) or segment not in node:
-                node = None
-                break
+                return None
             node = node[segment]
-        snapshot = copy.deepcopy(node)
+        return node
+
+    async def _answer(self, snapshot: T) -> T:
+        """Answered once read_gate (if any) is set: writes made while the answer is on its way are not in
+        it."""
         if self.read_gate is not None:
             await self.read_gate.wait()
         return snapshot
+
+    async def get_data(self, path: Sequence[str]) -> Any:
+        """What OPA held when the read began."""
+        self.reads.append("/".join(path))
+        return await self._answer(copy.deepcopy(self._at(path)))
+
+    async def keys(self, path: Sequence[str]) -> list[str] | None:
+        """The first read of a drift check: recorded in `reads`, like get_data."""
+        self.reads.append("/".join(path))
+        node = self._at(path)
+        return await self._answer(list(node) if isinstance(node, dict) else None)
+
+    async def get_many(self, path: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+        self.slices.append(len(names))
+        node = self._at(path)
+        node = node if isinstance(node, dict) else {}
+        return await self._answer({name: copy.deepcopy(node[name]) for name in names if name in node})
 
     # --- policies ---
 

@@ -15,6 +15,7 @@ from app.model import ALL, CHECK, Key, ObjectKey, Store, WorkKey
 from app.opa.process import OpaProcess
 from app.pipeline.worker import run_worker
 from app.pipeline.workqueue import WorkQueue
+from app.replication import collection
 from app.replication.collection import CollectionSync
 from app.replication.objects import Replica, converter, same_content
 from tests.unit.fake_opa import FakeOpa
@@ -146,6 +147,27 @@ async def test_the_drift_check_repairs_one_namespace_per_call_in_rotation() -> N
         await c.check()
     assert c.sync.repairs == 2, "nothing to repair: nothing written"
     assert c.opa.reads[:2] == ["kubernetes/services/a", "kubernetes/services/b"]
+
+
+async def test_the_drift_check_reads_a_large_namespace_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither OPA nor kopa holds a whole namespace at once for a check: its keys, then slices of about
+    READ_BYTES (kopa's sizes of the objects); a difference in the last slice, and an object kopa never
+    wrote, are found all the same."""
+    c = Cluster()
+    for i in range(10):
+        c.put(service("a", f"s{i}"))
+    await c.sync.apply([ALL])
+    size = len(c.store.get(ObjectKey("a", "s0")).body)  # type: ignore[union-attr]
+    monkeypatch.setattr(collection, "READ_BYTES", 3 * size)
+    c.opa.data["kubernetes"]["services"]["a"]["s9"]["spec"] = {}
+    async with c.running():
+        await c.check()
+        assert (c.sync.repairs, c.opa.slices) == (1, [3, 3, 3, 1])
+        assert await c.in_opa() == c.expected()
+        c.opa.data["kubernetes"]["services"]["a"]["stranger"] = {"x": 1}
+        await c.check()
+    assert c.sync.repairs == 2
+    assert await c.in_opa() == c.expected()
 
 
 async def test_a_difference_the_drift_check_finds_is_repaired_through_the_writer() -> None:
