@@ -1,15 +1,17 @@
 """(7) The drift check: what one check costs, and how soon it repairs what was changed behind kopa's back.
 
 Each tick of --drift-check-interval, kopa's writer GETs /v1/policies and compares every module, GETs every
-data document at its own path, and GETs one namespace subtree of each replicated collection (in rotation),
-writing back whatever differs. Its cost is measured as a difference: the main bench's state (N replicated
-ConfigMaps, the propagation policies, DATA_DOCS data ConfigMaps) is loaded by a kopa with the check off
-(`--drift-check-interval=0`), then by one checking every `interval` seconds, and each is left alone for
-`seconds` while a decision client asks OPA 50 decisions a second. Per window: kopa's and OPA's CPU seconds
-(/proc/<pid>/stat), and OPA's own count and time of the requests it served (its /metrics). The number of
-checks is the number of GET /v1/policies OPA served (one per check); the cost of a check is the
-difference between the windows, divided by that. The bytes a check reads are the sizes of OPA's answers
-to the same GETs, made once by the bench (recv() on a socket escapes /proc/<pid>/io's accounting).
+data document at its own path, and reads one namespace subtree of each replicated collection (in rotation;
+ad-hoc queries, POST /v1/query: its keys, then its objects in slices), writing back whatever differs. Its
+cost is measured as a difference: the main bench's state (N replicated ConfigMaps, the propagation
+policies, DATA_DOCS data ConfigMaps) is loaded by a kopa with the check off (`--drift-check-interval=0`),
+then by one checking every `interval` seconds, and each is left alone for `seconds` while a decision client
+asks OPA 50 decisions a second. Per window: kopa's and OPA's CPU seconds (/proc/<pid>/stat), and OPA's own
+count and time of the reads it served (its /metrics: GETs on v1/policies and v1/data, POSTs on v1/query;
+the decisions are POSTs on v1/data). The number of checks is the number of GET /v1/policies OPA served
+(one per check); the cost of a check is the difference between the windows, divided by that. The bytes a
+check reads are the sizes of OPA's answers to GETs of the same documents, made once by the bench (recv()
+on a socket escapes /proc/<pid>/io's accounting).
 
 Repair: with the check every `interval` seconds, the bench deletes in OPA one policy, one data document and
 one whole namespace subtree of the replicated collection, then polls OPA every POLL seconds until each is
@@ -54,14 +56,18 @@ def data_configmap(i: int) -> dict[str, Any]:
     }
 
 
+READS = {"policies": ("v1/policies", "get"), "data": ("v1/data", "get"), "queries": ("v1/query", "post")}
+
+
 def _reads(metrics: list[RequestCount]) -> dict[str, RequestCount]:
-    """OPA's GETs on v1/policies and v1/data, whatever their status (kopa's check makes only these)."""
-    out = {"policies": RequestCount("v1/policies", "get", 0), "data": RequestCount("v1/data", "get", 0)}
+    """The reads OPA served, whatever their status (kopa's check makes only these; the bench makes none of
+    them during a window)."""
+    out = {kind: RequestCount(handler, method, 0) for kind, (handler, method) in READS.items()}
     for s in metrics:
-        if s.method == "get" and s.handler in ("v1/policies", "v1/data"):
-            total = out["policies" if s.handler == "v1/policies" else "data"]
-            total.count += s.count
-            total.seconds += s.seconds
+        for kind, (handler, method) in READS.items():
+            if (s.handler, s.method) == (handler, method):
+                out[kind].count += s.count
+                out[kind].seconds += s.seconds
     return out
 
 
@@ -242,8 +248,8 @@ def per_check(result: dict[str, Any]) -> dict[str, Any]:
         "kopa_cpu_ms": round(kopa_cpu * 1000, 2),
         "opa_cpu_ms": round(extra("opa_cpu_seconds") * 1000, 2),
         "answer_bytes": result["answer_bytes"]["check"],
-        "opa_requests": round((gets["policies"]["count"] + gets["data"]["count"]) / checks, 2),
-        "opa_request_ms": round((gets["policies"]["seconds"] + gets["data"]["seconds"]) / checks * 1000, 2),
+        "opa_requests": round(sum(g["count"] for g in gets.values()) / checks, 2),
+        "opa_request_ms": round(sum(g["seconds"] for g in gets.values()) / checks * 1000, 2),
         "opa_writes": round(on["opa_writes"] / checks, 3),
         # at the default --drift-check-interval of 60 s
         "kopa_core_percent_at_60s": round(kopa_cpu / 60 * 100, 4),

@@ -993,19 +993,20 @@ def _drift_markdown(drift: dict[str, Any] | None) -> list[str]:
         f" {sizes['subtree'] / MB:.2f} MB, the data documents {sizes['data_documents'] / 1024:.1f} KB;"
         f" {sizes['check'] / MB:.2f} MB in all.",
         "",
-        "| drift check | window (s) | checks | kopa CPU (s) | OPA CPU (s) | OPA GETs: policies / data"
-        " | their time in OPA (ms) | OPA writes | decision p50 / p99 (ms) |",
+        "| drift check | window (s) | checks | kopa CPU (s) | OPA CPU (s) | OPA reads: policies / data /"
+        " queries | their time in OPA (ms) | OPA writes | decision p50 / p99 (ms) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label in ("off", "on"):
         w = drift[label]
-        gets = w["opa_gets"]
+        gets = {"queries": {"count": 0, "seconds": 0.0}, **w["opa_gets"]}  # runs before queries: none
         d = w["decisions_ms"]
         every = "off" if label == "off" else f"every {drift['interval_seconds']:g} s"
         lines.append(
             f"| {every} | {w['seconds']:.1f} | {w['checks']} | {w['kopa_cpu_seconds']:.2f} |"
-            f" {w['opa_cpu_seconds']:.2f} | {gets['policies']['count']} / {gets['data']['count']} |"
-            f" {(gets['policies']['seconds'] + gets['data']['seconds']) * 1000:.0f} | {w['opa_writes']} |"
+            f" {w['opa_cpu_seconds']:.2f} | {gets['policies']['count']} / {gets['data']['count']} /"
+            f" {gets['queries']['count']} | {sum(g['seconds'] for g in gets.values()) * 1000:.0f} |"
+            f" {w['opa_writes']} |"
             f" {d['p50']:.2f} / {d['p99']:.2f} |"
         )
     check = drift.get("per_check")
