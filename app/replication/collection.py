@@ -34,7 +34,7 @@ import orjson
 from anyio.abc import TaskGroup, TaskStatus
 
 from app.model import ALL, CHECK, REMOVE, Key, ObjectKey, Store, objects_only
-from app.opa.client import Chunks, OpaError, OpaUnavailable
+from app.opa.client import Chunks, OpaError, OpaUnauthorized, OpaUnavailable
 from app.opa.process import OpaProcess
 from app.replication.objects import Replica, content_digest
 
@@ -79,6 +79,8 @@ class CollectionApi(Protocol):
     async def patch_data(self, path: Sequence[str], operations: bytes) -> None: ...
 
     async def delete_data(self, path: Sequence[str]) -> bool: ...
+
+    async def get_data(self, path: Sequence[str]) -> Any: ...
 
     async def keys(self, path: Sequence[str]) -> list[str] | None: ...
 
@@ -146,6 +148,7 @@ class CollectionSync:
     _rotation: int = 0
     _again: str | None = None  # the namespace to check at the next CHECK: its check counted for nothing
     _check: _Check | None = None  # the drift check in flight
+    _whole_reads: bool = False  # OPA refuses kopa's queries: the drift check GETs each namespace whole
     _checks: TaskGroup | None = None  # run_checks' task group, which owns the checks' reads
 
     @property
@@ -373,14 +376,33 @@ class CollectionSync:
 
     async def _read(self, path: list[str], ns: str) -> dict[str, bytes] | None:
         """The content_digest of each object OPA holds at path (b"" for a value that is not an object), its
-        keys first, then the objects in slices of about READ_BYTES; None when OPA holds nothing there."""
-        names = await self.opa.keys(path)
+        keys first, then the objects in slices of about READ_BYTES; None when OPA holds nothing there.
+
+        An OPA whose authorization policy lets kopa's token read and write data but not ask queries (kube-mgmt
+        only ever used the data and policy APIs) is read with one GET of the subtree instead, from then on."""
+        if self._whole_reads:
+            return await self._read_whole(path)
+        try:
+            names = await self.opa.keys(path)
+        except OpaUnauthorized as refused:
+            whole = await self._read_whole(path)  # refused too: the token itself, which the writer reports
+            self._whole_reads = True
+            log.warning(
+                "OPA refuses kopa's queries (%s); the drift check reads each namespace of %s whole instead",
+                refused,
+                "/".join(self.path),
+            )
+            return whole
         if names is None:
             return None
         found: dict[str, bytes] = {}
         for piece in _slices(names, lambda name: self._size(ObjectKey(ns, name))):
             found.update(await _digests(await self.opa.get_many(path, piece)))
         return found
+
+    async def _read_whole(self, path: list[str]) -> dict[str, bytes] | None:
+        held = await self.opa.get_data(path)
+        return await _digests(held) if isinstance(held, dict) else None
 
     def _size(self, key: ObjectKey) -> int:
         replica = self.store.get(key)

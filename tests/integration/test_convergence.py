@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from devstack.opa import OpaServer
+from devstack.opa import AUTHZ_POLICY_ID, OpaServer, authz_policy
 from devstack.processes import wait_until
 from tests.integration.conftest import KopaFactory
 from tests.integration.helpers import (
@@ -155,3 +156,39 @@ def test_the_drift_check_repairs_what_was_changed_behind_kopas_back(
     assert metric(samples, "kopa_drift_repaired_total", kind="data") >= 1
     assert metric(samples, "kopa_drift_repaired_total", kind="replicated") >= 1
     assert log_text(kopa).count(f"drift: policy {namespace}/rules/a.rego") == 1, "each repair logged once"
+
+
+def test_the_drift_check_reads_whole_namespaces_from_an_opa_that_refuses_kopas_queries(
+    run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """kube-mgmt only ever used OPA's data and policy APIs, so an authorization policy written for it may
+    refuse kopa's token the query API: the drift check then GETs each namespace whole, and still repairs."""
+    assert secure_opa.token_file is not None and secure_opa.ca_file is not None
+    http = secure_opa.http()
+    token = json.dumps(secure_opa.token)
+    admitted = authz_policy(secure_opa.token).replace(
+        f"allow if input.identity == {token}",
+        f'allow if {{\n\tinput.identity == {token}\n\tinput.path != ["v1", "query"]\n}}',
+    )
+    assert admitted != authz_policy(secure_opa.token)
+    http.put(f"/v1/policies/{AUTHZ_POLICY_ID}", admitted, "text/plain")
+    core_v1.create_namespaced_service(namespace, service("web"))
+    kopa = run_kopa(
+        f"--opa-url={secure_opa.api_url}",
+        f"--opa-auth-token-file={secure_opa.token_file}",
+        f"--opa-ca-file={secure_opa.ca_file}",
+        f"--namespaces={namespace}",
+        "--replicate=v1/services",
+        "--drift-check-interval=1s",
+    )
+    web = wait_for(secure_opa, f"kubernetes/services/{namespace}/web", bool, "web replicated")
+    http.put(f"/v1/data/kubernetes/services/{namespace}/web", {**web, "spec": {}})
+    wait_until(
+        lambda: data(secure_opa, f"kubernetes/services/{namespace}/web") == web,
+        timeout=TIMEOUT,
+        what="web repaired by the drift check",
+    )
+    text = log_text(kopa)
+    assert text.count("OPA refuses kopa's queries") == 1, "said once"
+    assert "refuses kopa's credentials" not in text, "not taken for a refused token"
+    assert get(kopa, "/readyz")[0] == 200

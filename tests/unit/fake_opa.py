@@ -42,6 +42,7 @@ class FakeOpa:
         self.restart_before_put: bool = False  # the next data PUT lands in a new process (a retried PUT)
         self.reads: list[str] = []  # the data paths read (GET, or a drift check's keys), in order
         self.slices: list[int] = []  # how many objects each of a drift check's reads asked for
+        self.refuse_queries = False  # an authorization policy that lets kopa's token use the data API only
         self.read_gate: anyio.Event | None = None  # a read answers its snapshot only once the test sets it
 
     # --- the process ---
@@ -124,6 +125,10 @@ class FakeOpa:
             await self.read_gate.wait()
         return snapshot
 
+    def _check_query(self) -> None:
+        if self.refuse_queries:
+            raise OpaUnauthorized("POST query: HTTP 401: request rejected by administrative policy", 401)
+
     async def get_data(self, path: Sequence[str]) -> Any:
         """What OPA held when the read began."""
         self.reads.append("/".join(path))
@@ -131,11 +136,13 @@ class FakeOpa:
 
     async def keys(self, path: Sequence[str]) -> list[str] | None:
         """The first read of a drift check: recorded in `reads`, like get_data."""
+        self._check_query()
         self.reads.append("/".join(path))
         node = self._at(path)
         return await self._answer(list(node) if isinstance(node, dict) else None)
 
     async def get_many(self, path: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+        self._check_query()
         self.slices.append(len(names))
         node = self._at(path)
         node = node if isinstance(node, dict) else {}

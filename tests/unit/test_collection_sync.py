@@ -170,6 +170,22 @@ async def test_the_drift_check_reads_a_large_namespace_in_slices(monkeypatch: py
     assert await c.in_opa() == c.expected()
 
 
+async def test_an_opa_that_refuses_queries_is_read_whole() -> None:
+    """kube-mgmt only ever used OPA's data and policy APIs, so an authorization policy may let kopa's token
+    use nothing else: the drift check then GETs each namespace whole, from then on, and still repairs."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    await c.sync.apply([ALL])
+    c.opa.refuse_queries = True
+    for _ in range(2):
+        c.opa.data["kubernetes"]["services"]["a"]["web"]["spec"] = {}
+        async with c.running():
+            await c.check()
+        assert await c.in_opa() == c.expected()
+    assert (c.sync.repairs, c.opa.slices) == (2, [])
+    assert c.opa.reads.count("kubernetes/services/a") == 2, "one GET of the namespace per check"
+
+
 async def test_a_difference_the_drift_check_finds_is_repaired_through_the_writer() -> None:
     c = Cluster()
     c.put(service("a", "web"))
