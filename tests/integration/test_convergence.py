@@ -164,6 +164,7 @@ def test_the_drift_check_reads_whole_namespaces_from_an_opa_that_refuses_kopas_q
     """kube-mgmt only ever used OPA's data and policy APIs, so an authorization policy written for it may
     refuse kopa's token the query API: the drift check then GETs each namespace whole, and still repairs."""
     assert secure_opa.token_file is not None and secure_opa.ca_file is not None
+    assert secure_opa.token is not None
     http = secure_opa.http()
     token = json.dumps(secure_opa.token)
     admitted = authz_policy(secure_opa.token).replace(
