@@ -62,22 +62,29 @@ async def run_worker(
 ) -> None:
     """Processes keys forever, a batch at a time, in the order they were first queued.
 
-    `after_batch` also runs when the queue has been idle for IDLE_CHECK seconds, so a source with nothing
-    to write still gets noticed as loaded. `progress` is called at every turn of the loop and after every
+    `after_batch` also runs every IDLE_CHECK seconds while the queue is idle, so a source with nothing to
+    write still gets noticed as loaded. `progress` is called at every turn of the loop and after every
     OPA request the writer makes. `footprints` has the sources whose whole loads may go beside others
     (_apply); a source without one is never loaded beside anything.
     """
     with progress_of(progress):
-        while True:
-            progress()
-            batch: list[WorkKey] = []
-            with anyio.move_on_after(IDLE_CHECK):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_idle_ticks, queue)
+            while True:
+                progress()
                 # Group commit: whatever is waiting now, without waiting for more (module docstring).
                 batch = await queue.get_batch(BATCH_LIMIT)
-            if batch:
-                await _write(queue, handlers, opa, batch, footprints or {})
-            if after_batch is not None:
-                await after_batch()
+                if batch:
+                    await _write(queue, handlers, opa, batch, footprints or {})
+                if after_batch is not None:
+                    await after_batch()
+
+
+async def _idle_ticks(queue: WorkQueue[WorkKey]) -> None:
+    """Wakes the writer every IDLE_CHECK seconds, so that it turns (after_batch, progress) while idle."""
+    while True:
+        await anyio.sleep(IDLE_CHECK)
+        queue.nudge()
 
 
 def _lanes(

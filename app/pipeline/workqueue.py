@@ -88,11 +88,12 @@ class WorkQueue(Generic[K]):
         self._failures: dict[K, int] = {}
         self._delayed: list[tuple[float, int, K]] = []  # a heap; entries not matching _due are stale
         self._due: dict[K, float] = {}  # each delayed key once, with the time it is due
+        self._waited: dict[K, float] = {}  # of each key in flight: seconds it waited to be handed out
         self._tiebreak = itertools.count()
         self._ready = anyio.Event()
+        self._nudged = False
         self._timer_changed = anyio.Event()
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle_waiters: anyio.Event | None = None  # made by wait_idle, set by _check_idle
         self._timer_group: TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
@@ -137,8 +138,6 @@ class WorkQueue(Generic[K]):
             key = whole
         self._dirty.add(key)
         self.stats.added_at.setdefault(key, time.monotonic())
-        if self._idle.is_set():
-            self._idle = anyio.Event()
         if key in self._processing:
             return  # done() puts it back
         self._queue.append(key)
@@ -156,23 +155,38 @@ class WorkQueue(Generic[K]):
 
     async def get(self) -> K:
         while not self._queue:
-            if self._ready.is_set():
-                self._ready = anyio.Event()
-            await self._ready.wait()
+            await self._wait_ready()
         return self._start(self._queue.popleft(), time.monotonic())
+
+    async def _wait_ready(self) -> None:
+        if self._ready.is_set():
+            self._ready = anyio.Event()
+        await self._ready.wait()
 
     def _start(self, key: K, now: float) -> K:
         self._processing.add(key)
         self._dirty.discard(key)
         self.stats.started_at[key] = now
         added = self.stats.added_at.pop(key, None)
-        if self.observer is not None and added is not None:
-            self.observer.queued(now - added)
+        if added is not None:
+            self._waited[key] = now - added  # told the observer at done(), after the key's write
         return key
 
     async def get_batch(self, limit: int) -> list[K]:
-        """Waits for one key, then also takes those already waiting, up to `limit` (for batched writes)."""
-        return [await self.get(), *self.take_waiting(limit - 1)]
+        """Waits for one key, then also takes those already waiting, up to `limit` (for batched writes).
+        Empty when nudge() came while it waited (or since the last call that found nothing waiting)."""
+        while not self._queue:
+            if self._nudged:
+                self._nudged = False
+                return []
+            await self._wait_ready()
+        return self.take_waiting(limit)
+
+    def nudge(self) -> None:
+        """Makes a waiting get_batch return, empty if nothing is waiting: the writer's idle tick. Cheaper
+        on every change than a timeout around each wait (a cancel scope and a timer per key)."""
+        self._nudged = True
+        self._ready.set()
 
     def take_waiting(self, limit: int) -> list[K]:
         """Hands out up to `limit` keys that are waiting now, without waiting for more."""
@@ -185,8 +199,12 @@ class WorkQueue(Generic[K]):
     def done(self, key: K) -> None:
         self._processing.discard(key)
         started = self.stats.started_at.pop(key, None)
-        if self.observer is not None and started is not None:
-            self.observer.worked(time.monotonic() - started)
+        waited = self._waited.pop(key, None)
+        if self.observer is not None:
+            if waited is not None:
+                self.observer.queued(waited)
+            if started is not None:
+                self.observer.worked(time.monotonic() - started)
         if key in self._dirty:
             self._queue.append(key)
             self._ready.set()
@@ -221,17 +239,22 @@ class WorkQueue(Generic[K]):
             return  # already waiting, and due sooner
         self._due[key] = due
         heapq.heappush(self._delayed, (due, next(self._tiebreak), key))
-        if self._idle.is_set():
-            self._idle = anyio.Event()
         self._timer_changed.set()
 
+    def _idle(self) -> bool:
+        return not self._queue and not self._processing and not self._due and not self._dirty
+
     def _check_idle(self) -> None:
-        if not self._queue and not self._processing and not self._due and not self._dirty:
-            self._idle.set()
+        if self._idle_waiters is not None and self._idle():
+            self._idle_waiters.set()
+            self._idle_waiters = None
 
     async def wait_idle(self) -> None:
         """Returns when nothing is queued, in flight or waiting for a delay (used by tests and refills)."""
-        await self._idle.wait()
+        while not self._idle():
+            if self._idle_waiters is None:  # made here, not at every add: adds are the hot path
+                self._idle_waiters = anyio.Event()
+            await self._idle_waiters.wait()
 
     async def run_timer(self) -> None:
         """Moves delayed keys into the queue when they are due; runs for the queue's lifetime."""
