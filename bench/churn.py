@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
+from bench import wire
 from bench.common import JSON, KubeApi, Opa, cpu_seconds, percentile, poll_until, proc_memory, summary
 from bench.dataset import COUNT_QUERY, FIELD_SELECTOR, PER_NAMESPACE, name_of, namespace_of, tree
 
@@ -400,9 +401,18 @@ async def equality(api: KubeApi, opa: Opa) -> dict[str, Any]:
 
 
 async def churn_run(
-    stack: Stack, *, n: int, rate: float, seconds: float, objects: int, pids: dict[str, int], log: Any
+    stack: Stack,
+    *,
+    n: int,
+    rate: float,
+    seconds: float,
+    objects: int,
+    pids: dict[str, int],
+    log: Any,
+    sidecar: int | None = None,
 ) -> dict[str, Any]:
-    """One run at `rate`; `pids` are the processes whose CPU use is reported (kopa, OPA, API server...)."""
+    """One run at `rate`; `pids` are the processes whose CPU use is reported (kopa, OPA, API server...).
+    With the `sidecar`'s pid, its own latency is also taken on the wire (bench/wire.py)."""
     namespace, names = churn_objects(n, objects)
     work = stack.work
     async with stack.api() as api, stack.opa_client() as opa:
@@ -441,7 +451,16 @@ async def churn_run(
         )
         sampler = _sampler(stack, work, f"{rate:g}", names)
         await _ready(sampler)
-        writes_before = await opa.writes()
+        capture = ports = None
+        if sidecar is not None:
+            capture = spawn_helper(
+                wire.capture_main,
+                {"api_port": stack.kube.port, "opa_port": stack.opa.port},
+                work / f"wire-{rate:g}.json",
+            )
+            await _ready(capture)
+            ports = wire.local_ports(sidecar)
+        writes_before = await opa.write_time()
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         start = await start_together([updater, decisions])
         await asyncio.to_thread(updater.process.join, seconds + 120)
@@ -463,7 +482,15 @@ async def churn_run(
         await asyncio.to_thread(sampler.process.join, 120)
         samples = Samples.of(sampler.result())
         cpu["bench (sampler)"] = samples.cpu_seconds
-        writes = await opa.writes() - writes_before
+        written = await opa.write_time()
+        delays: list[float] | None = None
+        if capture is not None and ports is not None and sidecar is not None:
+            ports |= wire.local_ports(sidecar)
+            capture.control.send(None)
+            await asyncio.to_thread(capture.process.join, 30)
+            delays = wire.sidecar_delays(capture.result(), ports)
+        writes = written.count - writes_before.count
+        write_seconds = written.seconds - writes_before.seconds
         equal = await equality(api, opa)
 
     acked = [u for u in updates if u[4] == 200]
@@ -476,7 +503,8 @@ async def churn_run(
     duration = max(u[3] for u in acked) - start if acked else 0.0
     log(
         f"  {rate:g}/s: {len(acked)} updates acked, lag p50 {percentile(lag, 50) * 1000:.0f} ms"
-        f" p99 {percentile(lag, 99) * 1000:.0f} ms, {writes} OPA writes, equal={equal['equal']}"
+        f" p99 {percentile(lag, 99) * 1000:.0f} ms, {writes} OPA writes"
+        f" ({write_seconds / max(writes, 1) * 1000:.2f} ms each in OPA), equal={equal['equal']}"
     )
     return {
         "rate": rate,
@@ -494,6 +522,10 @@ async def churn_run(
         "sampler": {"polls": samples.polls, "poll_ms": summary(samples.poll_seconds, 1000, 2)},
         "opa_writes": writes,
         "opa_writes_per_update": round(writes / len(acked), 4) if acked else None,
+        # OPA's own time per write, from reading the request to answering (its write lock included).
+        "opa_write_ms": round(write_seconds / writes * 1000, 3) if writes else None,
+        # The sidecar's own time, watch event to write, on the wire (None: not captured; bench/wire.py).
+        "wire_ms": summary(delays, 1000, 3) if delays is not None else None,
         "decisions": summary([d[1] for d in decided], 1000, 2),
         "equality": equal,
         # CPU used during the updates (cores: CPU seconds per second of the run), per process.
@@ -554,7 +586,15 @@ async def churn_phase(
     "sampler_cost": ..., "churn_peak_rss_bytes": {side: bytes}}.
     """
     namespace, names = churn_objects(n, objects)
-    out: dict[str, Any] = {"churn": [], "churn_peak_rss_bytes": {}, "churn_min_updates": min_updates}
+    no_capture = wire.unavailable()
+    if no_capture:
+        log(f"  the sidecars' own latency on the wire is not measured: {no_capture}")
+    out: dict[str, Any] = {
+        "churn": [],
+        "churn_peak_rss_bytes": {},
+        "churn_min_updates": min_updates,
+        "wire_unavailable": no_capture,
+    }
     for trial in range(1, trials + 1):
         for side in stack.sides:
             stack.fresh_opa()
@@ -599,6 +639,7 @@ async def churn_phase(
                         objects=objects,
                         pids={k: v for k, v in pids.items() if v is not None},
                         log=log,
+                        sidecar=process.pid if no_capture is None else None,
                     )
                     out["churn"].append({"side": side, "trial": trial, **run})
                 if process.pid is not None and (side != "kopa" or stack.profile_dir is None):

@@ -278,11 +278,17 @@ class Opa:
 
     async def writes(self) -> int:
         """Write requests (PUT, PATCH, DELETE) OPA counted on /v1/data and /v1/policies (its /metrics)."""
-        return sum(
-            s.count
-            for s in await self.request_metrics()
-            if s.handler in ("v1/data", "v1/policies") and s.method in ("put", "patch", "delete")
-        )
+        return (await self.write_time()).count
+
+    async def write_time(self) -> RequestCount:
+        """Write requests (PUT, PATCH, DELETE) on /v1/data and /v1/policies: how many OPA served, and the
+        seconds it spent on them from reading the request to answering (its /metrics)."""
+        total = RequestCount("v1/data+v1/policies", "write", 0)
+        for s in await self.request_metrics():
+            if s.handler in ("v1/data", "v1/policies") and s.method in ("put", "patch", "delete"):
+                total.count += s.count
+                total.seconds += s.seconds
+        return total
 
 
 _REQUEST_METRIC = re.compile(

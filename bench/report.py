@@ -7,6 +7,7 @@ replaces only what lies between the BEGIN and END markers, and creates the file 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ SECTIONS = {
         "churn_peak_rss_bytes",
         "churn_run",
         "churn_min_updates",
+        "wire_unavailable",
     ),
     "propagation": ("propagation",),
     "refill": ("refill",),
@@ -191,8 +193,24 @@ def churn_table(results: dict[str, Any]) -> dict[str, dict[float, dict[str, Any]
                 "resolution_p50_ms": _spread([r["resolution_ms"]["p50"] for r in found]),
                 "never_visible": sum(r["never_visible"] for r in found),
                 "equal": all(r["equality"]["equal"] for r in found),
+                **_optional_spreads(found),
             }
     return table
+
+
+def _optional_spreads(found: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The figures older runs lack: the sidecar's own time on the wire, OPA's time per write."""
+    figures = {
+        "wire_p50_ms": [(r.get("wire_ms") or {}).get("p50") for r in found],
+        "wire_p90_ms": [(r.get("wire_ms") or {}).get("p90") for r in found],
+        "wire_p99_ms": [(r.get("wire_ms") or {}).get("p99") for r in found],
+        "opa_write_ms": [r.get("opa_write_ms") for r in found],
+    }
+    return {
+        name: _spread([v for v in values if v is not None])
+        for name, values in figures.items()
+        if any(v is not None for v in values)
+    }
 
 
 def _peaks(results: dict[str, Any]) -> dict[str, int]:
@@ -897,6 +915,7 @@ def _churn_markdown(results: dict[str, Any]) -> list[str]:
                 f" {spread(t['decision_p99_ms'], 2)} | {t['resolution_p50_ms']['median']:.1f} |"
                 f" {t['never_visible']} | {'yes' if t['equal'] else 'NO'} |"
             )
+    lines += _wire_markdown(results, table, spread)
     first = churns[0]
     trials = max(r.get("trial", 1) for r in churns)
     lengths = {r["rate"]: r["seconds"] for r in churns}
@@ -923,6 +942,37 @@ def _churn_markdown(results: dict[str, Any]) -> list[str]:
             " It runs during every churn run, for both sidecars alike.",
         ]
     return lines
+
+
+def _wire_markdown(
+    results: dict[str, Any],
+    table: dict[str, dict[float, dict[str, Any]]],
+    spread: Callable[[dict[str, float], int], str],
+) -> list[str]:
+    """The sidecars' own latency (bench/wire.py) and OPA's time per write, where the run has them."""
+    rows = [
+        f"| {side} | {rate:g} | {spread(t['wire_p50_ms'], 2)} | {spread(t['wire_p90_ms'], 2)} |"
+        f" {spread(t['wire_p99_ms'], 2)} | {spread(t['opa_write_ms'], 2) if 'opa_write_ms' in t else ''} |"
+        for side, by_rate in table.items()
+        for rate, t in by_rate.items()
+        if "wire_p50_ms" in t
+    ]
+    if not rows:
+        reason = results.get("wire_unavailable")
+        return ["", f"The sidecars' own latency on the wire was not measured: {reason}."] if reason else []
+    return [
+        "",
+        "Each sidecar's own time for a change, from the packet of the watch event to the packet of its write"
+        " to OPA (loopback capture with kernel timestamps, `bench/wire.py`: waking up, TLS, parsing, its own"
+        " work, sending), without the API server's acknowledgement, OPA's write and the sampler's resolution"
+        " that the lag above includes; and OPA's own time per write, from its /metrics (medians of the"
+        " trials, min-max in brackets):",
+        "",
+        "| sidecar | offered rate (updates/s) | own time p50 (ms) | p90 (ms) | p99 (ms)"
+        " | OPA per write (ms) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _run_line(run: dict[str, Any]) -> str:
