@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 from app.kube.client import KubeApiError, KubeGone, KubeUnavailable, ListResult, WatchEvent
 from app.model import ObjectKey, Store, WorkKey
@@ -257,7 +256,4 @@ class Watcher(Generic[V]):
             deleted = event.type == "DELETED"
             if self.store.pop(key) if deleted else self.store.put(key, self.convert(event.object)):
                 self._emit(key)
-                # Hand-off: an idle writer woken by this key sends it now, before this watch reads on
-                # (a change's latency at sparse rates; at dense ones, what arrives meanwhile batches).
-                await anyio.lowlevel.checkpoint()
         return resource_version

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -11,12 +11,10 @@ import anyio
 import orjson
 import pytest
 
-from app.kube.client import ListResult, WatchEvent
-from app.model import ALL, DataPath, Key, ObjectKey, Store, WorkKey
+from app.model import ALL, DataPath, Key, ObjectKey, WorkKey
 from app.opa.client import OpaUnavailable
 from app.opa.process import OpaProcess
 from app.pipeline import worker
-from app.pipeline.watcher import Collection, Watcher, same_resource_version
 from app.pipeline.workqueue import WorkQueue
 from app.replication.collection import CHUNK, _document
 from app.replication.objects import converter, right_sized
@@ -202,44 +200,6 @@ async def test_an_outage_met_beside_fails_the_whole_batch() -> None:
     with pytest.raises(OpaUnavailable):
         await worker._apply(handlers, grouped, footprints)
     assert collection.calls == [[ALL]]
-
-
-class _TwoChanges:
-    """A watch whose two changes are already read (one chunk): nothing suspends between them."""
-
-    async def list_pages(self, path: str, **_: Any) -> AsyncIterator[ListResult]:
-        yield ListResult([], "1")
-
-    async def watch(self, path: str, **_: Any) -> AsyncIterator[WatchEvent]:
-        for name in ("first", "second"):
-            yield WatchEvent("ADDED", {"metadata": {"namespace": "ns", "name": name, "resourceVersion": "2"}})
-        await anyio.sleep_forever()
-
-
-async def test_an_idle_writer_takes_a_change_before_the_watch_reads_on() -> None:
-    """The hand-off: a sparse change goes to OPA before the watch's next read; otherwise the writer would
-    only run once the watch had read everything that was there (the latency of every sparse change)."""
-    queue: WorkQueue[WorkKey] = WorkQueue("opa")
-    store: Store[dict[str, Any]] = Store("test", same_resource_version)
-    collection = Collection("/api/v1/configmaps", None)
-    watcher = Watcher(_TwoChanges(), collection, store, "s", queue.add, convert=dict)
-    batches: list[list[WorkKey]] = []
-    both = anyio.Event()
-
-    async def writer() -> None:
-        while True:
-            batches.append(await queue.get_batch(100))
-            if sum(map(len, batches)) == 2:
-                both.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(writer)
-        await anyio.wait_all_tasks_blocked()  # the writer waits for keys, as an idle one does
-        tg.start_soon(watcher.run)
-        with anyio.fail_after(2):
-            await both.wait()
-        tg.cancel_scope.cancel()
-    assert batches[0] == [WorkKey("s", ObjectKey("ns", "first"))]
 
 
 async def test_a_nudge_wakes_a_waiting_batch_empty_and_keys_still_come() -> None:
