@@ -283,12 +283,11 @@ class Opa:
     async def write_time(self) -> RequestCount:
         """Write requests (PUT, PATCH, DELETE) on /v1/data and /v1/policies: how many OPA served, and the
         seconds it spent on them from reading the request to answering (its /metrics)."""
-        total = RequestCount("v1/data+v1/policies", "write", 0)
-        for s in await self.request_metrics():
-            if s.handler in ("v1/data", "v1/policies") and s.method in ("put", "patch", "delete"):
-                total.count += s.count
-                total.seconds += s.seconds
-        return total
+        return summed(
+            await self.request_metrics(),
+            RequestCount("v1/data+v1/policies", "write", 0),
+            lambda s: s.handler in ("v1/data", "v1/policies") and s.method in ("put", "patch", "delete"),
+        )
 
 
 _REQUEST_METRIC = re.compile(
@@ -306,6 +305,17 @@ class RequestCount:
     code: int
     count: int = 0
     seconds: float = 0.0
+
+
+def summed(
+    metrics: list[RequestCount], total: RequestCount, keep: Callable[[RequestCount], bool]
+) -> RequestCount:
+    """`total` with the counts and seconds of the series that `keep` keeps added to it."""
+    for s in metrics:
+        if keep(s):
+            total.count += s.count
+            total.seconds += s.seconds
+    return total
 
 
 @dataclass(frozen=True)

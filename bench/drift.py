@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from bench import churn
-from bench.common import Opa, RequestCount, cpu_seconds, poll_until, summary
+from bench.common import Opa, RequestCount, cpu_seconds, poll_until, summary, summed
 from bench.dataset import PER_NAMESPACE, POLICY_NAMESPACE, REPLICATE_PATH, namespace_of
 from bench.propagation import policy_configmap
 from bench.stack import Stack
@@ -62,13 +63,11 @@ READS = {"policies": ("v1/policies", "get"), "data": ("v1/data", "get"), "querie
 def _reads(metrics: list[RequestCount]) -> dict[str, RequestCount]:
     """The reads OPA served, whatever their status (kopa's check makes only these; the bench makes none of
     them during a window)."""
-    out = {kind: RequestCount(handler, method, 0) for kind, (handler, method) in READS.items()}
-    for s in metrics:
-        for kind, (handler, method) in READS.items():
-            if (s.handler, s.method) == (handler, method):
-                out[kind].count += s.count
-                out[kind].seconds += s.seconds
-    return out
+
+    def served(read: tuple[str, str]) -> Callable[[RequestCount], bool]:
+        return lambda s: (s.handler, s.method) == read
+
+    return {kind: summed(metrics, RequestCount(*read, 0), served(read)) for kind, read in READS.items()}
 
 
 async def _snapshot(opa: Opa, kopa_pid: int, opa_pid: int) -> dict[str, Any]:
