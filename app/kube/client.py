@@ -1,22 +1,24 @@
 """A small Kubernetes API client: list, watch, get, create, merge-patch.
 
-Two aiohttp sessions per API server: requests share a bounded pool, and watches have a pool of their own
-with no limit. aiohttp speaks HTTP/1.1, so every open watch holds a connection for as long as it runs; in a
-shared pool, enough watches (two per namespace, one per replicated resource) would leave lists, status
-patches and Events waiting for a connection that never comes back.
+Requests go through one aiohttp session with a bounded pool. Watches do not: each holds a connection of its
+own for as long as it runs (HTTP/1.1), so in a shared pool enough of them (two per namespace, one per
+replicated resource) would leave lists, status patches and Events waiting for a connection that never comes
+back; and each event is handed on from the read callback (app/kube/stream.py says why).
 
 kopa works on raw JSON (orjson) rather than the generated models: it is faster, lighter, and a watch line
-can be as large as the 1 MiB object it carries (aiohttp's readline stops at 128 KiB, so lines are split here).
+can be as large as the 1 MiB object it carries.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
+from urllib.parse import urlencode
 
 import aiohttp
 import anyio
@@ -24,12 +26,13 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from app.kube.config import KubeConnection
+from app.kube.stream import Endpoint, LineStream, StreamError
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
-# Bounds for one request; a watch has its own read bound (see watch()).
+# Bounds for one request; a watch has its own read bound (see watch()) and connects within ACQUIRE_TIMEOUT.
 CONNECT_TIMEOUT = 10.0  # one TCP connect
 ACQUIRE_TIMEOUT = 30.0  # getting a connection: waiting for a free one in the pool, connect, proxy, TLS
 REQUEST_TIMEOUT = 60.0
@@ -75,6 +78,7 @@ class WatchEvent:
 
 
 ConnectionLoader = Callable[[], Awaitable[KubeConnection]]
+EventHandler = Callable[[WatchEvent], None]
 
 
 def _api_error(status: int, body: bytes) -> KubeApiError:
@@ -116,8 +120,8 @@ def _log_throttled(state: RetryCallState) -> None:
 
 
 class KubeClient:
-    """One API server: a session for requests and one for watches, each opened on first use (inside the
-    running event loop) and again if it was closed. Reloads credentials after a 401."""
+    """One API server: a session for requests, opened on first use (inside the running event loop) and again
+    if it was closed, and the watches open on it. Reloads credentials after a 401."""
 
     def __init__(self, connection: KubeConnection, reload: ConnectionLoader | None = None) -> None:
         self._conn = connection
@@ -125,7 +129,8 @@ class KubeClient:
         self._reload_lock = anyio.Lock()
         self._reload_not_before = 0.0
         self._session: aiohttp.ClientSession | None = None
-        self._watch_session: aiohttp.ClientSession | None = None
+        self._watches: set[LineStream] = set()
+        self._endpoint: tuple[KubeConnection, Endpoint] | None = None
 
     def _new_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
@@ -140,22 +145,30 @@ class KubeClient:
             self._session = self._new_session()
         return self._session
 
-    def _watch_session_for_use(self) -> aiohttp.ClientSession:
-        """Watches' own session: limit=0 (no limit), so a watch never waits for, nor starves, a request."""
-        if self._watch_session is None or self._watch_session.closed:
-            self._watch_session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._conn.ssl_context, limit=0)
-            )
-        return self._watch_session
+    def _endpoint_of(self, conn: KubeConnection) -> Endpoint:
+        """What a watch connects to, built once per loaded connection."""
+        if self._endpoint is None or self._endpoint[0] is not conn:
+            tls: ssl.SSLContext | None = None
+            if conn.host.startswith("https:"):
+                # aiohttp's meaning of ssl=False and ssl=True, which the requests' session follows.
+                if isinstance(conn.ssl_context, ssl.SSLContext):
+                    tls = conn.ssl_context
+                else:
+                    tls = ssl.create_default_context()
+                    if conn.ssl_context is False:
+                        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+            server_name = conn.server_name if tls is not None else None
+            endpoint = Endpoint(conn.host, tls, server_name, conn.proxy, conn.proxy_authorization)
+            self._endpoint = (conn, endpoint)
+        return self._endpoint[1]
 
-    async def close(self) -> None:
-        """Closes both sessions (they open again on next use)."""
+    async def close(self, reason: str = "the client closed") -> None:
+        """Closes the session (it opens again on next use) and ends the open watches with `reason`."""
+        for stream in list(self._watches):
+            stream.abort(reason)
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._watch_session is not None:
-            await self._watch_session.close()
-            self._watch_session = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -212,15 +225,15 @@ class KubeClient:
                 log.warning("could not reload Kubernetes credentials: %s", exc)
                 return False
             # The SSL context is a new object at every load; what it was built from says whether it
-            # changed. When only the token rotated (every 15 minutes with EKS exec plugins), the sessions,
-            # and every watch on them, carry on: the next request simply sends the new header.
+            # changed. When only the token rotated (every 15 minutes with EKS exec plugins), the session,
+            # and every open watch, carry on: the next request simply sends the new header.
             tls_changed = fresh.tls_fingerprint != self._conn.tls_fingerprint
             self._conn = fresh
             if fresh.expires_at is not None and fresh.expires_at <= time.time():
                 # Expired already (a plugin's clock, or its bug): sent anyway, and fetched again only later.
                 self._reload_not_before = time.time() + RELOAD_RETRY
             if tls_changed:
-                await self.close()
+                await self.close("closed for new TLS settings")
                 log.info("reloaded Kubernetes credentials from %s (TLS settings changed)", fresh.source)
             else:
                 log.info("reloaded Kubernetes credentials from %s", fresh.source)
@@ -321,12 +334,14 @@ class KubeClient:
         path: str,
         *,
         resource_version: str,
+        on_event: EventHandler,
         label_selector: str = "",
         field_selector: str = "",
         timeout_seconds: int = 300,
         idle_timeout: float = 330.0,
-    ) -> AsyncGenerator[WatchEvent]:
-        """Yields events until the server ends the watch; a silent stream beyond idle_timeout is dead.
+    ) -> None:
+        """Hands each event to `on_event`, from the callback that read it, until the server ends the watch;
+        a stream silent beyond idle_timeout is dead. What `on_event` raises ends the watch and is raised.
 
         Raises KubeGone when the resourceVersion expired (as HTTP 410 or as an ERROR event).
         """
@@ -340,57 +355,38 @@ class KubeClient:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=ACQUIRE_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout
-        )
+        target = f"{path}?{urlencode(params)}"
+
+        def on_line(line: bytes) -> None:
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                raise KubeUnavailable(f"watch {path}: a line that is not JSON: {line[:80]!r}") from None
+            kind = event.get("type")
+            obj = event.get("object") or {}
+            if kind == "ERROR":
+                code = int(obj.get("code") or 0)
+                raise _api_error(code, orjson.dumps(obj)) if code else KubeUnavailable(str(obj))
+            on_event(WatchEvent(kind, obj))
+
         reloaded = False
         while True:
             conn = await self._current()
-            session = self._watch_session_for_use()
+            stream = LineStream(on_line, idle_timeout=idle_timeout)
+            self._watches.add(stream)
             try:
-                async with session.get(
-                    conn.host + path,
-                    params=params,
-                    headers=self._headers(conn),
-                    timeout=timeout,
-                    **self._per_request(conn),
-                ) as resp:
-                    if resp.status == 401 and not reloaded and await self._reload_credentials(conn):
-                        reloaded = True
-                        continue
-                    if resp.status != 200:
-                        payload = await resp.read()
-                        if resp.status >= 500 or resp.status == 429:
-                            raise KubeUnavailable(f"watch {path}: HTTP {resp.status}")
-                        raise _api_error(resp.status, payload)
-                    async for line in watch_lines(resp.content.iter_any()):
-                        event = orjson.loads(line)
-                        kind = event.get("type")
-                        obj = event.get("object") or {}
-                        if kind == "ERROR":
-                            code = int(obj.get("code") or 0)
-                            raise _api_error(code, orjson.dumps(obj)) if code else KubeUnavailable(str(obj))
-                        yield WatchEvent(kind, obj)
-                    return
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                raise KubeUnavailable(f"watch {path}: {type(exc).__name__}: {exc}") from exc
-            except RuntimeError as exc:  # aiohttp's "Connection closed." when the session closed under it
-                if not session.closed:
-                    raise
-                raise KubeUnavailable(f"watch {path}: closed for new TLS settings") from exc
-
-
-async def watch_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Splits a watch stream (chunks as they arrive) into lines of any length: aiohttp's readline caps them
-    at 128 KiB, and one watch event carries a whole object (up to 1 MiB)."""
-    pending = bytearray()
-    async for chunk in chunks:
-        pending += chunk
-        start = 0
-        while (end := pending.find(b"\n", start)) >= 0:
-            if end > start:
-                yield bytes(pending[start:end])
-            start = end + 1
-        del pending[:start]
-    if pending.strip():
-        yield bytes(pending)
+                status, payload = await stream.run(
+                    self._endpoint_of(conn), target, self._headers(conn), ACQUIRE_TIMEOUT
+                )
+            except StreamError as exc:
+                raise KubeUnavailable(f"watch {path}: {exc}") from None
+            finally:
+                self._watches.discard(stream)
+            if status == 200:
+                return
+            if status == 401 and not reloaded and await self._reload_credentials(conn):
+                reloaded = True
+                continue
+            if status >= 500 or status == 429:
+                raise KubeUnavailable(f"watch {path}: HTTP {status}")
+            raise _api_error(status, payload)

@@ -18,7 +18,8 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from app.http1 import Origin, content_length, is_chunked, keeps_alive, parse_head
 
 # A reader's buffer limit: also the largest status line plus headers accepted.
 READ_LIMIT = 1 << 20
@@ -34,30 +35,6 @@ Body = bytes | AsyncIterator[bytes] | None
 class TransportError(Exception):
     """The request got no complete answer: connection refused, reset or closed early, TLS failure, a
     malformed answer, or a timeout. The message names the peer, never a header (the token)."""
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where the connections go: scheme, host, port, and what a request line and Host header need."""
-
-    https: bool
-    host: str
-    port: int
-    netloc: str
-    base_path: str
-
-    @classmethod
-    def of(cls, url: str) -> Origin:
-        parts = urlsplit(url)
-        https = parts.scheme == "https"
-        netloc = parts.netloc.rpartition("@")[2]  # never a userinfo part in the Host header
-        return cls(
-            https=https,
-            host=parts.hostname or "localhost",
-            port=parts.port or (443 if https else 80),
-            netloc=netloc,
-            base_path=parts.path.rstrip("/"),
-        )
 
 
 @dataclass(eq=False)
@@ -233,43 +210,18 @@ async def _receive(reader: asyncio.StreamReader, method: str) -> tuple[int, byte
             raise
         except ConnectionError:  # reset, or a broken pipe met while sending, handed on by the reader
             raise _ClosedBeforeAnswer() from None
-        version, status, fields = _parse_head(head)
+        version, status, fields = parse_head(head)
         if not 100 <= status < 200:
             break  # an interim answer (100 Continue) is followed by the real one
-    connection = fields.get("connection", "").lower()
-    keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    keep = keeps_alive(version, fields)
     if method == "HEAD" or status in NO_BODY:
         return status, b"", keep
-    coding = fields.get("transfer-encoding")
-    if coding is not None:
-        if coding.lower().rsplit(",", 1)[-1].strip() != "chunked":
-            raise ValueError(f"unsupported transfer coding {coding!r}")
+    if is_chunked(fields):
         return status, await _read_chunked(reader), keep
-    length = fields.get("content-length")
-    if length is not None:
-        size = int(length)
-        if size < 0:
-            raise ValueError(f"invalid Content-Length {length!r}")
+    size = content_length(fields)
+    if size is not None:
         return status, await reader.readexactly(size), keep
     return status, await reader.read(), False  # delimited by the close
-
-
-def _parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
-    """The version, status and header fields (lower-case names) of an answer's head."""
-    status_line, *header_lines = head[:-4].decode("latin-1").split("\r\n")
-    version, _, rest = status_line.partition(" ")
-    if not version.startswith("HTTP/1."):
-        raise ValueError(f"not an HTTP/1.x answer: {status_line[:80]!r}")
-    fields: dict[str, str] = {}
-    for line in header_lines:
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise ValueError(f"malformed header line {line[:80]!r}")
-        name, value = name.strip().lower(), value.strip()
-        if name == "content-length" and fields.get(name, value) != value:
-            raise ValueError("conflicting Content-Length headers")
-        fields[name] = f"{fields[name]}, {value}" if name in fields and name != "content-length" else value
-    return version, int(rest[:3]), fields
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

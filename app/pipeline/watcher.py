@@ -83,16 +83,17 @@ class ListWatch(Protocol):
         self, path: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 500
     ) -> AsyncIterator[ListResult]: ...
 
-    def watch(
+    async def watch(
         self,
         path: str,
         *,
         resource_version: str,
+        on_event: Callable[[WatchEvent], None],
         label_selector: str = "",
         field_selector: str = "",
         timeout_seconds: int = 300,
         idle_timeout: float = 330.0,
-    ) -> AsyncIterator[WatchEvent]: ...
+    ) -> None: ...
 
 
 class Watcher(Generic[V]):
@@ -132,6 +133,7 @@ class Watcher(Generic[V]):
         self._idle_grace = idle_grace
         self._backoff = backoff or Backoff(base=0.5, cap=30.0)
         self._progress = False  # the current watch delivered an event (bookmarks included)
+        self._resource_version: str | None = None  # the last one seen; None: list (again)
         self._watch_began = 0.0  # when the current watch was opened (monotonic)
 
     async def run(self) -> None:
@@ -143,20 +145,19 @@ class Watcher(Generic[V]):
         healthy watch relists at once, but a 410 that keeps coming spaces the relists, so a misbehaving
         server never sees a hot loop.
         """
-        resource_version: str | None = None
         failures = 0
         while True:
             self._progress = False
             try:
-                if resource_version is None:
-                    resource_version = await self._relist()
+                if self._resource_version is None:
+                    self._resource_version = await self._relist()
                 self._watch_began = time.monotonic()
-                resource_version = await self._watch(resource_version)
+                await self._watch(self._resource_version)
             except KubeGone:
                 failures = 0 if self._progress else failures
                 failures += 1
                 self.stats.restarts["gone"] += 1
-                resource_version = None
+                self._resource_version = None
                 delay = 0.0 if failures == 1 else self._backoff.delay(failures - 1)
                 log.info(
                     "watch of %s expired (410 Gone); listing again%s",
@@ -233,27 +234,30 @@ class Watcher(Generic[V]):
             self.synced.set()
         return resource_version
 
-    async def _watch(self, resource_version: str) -> str:
-        """Watches until the server ends the stream; returns the last resourceVersion seen."""
+    async def _watch(self, resource_version: str) -> None:
+        """Watches from `resource_version` until the server ends the stream."""
         c = self.collection
         seconds = random.randint(*self._watch_seconds)
-        async for event in self.client.watch(
+        await self.client.watch(
             c.path,
             resource_version=resource_version,
+            on_event=self._on_event,
             label_selector=c.label_selector,
             field_selector=c.field_selector,
             timeout_seconds=seconds,
             idle_timeout=seconds + self._idle_grace,
-        ):
-            self._progress = True
-            self.stats.failure = None
-            rv = (event.object.get("metadata") or {}).get("resourceVersion")
-            if rv:
-                resource_version = str(rv)
-            if event.type == "BOOKMARK":
-                continue
-            key = ObjectKey.of(event.object)
-            deleted = event.type == "DELETED"
-            if self.store.pop(key) if deleted else self.store.put(key, self.convert(event.object)):
-                self._emit(key)
-        return resource_version
+        )
+
+    def _on_event(self, event: WatchEvent) -> None:
+        """One event, handled in the callback that read it (a plain call: nothing here waits)."""
+        self._progress = True
+        self.stats.failure = None
+        obj = event.object
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            self._resource_version = str(rv)
+        if event.type == "BOOKMARK":
+            return
+        key = ObjectKey.of(obj)
+        if self.store.pop(key) if event.type == "DELETED" else self.store.put(key, self.convert(obj)):
+            self._emit(key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -57,23 +57,52 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ssl.SSLCont
     return ca.ca_file, context
 
 
+class Events:
+    """A watch's events as they are handed on, and how the watch ended."""
+
+    def __init__(self) -> None:
+        self.send, self.received = anyio.create_memory_object_stream[WatchEvent](100)
+        self.ended: BaseException | None = None
+
+    async def next(self) -> WatchEvent:
+        """The next event; the watch's own exception once it ended."""
+        try:
+            return await self.received.receive()
+        except anyio.EndOfStream:
+            assert self.ended is not None, "the watch ended without an error"
+            raise self.ended from None
+
+    async def watch(self, client: KubeClient) -> None:
+        with self.send:
+            try:
+                await client.watch(
+                    PATH,
+                    resource_version="5",
+                    on_event=self.send.send_nowait,
+                    timeout_seconds=60,
+                    idle_timeout=60,
+                )
+            except Exception as exc:
+                self.ended = exc
+
+
 @asynccontextmanager
 async def open_watch(
     test_ca: tuple[Path, ssl.SSLContext], tmp_path: Path
-) -> AsyncIterator[tuple[FakeApi, KubeClient, AsyncGenerator[WatchEvent], Path]]:
+) -> AsyncIterator[tuple[FakeApi, KubeClient, Events, Path]]:
     """A client with a stale token (which the fake refuses) holding a watch open past its first event."""
     ca_file, server_tls = test_ca
     async with serving(FakeApi("hold", valid_token="fresh"), server_tls) as api:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url, ca_file, "stale")
         connection = await load_connection(str(kubeconfig))
         async with KubeClient(connection, reload=partial(load_connection, str(kubeconfig))) as client:
-            events = client.watch(PATH, resource_version="5", timeout_seconds=60, idle_timeout=60)
-            try:
+            events = Events()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(events.watch, client)
                 with anyio.fail_after(10):
-                    assert (await anext(events)).type == "BOOKMARK"  # the watch is open
+                    assert (await events.next()).type == "BOOKMARK"  # the watch is open
                 yield api, client, events, kubeconfig
-            finally:
-                await events.aclose()
+                tasks.cancel_scope.cancel()
 
 
 async def test_a_watch_survives_a_401_that_only_rotated_the_token(
@@ -87,7 +116,7 @@ async def test_a_watch_survives_a_401_that_only_rotated_the_token(
             assert api.unauthorized == 1
 
             api.push.set()  # the server sends one more event on the watch opened before the 401
-            event = await anext(events)
+            event = await events.next()
     assert event.type == "ADDED"
     assert api.watches == 1, "the watch was opened again: the reload tore the session down"
 
@@ -101,8 +130,8 @@ async def test_a_reload_that_changed_tls_ends_open_watches_as_unavailable(
         with anyio.fail_after(10):
             write_kubeconfig(kubeconfig, api.url, ca_file, "fresh", insecure=True)
             await client.get(PATH + "/x")
-            with pytest.raises(KubeUnavailable):
-                await anext(events)
+            with pytest.raises(KubeUnavailable, match="closed for new TLS settings"):
+                await events.next()
 
 
 async def test_the_tls_fingerprint_follows_the_tls_settings_not_the_token(
