@@ -17,7 +17,7 @@ from aiohttp import web
 
 from devstack.processes import HOST
 
-WatchMode = Literal["empty", "gone", "hold"]
+WatchMode = Literal["empty", "gone", "hold", "break"]
 PATH = "/api/v1/namespaces/default/configmaps"
 
 
@@ -27,6 +27,7 @@ class FakeApi:
     - empty: 200 with no body at all, at once (the stream ends before any event)
     - gone: 410 Gone, every time
     - hold: 200, one BOOKMARK, then waits for `push` and sends one ADDED event, then stays open
+    - break: 200, one ADDED event (resourceVersion 7), then the connection breaks in the middle of the answer
     GET {PATH}/<name> answers 401 unless the token is `valid_token` (None: any token is fine).
     """
 
@@ -35,6 +36,8 @@ class FakeApi:
         self.valid_token = valid_token
         self.lists = 0
         self.watches = 0
+        self.watched_from: list[str] = []  # each watch's resourceVersion
+        self.watch_opened = asyncio.Event()  # set at each watch request
         self.gets = 0
         self.unauthorized = 0
         self.push = asyncio.Event()
@@ -57,6 +60,8 @@ class FakeApi:
                 {"kind": "ConfigMapList", "metadata": {"resourceVersion": "5"}, "items": []}
             )
         self.watches += 1
+        self.watched_from.append(request.query.get("resourceVersion", ""))
+        self.watch_opened.set()
         if self.watch_mode == "empty":
             return web.Response(status=200, body=b"", content_type="application/json")
         if self.watch_mode == "gone":
@@ -64,6 +69,12 @@ class FakeApi:
             return web.json_response(status, status=410)
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         await response.prepare(request)
+        if self.watch_mode == "break":
+            added = {"type": "ADDED", "object": {"metadata": {"name": "a", "resourceVersion": "7"}}}
+            await response.write(orjson.dumps(added) + b"\n")
+            assert request.transport is not None
+            request.transport.close()  # no last chunk: the answer is cut short
+            return response
         bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "6"}}}
         await response.write(orjson.dumps(bookmark) + b"\n")
         await self.push.wait()
