@@ -6,7 +6,7 @@
      peak RSS) [load];
   6. initial load of 200 policy modules of which 10 fail for good: time, and the policy PUTs (compiles) it
      costs OPA, kopa and kube-mgmt; then the PUTs one later change costs kopa [policies];
-  2. churn at each rate, with decisions asked of OPA meanwhile, kopa and kube-mgmt in turn, several
+  2. churn at each rate, with decisions asked of OPA meanwhile, kopa and kube-mgmt side by side, several
      trials [churn];
   3. policy propagation [propagation];
   5. refill after OPA is killed and restarted (and 4: peak RSS after all of it); whether kube-mgmt

@@ -19,9 +19,10 @@ second, and records each one's latency. OPA's own /metrics count the write reque
 run. At the end, once the updates have drained, OPA's copy of the whole collection is compared with a list
 from the API server, object by object.
 
-The phase (`churn_phase`) runs each sidecar (kopa, and Go kube-mgmt when it is there) in turn against a
-fresh OPA holding the N objects, every rate per sidecar, and repeats that for several trials, so that a
-drift of the machine hits both sides.
+The phase (`churn_phase`) runs the sidecars (kopa, and Go kube-mgmt when it is there) side by side at each
+rate, each run against a fresh OPA holding the N objects and a freshly started sidecar, the first side
+alternating from trial to trial, and repeats that for several trials, so that a drift of the machine hits
+both sides.
 """
 
 from __future__ import annotations
@@ -565,7 +566,7 @@ def _paired(updates: list[list[Any]], names: list[str], samples: Samples) -> lis
     return out
 
 
-# --- the phase: each sidecar in turn, every rate, several trials ----------------------------------------
+# --- the phase: at each rate the sidecars side by side, several trials ----------------------------------
 
 
 async def churn_phase(
@@ -579,8 +580,8 @@ async def churn_phase(
     min_updates: int = MIN_UPDATES,
     log: Any,
 ) -> dict[str, Any]:
-    """Trial after trial, each sidecar in turn against a fresh OPA holding the N objects, every rate
-    (for `seconds`, or longer for `min_updates`).
+    """Trial after trial, at each rate (for `seconds`, or longer for `min_updates`) each sidecar in turn,
+    started afresh against a fresh OPA holding the N objects.
 
     Returns {"churn": [run, ...] (each with its "side" and "trial"), "decisions_idle": ...,
     "sampler_cost": ..., "churn_peak_rss_bytes": {side: bytes}}.
@@ -595,56 +596,78 @@ async def churn_phase(
         "churn_min_updates": min_updates,
         "wire_unavailable": no_capture,
     }
+    shape = _Shape(n, namespace, names, seconds, objects, min_updates, no_capture)
     for trial in range(1, trials + 1):
-        for side in stack.sides:
-            stack.fresh_opa()
-            process = stack.sidecar(side, f"churn-{trial}")
-            process.start()
-            try:
-                async with stack.opa_client() as opa:
-
-                    async def count() -> Any:
-                        return await opa.query(COUNT_QUERY)
-
-                    await poll_until(
-                        count, lambda v: v == n, interval=0.05, within=300, what=f"{side} loaded"
-                    )
-                    await install_policies(opa, namespace, names)
-                if "sampler_cost" not in out:
-                    quiet = await idle_decisions(stack, namespace, names, 5.0)
-                    sampled = await idle_decisions(stack, namespace, names, 5.0, with_sampler=True)
-                    out["decisions_idle"] = quiet
-                    out["sampler_cost"] = {"without": quiet, "with": sampled}
-                    log(
-                        f"  no churn: decision p99 {quiet['decisions']['p99']:.2f} ms, OPA"
-                        f" {quiet['opa_cpu_cores']:.3f} cores; with the sampler"
-                        f" ({sampled['sampler']['poll_ms']['p50']:.2f} ms a poll):"
-                        f" {sampled['decisions']['p99']:.2f} ms, OPA {sampled['opa_cpu_cores']:.3f} cores"
-                    )
-                assert process.pid is not None and stack.opa.pid is not None
-                pids = {
-                    side: process.pid,
-                    "OPA": stack.opa.pid,
-                    "kube-apiserver": stack.kube.apiserver.pid,
-                    "etcd": stack.kube.etcd.pid,
-                }
-                for rate in rates:
-                    duration = max(seconds, min_updates / rate)
-                    log(f"  trial {trial}, {side}: {rate:g} updates/s for {duration:g} s, {objects} objects")
-                    run = await churn_run(
-                        stack,
-                        n=n,
-                        rate=rate,
-                        seconds=duration,
-                        objects=objects,
-                        pids={k: v for k, v in pids.items() if v is not None},
-                        log=log,
-                        sidecar=process.pid if no_capture is None else None,
-                    )
-                    out["churn"].append({"side": side, "trial": trial, **run})
-                if process.pid is not None and (side != "kopa" or stack.profile_dir is None):
-                    peak = proc_memory(process.pid)["VmHWM"]
-                    out["churn_peak_rss_bytes"][side] = max(peak, out["churn_peak_rss_bytes"].get(side, 0))
-            finally:
-                stack.stop_sidecar(process)
+        # Side by side at each rate, the first side alternating from trial to trial: a slow spell of the
+        # machine (minutes long on this one) then hits both sides of a comparison, not one side's rates.
+        sides = stack.sides if trial % 2 else stack.sides[::-1]
+        for rate in rates:
+            for side in sides:
+                await _one_run(stack, out, side, trial, rate, shape=shape, log=log)
     return out
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What every run of the phase shares."""
+
+    n: int
+    namespace: str
+    names: list[str]
+    seconds: float
+    objects: int
+    min_updates: int
+    no_capture: str | None
+
+
+async def _one_run(
+    stack: Stack, out: dict[str, Any], side: str, trial: int, rate: float, *, shape: _Shape, log: Any
+) -> None:
+    """One run: a fresh OPA, the sidecar started and loaded with the N objects, the churn at one rate."""
+    stack.fresh_opa()
+    process = stack.sidecar(side, f"churn-{trial}-{rate:g}")
+    process.start()
+    try:
+        async with stack.opa_client() as opa:
+
+            async def count() -> Any:
+                return await opa.query(COUNT_QUERY)
+
+            await poll_until(count, lambda v: v == shape.n, interval=0.05, within=300, what=f"{side} loaded")
+            await install_policies(opa, shape.namespace, shape.names)
+        if "sampler_cost" not in out:
+            quiet = await idle_decisions(stack, shape.namespace, shape.names, 5.0)
+            sampled = await idle_decisions(stack, shape.namespace, shape.names, 5.0, with_sampler=True)
+            out["decisions_idle"] = quiet
+            out["sampler_cost"] = {"without": quiet, "with": sampled}
+            log(
+                f"  no churn: decision p99 {quiet['decisions']['p99']:.2f} ms, OPA"
+                f" {quiet['opa_cpu_cores']:.3f} cores; with the sampler"
+                f" ({sampled['sampler']['poll_ms']['p50']:.2f} ms a poll):"
+                f" {sampled['decisions']['p99']:.2f} ms, OPA {sampled['opa_cpu_cores']:.3f} cores"
+            )
+        assert process.pid is not None and stack.opa.pid is not None
+        pids = {
+            side: process.pid,
+            "OPA": stack.opa.pid,
+            "kube-apiserver": stack.kube.apiserver.pid,
+            "etcd": stack.kube.etcd.pid,
+        }
+        duration = max(shape.seconds, shape.min_updates / rate)
+        log(f"  trial {trial}, {side}: {rate:g} updates/s for {duration:g} s, {shape.objects} objects")
+        run = await churn_run(
+            stack,
+            n=shape.n,
+            rate=rate,
+            seconds=duration,
+            objects=shape.objects,
+            pids={k: v for k, v in pids.items() if v is not None},
+            log=log,
+            sidecar=process.pid if shape.no_capture is None else None,
+        )
+        out["churn"].append({"side": side, "trial": trial, **run})
+        if process.pid is not None and (side != "kopa" or stack.profile_dir is None):
+            peak = proc_memory(process.pid)["VmHWM"]
+            out["churn_peak_rss_bytes"][side] = max(peak, out["churn_peak_rss_bytes"].get(side, 0))
+    finally:
+        stack.stop_sidecar(process)

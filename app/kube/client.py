@@ -361,7 +361,8 @@ class KubeClient:
             try:
                 event = orjson.loads(line)
             except orjson.JSONDecodeError:
-                raise KubeUnavailable(f"watch {path}: a line that is not JSON: {line[:80]!r}") from None
+                # Its bytes are not quoted: a replicated Secret's data must never reach a log line.
+                raise KubeUnavailable(f"watch {path}: a line of {len(line)} bytes that is not JSON") from None
             kind = event.get("type")
             obj = event.get("object") or {}
             if kind == "ERROR":
