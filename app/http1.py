@@ -5,6 +5,7 @@ because kopa's path from a watch event to OPA is latency-bound (docs/architectur
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -36,6 +37,12 @@ class Origin:
             netloc=netloc,
             base_path=parts.path.rstrip("/"),
         )
+
+
+def request_head(request_line: str, fields: Mapping[str, str]) -> bytes:
+    """A request's head: its request line, its header fields, the blank line that ends it."""
+    lines = [request_line, *(f"{name}: {value}" for name, value in fields.items())]
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n"
 
 
 def parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:

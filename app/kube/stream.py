@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from app.http1 import Origin, content_length, is_chunked, parse_head
+from app.http1 import Origin, content_length, is_chunked, parse_head, request_head
 
 # The largest head (status line and headers) and the largest line accepted. A line carries one object, at
 # most 1.5 MiB in etcd, and JSON escaping can double that.
@@ -86,9 +86,8 @@ class LineStream(asyncio.Protocol):
         except (OSError, ValueError, EOFError, asyncio.LimitOverrunError) as exc:  # SSLError is an OSError
             raise StreamError(f"connecting to {origin.netloc}: {_reason(exc)}") from None
         try:
-            lines = [f"GET {prefix}{target} HTTP/1.1", f"Host: {origin.netloc}"]
-            lines.extend(f"{name}: {value}" for name, value in {**headers, **extra}.items())
-            transport.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n")
+            fields = {"Host": origin.netloc, **headers, **extra}
+            transport.write(request_head(f"GET {prefix}{target} HTTP/1.1", fields))
             self._last_data = self._loop.time()
             self._arm_idle_timer()
             return await self.answer()
@@ -139,9 +138,9 @@ class LineStream(asyncio.Protocol):
             server_hostname=proxy.host if proxy_tls else None,
         )
         try:
-            connect = [f"CONNECT {origin.authority} HTTP/1.1", f"Host: {origin.authority}"]
-            connect.extend(f"{name}: {value}" for name, value in auth.items())
-            raw.write("\r\n".join(connect).encode("latin-1") + b"\r\n\r\n")
+            raw.write(
+                request_head(f"CONNECT {origin.authority} HTTP/1.1", {"Host": origin.authority, **auth})
+            )
             _, status, _ = parse_head(await tunnel_head.head)
             if status != 200:
                 raise ValueError(f"the proxy {proxy.netloc} refused the tunnel: HTTP {status}")

@@ -19,7 +19,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from app.http1 import Origin, content_length, is_chunked, keeps_alive, parse_head
+from app.http1 import Origin, content_length, is_chunked, keeps_alive, parse_head, request_head
 
 # A reader's buffer limit: also the largest status line plus headers accepted.
 READ_LIMIT = 1 << 20
@@ -169,19 +169,15 @@ class Connections:
     async def _send(
         self, writer: asyncio.StreamWriter, method: str, path: str, headers: dict[str, str], body: Body
     ) -> None:
-        lines = [
-            f"{method} {self.origin.base_path}/{path} HTTP/1.1",
-            f"Host: {self.origin.netloc}",
-            f"User-Agent: {self._agent}",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        request_line = f"{method} {self.origin.base_path}/{path} HTTP/1.1"
+        fields = {"Host": self.origin.netloc, "User-Agent": self._agent, **headers}
         if isinstance(body, bytes | None):
             if body is not None or method in ("PUT", "POST", "PATCH"):
-                lines.append(f"Content-Length: {len(body or b'')}")
-            writer.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (body or b""))
+                fields["Content-Length"] = str(len(body or b""))
+            writer.write(request_head(request_line, fields) + (body or b""))
         else:
-            lines.append("Transfer-Encoding: chunked")
-            writer.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n")
+            fields["Transfer-Encoding"] = "chunked"
+            writer.write(request_head(request_line, fields))
             async for chunk in body:
                 if chunk:
                     writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
