@@ -464,6 +464,7 @@ async def churn_run(
         writes_before = await opa.write_time()
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         start = await start_together([updater, decisions])
+        updater_ports = wire.local_ports(updater.process.pid) if capture and updater.process.pid else set()
         await asyncio.to_thread(updater.process.join, seconds + 120)
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         window = time.monotonic() - start
@@ -485,11 +486,14 @@ async def churn_run(
         cpu["bench (sampler)"] = samples.cpu_seconds
         written = await opa.write_time()
         delays: list[float] | None = None
+        delivery: list[float] | None = None
         if capture is not None and ports is not None and sidecar is not None:
             ports |= wire.local_ports(sidecar)
             capture.control.send(None)
             await asyncio.to_thread(capture.process.join, 30)
-            delays = wire.sidecar_delays(capture.result(), ports)
+            rows = capture.result()
+            delays = wire.sidecar_delays(rows, ports)
+            delivery = wire.delivery_offsets(rows, ports, updater_ports)
         writes = written.count - writes_before.count
         write_seconds = written.seconds - writes_before.seconds
         equal = await equality(api, opa)
@@ -527,6 +531,8 @@ async def churn_run(
         "opa_write_ms": round(write_seconds / writes * 1000, 3) if writes else None,
         # The sidecar's own time, watch event to write, on the wire (None: not captured; bench/wire.py).
         "wire_ms": summary(delays, 1000, 3) if delays is not None else None,
+        # The watch event's packet relative to the API server's answer to the update (negative: before it).
+        "delivery_ms": summary(delivery, 1000, 3) if delivery else None,
         "decisions": summary([d[1] for d in decided], 1000, 2),
         "equality": equal,
         # CPU used during the updates (cores: CPU seconds per second of the run), per process.

@@ -205,6 +205,7 @@ def _optional_spreads(found: list[dict[str, Any]]) -> dict[str, dict[str, float]
         "wire_p90_ms": [(r.get("wire_ms") or {}).get("p90") for r in found],
         "wire_p99_ms": [(r.get("wire_ms") or {}).get("p99") for r in found],
         "opa_write_ms": [r.get("opa_write_ms") for r in found],
+        "delivery_p50_ms": [(r.get("delivery_ms") or {}).get("p50") for r in found],
     }
     return {
         name: _spread([v for v in values if v is not None])
@@ -953,6 +954,7 @@ def _wire_markdown(
     rows = [
         f"| {side} | {rate:g} | {spread(t['wire_p50_ms'], 2)} | {spread(t['wire_p90_ms'], 2)} |"
         f" {spread(t['wire_p99_ms'], 2)} | {spread(t['opa_write_ms'], 2) if 'opa_write_ms' in t else ''} |"
+        f" {spread(t['delivery_p50_ms'], 2) if 'delivery_p50_ms' in t else ''} |"
         for side, by_rate in table.items()
         for rate, t in by_rate.items()
         if "wire_p50_ms" in t
@@ -965,12 +967,15 @@ def _wire_markdown(
         "Each sidecar's own time for a change, from the packet of the watch event to the packet of its write"
         " to OPA (loopback capture with kernel timestamps, `bench/wire.py`: waking up, TLS, parsing, its own"
         " work, sending), without the API server's acknowledgement, OPA's write and the sampler's resolution"
-        " that the lag above includes; and OPA's own time per write, from its /metrics (medians of the"
-        " trials, min-max in brackets):",
+        " that the lag above includes; OPA's own time per write, from its /metrics; and the API server's"
+        " delivery: the watch event's packet less the API server's answer to the update it carries (the"
+        " updater's acknowledgement, where the lag starts), p50, negative when the event left first; the"
+        " API server sends both once etcd has the change, in an order of its own (medians of the trials,"
+        " min-max in brackets):",
         "",
         "| sidecar | offered rate (updates/s) | own time p50 (ms) | p90 (ms) | p99 (ms)"
-        " | OPA per write (ms) |",
-        "|---|---|---|---|---|---|",
+        " | OPA per write (ms) | watch event less the answer, p50 (ms) |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
 

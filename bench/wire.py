@@ -13,10 +13,15 @@ Each write from the sidecar's ports is paired with the last TLS record the API s
 sidecar's ports before it (within PAIR_WITHIN). Both ends are packets on loopback, so the time between
 includes waking the sidecar, TLS, parsing, the sidecar's own work and writing the request: everything the
 sidecar does for a change, nothing it does not.
+
+The same capture holds the API server's answers to the updater (TLS records to its ports): the watch
+packet's time relative to the answer of the update it carries is the API server's delivery, the part of
+the lag before the sidecar gets the change (delivery_offsets).
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 import re
@@ -29,6 +34,7 @@ from typing import Any
 import orjson
 
 PAIR_WITHIN = 0.02  # seconds: a write later than this after the last watch packet is not paired
+ACK_WITHIN = 0.01  # seconds: an update's answer further than this from a watch packet is not its
 SO_TIMESTAMPNS = 35
 SO_ATTACH_FILTER = 26
 ETH_P_ALL = 0x0003
@@ -137,14 +143,34 @@ def local_ports(pid: int) -> set[int]:
     return ports
 
 
-def sidecar_delays(rows: list[list[Any]], ports: set[int]) -> list[float]:
-    """Seconds from the API server's last TLS record to the sidecar's ports to each write the sidecar
-    sent from them (rows as capture_main wrote them, in time order)."""
-    delays: list[float] = []
+def sidecar_pairs(rows: list[list[Any]], ports: set[int]) -> list[tuple[float, float]]:
+    """(watch packet, write packet) times: each write the sidecar sent from its ports, with the API server's
+    last TLS record to those ports before it (rows as capture_main wrote them, in time order)."""
+    pairs: list[tuple[float, float]] = []
     last_in: float | None = None
     for at, source, destination, kind in rows:
         if kind == "t" and destination in ports:
             last_in = at
         elif kind == "w" and source in ports and last_in is not None and at - last_in <= PAIR_WITHIN:
-            delays.append(at - last_in)
-    return delays
+            pairs.append((last_in, at))
+    return pairs
+
+
+def sidecar_delays(rows: list[list[Any]], ports: set[int]) -> list[float]:
+    """Seconds from the watch packet to the sidecar's write (sidecar_pairs)."""
+    return [write - watch for watch, write in sidecar_pairs(rows, ports)]
+
+
+def delivery_offsets(rows: list[list[Any]], ports: set[int], updater: set[int]) -> list[float]:
+    """Seconds from the API server's answer to an update (its TLS record to the updater's ports) to the
+    watch packet the sidecar wrote after, for the answer nearest to it within ACK_WITHIN: negative when the
+    watch event left first. The API server sends both once etcd has the change; their order, and so part of
+    the lag, is its own and differs from run to run, whichever sidecar watches."""
+    acks = [at for at, source, destination, kind in rows if kind == "t" and destination in updater]
+    offsets: list[float] = []
+    for watch, _write in sidecar_pairs(rows, ports):
+        i = bisect.bisect_left(acks, watch)
+        near = [ack for ack in acks[max(i - 1, 0) : i + 1] if abs(ack - watch) <= ACK_WITHIN]
+        if near:
+            offsets.append(watch - min(near, key=lambda ack: abs(ack - watch)))
+    return offsets
