@@ -896,7 +896,8 @@ def _churn_markdown(results: dict[str, Any]) -> list[str]:
     def spread(d: dict[str, float], digits: int = 1) -> str:
         if d["trials"] == 1:
             return f"{d['median']:.{digits}f}"
-        return f"{d['median']:.{digits}f} ({d['min']:.{digits}f}-{d['max']:.{digits}f})"
+        between = " to " if d["min"] < 0 else "-"  # -0.4 to -0.3, not -0.4--0.3
+        return f"{d['median']:.{digits}f} ({d['min']:.{digits}f}{between}{d['max']:.{digits}f})"
 
     lines += [
         "Medians of the trials, with their min-max in brackets:",
