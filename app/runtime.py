@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -23,8 +23,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from app.configmaps.source import ConfigMapSource, Selection
-from app.kube.client import KubeClient
+from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
 from app.kube.config import KubeConnection, load_connection
+from app.kube.resources import GroupVersionResource
 from app.metrics import Metrics, MetricSources
 from app.model import ALL, CHECK, WorkKey, whole_source
 from app.opa.client import Observe, OpaClient
@@ -36,7 +37,7 @@ from app.operations.supervisor import supervise
 from app.pipeline.periodic import every
 from app.pipeline.worker import Footprint, Handler, run_worker
 from app.pipeline.workqueue import WorkQueue
-from app.replication.discovery import discover
+from app.replication.discovery import ResourceInfo, discover
 from app.replication.replicator import ReplicationOptions
 from app.replication.running import Replicators
 from app.server.http import HealthServer
@@ -124,9 +125,10 @@ async def run(settings: Settings) -> None:
             footprints=footprints,
             supervise=component,
         )
-        found = await discover(kube, replication.namespaced_resources, replication.cluster_resources)
+        found = await discover_at_start(kube, replication.namespaced_resources, replication.cluster_resources)
         for gvr in (*replication.namespaced_resources, *replication.cluster_resources):
-            replicators.start(gvr, gvr in replication.namespaced_resources, found[gvr])
+            namespaced = gvr in replication.namespaced_resources
+            replicators.start(gvr, namespaced, (found or {}).get(gvr), looked_up=found is not None)
         auto = auto_replication(
             settings, opa=opa, kube=kube, process=process, replicators=replicators, configmaps=configmaps
         )
@@ -213,6 +215,18 @@ async def run(settings: Settings) -> None:
                 drift = partial(every, settings.opa.drift_check_interval, queue.add, checks)
                 tg.start_soon(component, "drift check", drift)
     log.info("stopped")
+
+
+async def discover_at_start(
+    kube: KubeClient, namespaced: Sequence[GroupVersionResource], cluster: Sequence[GroupVersionResource]
+) -> dict[GroupVersionResource, ResourceInfo | None] | None:
+    """The replicated resources as the API server serves them; None when it cannot be asked now (kopa
+    starts anyway, its probes up, and each replicator asks until it answers)."""
+    try:
+        return await discover(kube, namespaced, cluster)
+    except (KubeUnavailable, KubeApiError) as exc:
+        log.warning("could not look up the resources to replicate (%s); trying again until it answers", exc)
+        return None
 
 
 def reserved_roots(settings: Settings) -> list[list[str]]:

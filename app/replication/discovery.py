@@ -2,7 +2,9 @@
 
 A resource named with the wrong scope, or two resources that would land on the same plural, stop start-up
 with a clear message. A resource whose API group is not served yet (a CRD not installed) is not fatal: it
-is reported as missing and looked up again until it appears.
+is reported as missing and looked up again until it appears. Nor is an API server that cannot be asked at
+start-up (down, or refusing kopa's credentials): each replicator then looks its resource up until the API
+server answers, and a wrong scope found then stops that resource with the same message.
 """
 
 from __future__ import annotations
@@ -75,26 +77,34 @@ def check_plurals(
         )
 
 
+def check_scope(gvr: GroupVersionResource, info: ResourceInfo | None, want_namespaced: bool) -> None:
+    """Raises DiscoveryError when the resource is served with the other scope than its flag says."""
+    if info is None or info.namespaced == want_namespaced:
+        return
+    if info.namespaced:
+        scope, flag = "namespaced", "--replicate"
+    else:
+        scope, flag = "cluster-scoped", "--replicate-cluster"
+    given = "--replicate" if want_namespaced else "--replicate-cluster"
+    raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+
+
+def warn_missing(gvr: GroupVersionResource) -> None:
+    log.warning("%s is not served by the API server (is its CRD installed?); replicating it once it is", gvr)
+
+
 async def discover(
     client: Discovery, namespaced: Sequence[GroupVersionResource], cluster: Sequence[GroupVersionResource]
 ) -> dict[GroupVersionResource, ResourceInfo | None]:
-    """Looks every resource up; raises DiscoveryError for a wrong scope, returns None for missing ones."""
+    """Looks every resource up; raises DiscoveryError for a wrong scope, returns None for missing ones.
+    Raises KubeError when the API server cannot be asked (the caller looks them up later instead)."""
     check_plurals(namespaced, cluster)
     found: dict[GroupVersionResource, ResourceInfo | None] = {}
     for gvr, want_namespaced in [*((g, True) for g in namespaced), *((g, False) for g in cluster)]:
         info = await lookup(client, gvr)
-        if info is not None and info.namespaced != want_namespaced:
-            scope, flag = (
-                ("namespaced", "--replicate")
-                if info.namespaced
-                else ("cluster-scoped", "--replicate-cluster")
-            )
-            given = "--replicate" if want_namespaced else "--replicate-cluster"
-            raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+        check_scope(gvr, info, want_namespaced)
         if info is None:
-            log.warning(
-                "%s is not served by the API server (is its CRD installed?); replicating it once it is", gvr
-            )
+            warn_missing(gvr)
         found[gvr] = info
     return found
 

@@ -19,7 +19,7 @@ from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher
 from app.replication.collection import CollectionApi, CollectionSync
-from app.replication.discovery import ResourceInfo, lookup
+from app.replication.discovery import ResourceInfo, check_scope, lookup, warn_missing
 from app.replication.objects import Replica, converter, same_content
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,11 @@ class ReplicatedResource:
         options: ReplicationOptions,
         add: Callable[[WorkKey], None],
         required: bool = True,
+        looked_up: bool = True,
     ) -> None:
         """`required=False` (a resource found by analysis): a 403 is reported and does not hold readiness;
-        a resource named in the settings must load, so its 403 does."""
+        a resource named in the settings must load, so its 403 does. `looked_up=False`: the API server
+        could not be asked at start-up, so `info` says nothing yet; run() looks the resource up first."""
         self.kube = kube
         self.gvr = gvr
         self.namespaced = namespaced
@@ -64,7 +66,8 @@ class ReplicatedResource:
             opa, process, [*options.path, gvr.resource], self.store, namespaced, self._add_key
         )
         self.watcher: Watcher[Replica] | None = None
-        self.state = SourceState(self.source, self._synced, missing=info is None)
+        self._looked_up = looked_up
+        self.state = SourceState(self.source, self._synced, missing=looked_up and info is None)
         if not required:
             self.state.blocked = self.forbidden
 
@@ -93,19 +96,37 @@ class ReplicatedResource:
     def _add_key(self, key: Key) -> None:
         self._add(WorkKey(self.source, key))
 
+    async def _lookup(self) -> tuple[bool, ResourceInfo | None]:
+        """(whether the API server answered, the resource as it serves it, None when it does not)."""
+        try:
+            return True, await lookup(self.kube, self.gvr)
+        except (KubeUnavailable, KubeApiError) as exc:
+            log.debug("discovery of %s failed: %s", self.gvr, exc)
+            return False, None
+
     def _load_whole(self) -> None:
         self._add_key(ALL)
 
     async def run(self) -> None:
-        """Replicates for as long as kopa runs; waits for the resource first if it is not served yet."""
+        """Replicates for as long as kopa runs; waits for the resource first if it is not served yet.
+
+        Raises DiscoveryError when a lookup put off at start-up finds the resource with the other scope
+        (its supervisor logs it, and the next run looks again)."""
+        while not self._looked_up:
+            answered, info = await self._lookup()
+            if not answered:
+                await anyio.sleep(DISCOVERY_INTERVAL)
+                continue
+            check_scope(self.gvr, info, self.namespaced)
+            self._looked_up, self.info = True, info
+            self.state.missing = info is None
+            if info is None:
+                warn_missing(self.gvr)
         if self.info is None:
             self._load_whole()  # an empty collection, so policies see {} rather than undefined
             while self.info is None:
                 await anyio.sleep(DISCOVERY_INTERVAL)
-                try:
-                    self.info = await lookup(self.kube, self.gvr)
-                except (KubeUnavailable, KubeApiError) as exc:
-                    log.debug("discovery of %s failed: %s", self.gvr, exc)
+                _, self.info = await self._lookup()
             log.info("%s is now served by the API server; replicating it", self.gvr)
         if self.watcher is None:
             convert = converter(

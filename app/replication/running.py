@@ -74,7 +74,13 @@ class Replicators:
             await anyio.sleep_forever()
 
     def start(
-        self, gvr: GroupVersionResource, namespaced: bool, info: ResourceInfo | None, *, required: bool = True
+        self,
+        gvr: GroupVersionResource,
+        namespaced: bool,
+        info: ResourceInfo | None,
+        *,
+        required: bool = True,
+        looked_up: bool = True,
     ) -> ReplicatedResource:
         resource = ReplicatedResource(
             kube=self._kube,
@@ -86,6 +92,7 @@ class Replicators:
             options=self._options,
             add=self._add,
             required=required,
+            looked_up=looked_up,
         )
         running = _Running(resource, anyio.CancelScope())
         self._running[gvr] = running

@@ -41,6 +41,7 @@ from tests.integration.helpers import (
     wait_log,
     wait_status,
 )
+from tests.integration.test_replication import service
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +130,24 @@ def test_kopa_resumes_after_an_api_server_restart(
     # Whether kopa resumed its watch or had to list again (410) depends on whether etcd changed between
     # the last resourceVersion kopa saw and the new watch cache's start; both are correct. The test below
     # makes the 410 certain.
+
+
+def test_replication_starts_once_an_api_server_down_at_start_up_answers(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, kube: KubeCluster
+) -> None:
+    """The resources to replicate cannot be looked up while the API server is down: kopa starts anyway
+    (no exit, no traceback: run_kopa fails the test on either) and replicates once it answers."""
+    with apiserver_restored(kube):
+        kube.stop_apiserver()
+        kopa = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", "--replicate=v1/services")
+        wait_log(kopa, "could not look up the resources to replicate")
+        kube.start_apiserver()
+    core_v1.create_namespaced_service(namespace, service("after-outage"))
+    wait_until(
+        lambda: "after-outage" in (data(opa, f"kubernetes/services/{namespace}") or {}),
+        timeout=RESUME_TIMEOUT,
+        what="the Service in data.kubernetes.services",
+    )
 
 
 # --- watch expiry with a deletion nobody announced ---------------------------------------------------------
