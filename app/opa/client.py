@@ -215,6 +215,13 @@ class OpaClient:
                 status, payload = await self._retry(method, path, body, content_type, budget)
             except _Transient as exc:
                 raise OpaUnavailable(str(exc)) from None
+        if status == 404 and not _from_opa_api(payload):
+            # A route OPA's API does not have (Go's "404 page not found"): --opa-url names something else,
+            # and nothing kopa writes there can be taken for loaded.
+            raise OpaUnavailable(
+                f"{method} {self.api_url}/{path}: HTTP 404 without an OPA error (is --opa-url OPA's API, "
+                "such as http://localhost:8181/v1?)"
+            )
         if status < 300 or status == 404:
             return status, payload
         if status in (401, 403):
@@ -254,17 +261,17 @@ class OpaClient:
         status, payload = await self.request("GET", f"policies/{encode_path(policy_id.split('/'))}")
         if status == 404:
             return None
-        return dict(orjson.loads(payload).get("result") or {})
+        return dict(_result(payload, "policies") or {})
 
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every module with its AST: megabytes for a few hundred modules, so a large answer is parsed in a
         worker thread rather than holding up the event loop (and the writer) for a few hundred ms."""
         _, payload = await self.request("GET", "policies")
         if len(payload) > LARGE_ANSWER:
-            parsed = await anyio.to_thread.run_sync(orjson.loads, payload)
+            result = await anyio.to_thread.run_sync(_result, payload, "policies")
         else:
-            parsed = orjson.loads(payload)
-        return list(parsed.get("result") or [])
+            result = _result(payload, "policies")
+        return list(result or [])
 
     async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:
         """Writes a JSON document (serialized, or produced in pieces), creating missing parents."""
@@ -288,7 +295,7 @@ class OpaClient:
         status, payload = await self.request("GET", f"data/{encode_path(path)}")
         if status == 404:
             return None
-        return orjson.loads(payload).get("result")
+        return _result(payload, "data")
 
     async def keys(self, path: Sequence[str]) -> list[str] | None:
         """The keys of the object at path; None when it is undefined or not an object. An ad-hoc query:
@@ -306,16 +313,16 @@ class OpaClient:
         """POST /v1/query: the rows of bindings (none when the query is undefined)."""
         body = orjson.dumps({"query": query, "input": input_})
         _, payload = await self.request("POST", "query", body)
-        return list(orjson.loads(payload).get("result") or [])
+        return list(_result(payload, "query") or [])
 
     async def config(self) -> dict[str, Any]:
         _, payload = await self.request("GET", "config")
-        return dict(orjson.loads(payload).get("result") or {})
+        return dict(_result(payload, "config") or {})
 
     async def status(self) -> dict[str, Any]:
         """What OPA's status plugin last reported (bundles, plugins); 500 when the plugin is off."""
         _, payload = await self.request("GET", "status")
-        return dict(orjson.loads(payload).get("result") or {})
+        return dict(_result(payload, "status") or {})
 
     async def until_closed(self) -> None:
         """Returns when OPA closes a connection that kopa opens to it now and then leaves idle: OPA exited
@@ -348,12 +355,34 @@ class OpaClient:
             writer.close()
 
 
-def _opa_error(status: int, payload: bytes) -> OpaError:
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    """The answer's body as a JSON object; None when it is not one."""
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _from_opa_api(payload: bytes) -> bool:
+    """Whether a 404's body is OPA's error object (`{"code": "resource_not_found", ...}`), as OPA's API
+    answers for an id or a path it does not hold."""
+    body = _json_object(payload)
+    return body is not None and "code" in body
+
+
+def _result(payload: bytes, endpoint: str) -> Any:
+    """The `result` of an answer of OPA's API. An answer that is not OPA's JSON (a proxy's page) means
+    OPA's API is not where kopa asks: OpaUnavailable, as for an OPA that cannot be reached."""
+    body = _json_object(payload)
+    if body is None:
+        raise OpaUnavailable(f"the answer to {endpoint} is not OPA's JSON (is --opa-url OPA's API?)")
+    return body.get("result")
+
+
+def _opa_error(status: int, payload: bytes) -> OpaError:
+    body = _json_object(payload)
+    if body is None:
         text = payload[:300].decode("utf-8", "replace")
         return OpaError(status, f"http_{status}", text, {"code": f"http_{status}", "message": text})
     return OpaError(status, str(body.get("code", "")), str(body.get("message", "")), body)

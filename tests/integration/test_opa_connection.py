@@ -28,8 +28,11 @@ from tests.integration.helpers import (
     OK,
     POLICY,
     annotations_of,
+    get,
     log_text,
+    metric,
     put_configmap,
+    scrape,
     secure_args,
     start_up_error,
     swap_in,
@@ -120,6 +123,26 @@ def test_unusable_connection_settings_stop_start_up(
     line = start_up_error(kopa)
     assert expected in line
     assert "abc" not in line, "a token given as a flag is never quoted back"
+
+
+def test_an_opa_url_that_is_not_opas_api_is_never_taken_for_loaded(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """Without /v1, OPA's server answers 404 "page not found" to every call: an outage, said once with a
+    hint, and never a policy reported loaded."""
+    kopa = run_kopa(f"--opa-url={opa.api_url.removesuffix('/v1')}", f"--namespaces={namespace}")
+    put_configmap(core_v1, namespace, "p", {"p.rego": "package wrongurl\n\nx := 1\n"}, POLICY)
+    wait_log(kopa, "HTTP 404 without an OPA error (is --opa-url OPA's API")
+    put_404 = {"endpoint": "policies", "method": "PUT", "code": "404"}
+    wait_until(
+        lambda: metric(scrape(kopa), "kopa_opa_requests_total", **put_404),
+        timeout=30,
+        what="kopa's PUT of the policy, answered 404",
+    )
+    assert "crashed" not in log_text(kopa)
+    assert OK not in json.dumps(annotations_of(core_v1, namespace, "p"))
+    assert get(kopa, "/readyz")[0] == 503
+    assert opa.http().get_json("/v1/policies")["result"] == []
 
 
 def test_mutual_tls(run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path) -> None:
