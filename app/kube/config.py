@@ -182,9 +182,7 @@ def _in_cluster_connection(env: dict[str, str]) -> KubeConnection:
 
 async def _kubeconfig_connection(selected: Selected, source: str) -> KubeConnection:
     cluster, user = selected.cluster, selected.user
-    server = cluster.text("server").rstrip("/")
-    if not server:
-        raise KubeconfigInvalid(f"cluster {cluster.name!r} has no server")
+    server = _server(cluster, user)
     credential = await _credential(user, cluster)
     insecure = cluster.fields.get("insecure-skip-tls-verify", False)
     if not isinstance(insecure, bool):
@@ -204,6 +202,37 @@ async def _kubeconfig_connection(selected: Selected, source: str) -> KubeConnect
         proxy_authorization=proxy_authorization,
         expires_at=credential.expires_at,
     )
+
+
+def _server(cluster: Entry, user: Entry) -> str:
+    """The cluster's server URL, read as kubectl reads it: without a scheme it is https:// when TLS is
+    configured (a CA, a client certificate, insecure-skip-tls-verify), http:// otherwise."""
+    server = cluster.text("server").rstrip("/")
+    name = cluster.name
+    if not server:
+        raise KubeconfigInvalid(f"cluster {name!r} has no server")
+    if "://" not in server:
+        tls_keys = ("certificate-authority", "certificate-authority-data", "insecure-skip-tls-verify")
+        client_keys = ("client-certificate", "client-certificate-data")
+        tls = any(cluster.fields.get(k) for k in tls_keys) or any(user.fields.get(k) for k in client_keys)
+        server = ("https://" if tls else "http://") + server
+    try:
+        parts = urlsplit(server)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise KubeconfigInvalid(
+            f"the server of cluster {name!r} is not a valid URL (an IPv6 address goes in brackets: "
+            "https://[::1]:6443)"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise KubeconfigInvalid(f"the server of cluster {name!r} must be an http:// or https:// URL")
+    if parts.username is not None or parts.password is not None:
+        # Not quoted: the URL holds a password.
+        raise KubeconfigInvalid(
+            f"the server of cluster {name!r} has credentials in its URL: give them as the user's "
+            "token, username and password, or client certificate"
+        )
+    return parts.geturl()  # the scheme in lower case, as _tls reads it
 
 
 async def _credential(user: Entry, cluster: Entry) -> Credential:

@@ -169,6 +169,38 @@ async def test_a_broken_kubeconfig_is_one_line_naming_the_problem(
     assert says in message and str(path) in message and "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("cluster", "host"),
+    [
+        ({"server": "localhost:6443", "insecure-skip-tls-verify": True}, "https://localhost:6443"),
+        ({"server": "127.0.0.1:8080"}, "http://127.0.0.1:8080"),
+        ({"server": "HTTPS://[::1]:6443/", "insecure-skip-tls-verify": True}, "https://[::1]:6443"),
+    ],
+)
+async def test_a_server_is_read_as_kubectl_reads_it(
+    tmp_path: Path, cluster: dict[str, Any], host: str
+) -> None:
+    conn = await load(kubeconfig(tmp_path / "config", cluster=cluster))
+    assert conn.host == host
+
+
+@pytest.mark.parametrize(
+    ("server", "says"),
+    [
+        ("ftp://x", "must be an http:// or https:// URL"),
+        ("https://::1:6443", "an IPv6 address goes in brackets"),
+        ("https://admin:pa55word@127.0.0.1:6443", "has credentials in its URL"),
+    ],
+)
+async def test_an_unusable_server_is_one_line_without_its_password(
+    tmp_path: Path, server: str, says: str
+) -> None:
+    with pytest.raises(KubeConfigError) as caught:
+        await load(kubeconfig(tmp_path / "config", cluster={"server": server}))
+    message = str(caught.value)
+    assert says in message and "cluster 'c'" in message and "pa55word" not in message
+
+
 async def test_a_missing_user_is_named(tmp_path: Path) -> None:
     path = kubeconfig(tmp_path / "config", names=("ctx", "c", "u"))
     doc = yaml.safe_load(path.read_text())
