@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# What the API server accepts for a group (a DNS subdomain), a version and a resource's plural (DNS labels).
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+EXAMPLES = "e.g. v1/services or networking.k8s.io/v1/ingresses"
 
 
 @dataclass(frozen=True, order=True)
@@ -13,14 +19,20 @@ class GroupVersionResource:
 
     @classmethod
     def parse(cls, text: str) -> GroupVersionResource:
-        """Raises ValueError with kube-mgmt's wording for a malformed value."""
+        """Raises ValueError for a malformed value, or a part that no API server could serve."""
         parts = text.strip().split("/")
         if len(parts) not in (2, 3) or any(not p for p in parts):
-            raise ValueError("must be [group/]version/resource (format: group/version/kind)")
+            raise ValueError(f"must be [group/]version/resource, {EXAMPLES}")
         if len(parts) == 2:
             parts.insert(0, "")
-        group, version, resource = parts
-        return cls(group.lower(), version, resource.lower())
+        group, version, resource = parts[0].lower(), parts[1], parts[2].lower()
+        if group and not _SUBDOMAIN.fullmatch(group):
+            raise ValueError(f"the group {group!r} is not a DNS subdomain, {EXAMPLES}")
+        if not _LABEL.fullmatch(version):
+            raise ValueError(f"the version {version!r} is not a lower-case name such as v1 or v1beta1")
+        if not _LABEL.fullmatch(resource):
+            raise ValueError(f"the resource {resource!r} is not a plural resource name, {EXAMPLES}")
+        return cls(group, version, resource)
 
     @property
     def api_path(self) -> str:

@@ -29,6 +29,8 @@ def bundle_names(path: str) -> tuple[str, ...]:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise OpaConfigError(f"{path} is not valid YAML{where}") from None
+    except RecursionError:  # PyYAML's pure-Python loader recurses once per level
+        raise OpaConfigError(f"{path} is not valid YAML: nested too deeply") from None
     if config is None:
         return ()
     if not isinstance(config, dict):

@@ -54,6 +54,17 @@ def reason_of(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+NOT_HEADER_SAFE = (
+    "must be printable ASCII: a line break, a control character or a non-ASCII character cannot go in an "
+    "HTTP header"
+)
+
+
+def is_header_safe(token: str) -> bool:
+    """Whether a token can be sent in an Authorization header as it is."""
+    return all(" " <= c <= "~" for c in token)
+
+
 @dataclass(frozen=True)
 class StaticToken:
     """A token given as a setting (or none); its repr never shows it."""
@@ -84,7 +95,9 @@ class TokenFile:
         except (OSError, UnicodeDecodeError) as exc:
             raise CredentialsError(f"invalid {self.setting} {self.path}: {reason_of(exc)}") from None
         if not line:
-            raise CredentialsError(f"invalid {self.setting} {self.path}: the file is empty")
+            raise CredentialsError(f"invalid {self.setting} {self.path}: its first line is empty")
+        if not is_header_safe(line):
+            raise CredentialsError(f"invalid {self.setting} {self.path}: the token {NOT_HEADER_SAFE}")
         self._token = line
         self._stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         self._checked = time.monotonic()

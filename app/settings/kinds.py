@@ -7,6 +7,7 @@ changes. The instances (STRING, BOOL, ...) are what the options table names.
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from typing import ClassVar, Generic, TypeVar
@@ -133,6 +134,9 @@ class _Duration(Kind[float]):
         "h": 3600.0,
     }
     PART: ClassVar[re.Pattern[str]] = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+    # Longer than any interval or timeout means anything, and short of what timers and the Lease's int32
+    # seconds overflow on.
+    LONGEST: ClassVar[float] = 365 * 24 * 3600.0
 
     def parse(self, text: str) -> float:
         value = text.strip()
@@ -147,8 +151,12 @@ class _Duration(Kind[float]):
                 pos = match.end()
             if pos != len(value) or not value:
                 raise ValueError("must be a duration such as 10s, 1m30s or 500ms") from None
+        if not math.isfinite(seconds):
+            raise ValueError("must be a duration such as 10s, 1m30s or 500ms")
         if seconds < 0:
             raise ValueError("must not be negative")
+        if seconds > self.LONGEST:
+            raise ValueError("must be at most 8760h (a year)")
         return seconds
 
     def to_text(self, value: float) -> str:

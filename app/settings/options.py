@@ -112,6 +112,7 @@ OPTIONS: tuple[Option[Any], ...] = (
         metavar="TOKEN",
         default_text="none",
         secret=True,
+        validate=validators.header_token,
     ),
     Option(
         "opa-auth-token-file",

@@ -86,6 +86,8 @@ def read_file(path: str, named_by: Where) -> dict[str, Given]:
         document = yaml.load(content, Loader=_TextLoader)
     except yaml.YAMLError as exc:
         raise SettingsError(f"invalid config file {bare(path)}: {_yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML's pure-Python loader recurses once per level
+        raise SettingsError(f"invalid config file {bare(path)}: nested too deeply") from None
     if document is None or document == "":
         return {}
     if not isinstance(document, dict):

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from app.kube.resources import GroupVersionResource
 from app.opa.configuration import bundle_names
+from app.opa.credentials import NOT_HEADER_SAFE, is_header_safe
 from app.settings.errors import BadItem, SettingsError, shown
 from app.settings.kinds import BOOL
 
@@ -26,12 +27,25 @@ def http_url(value: str) -> str:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError as exc:
+        if parts.netloc.count(":") > 1 and "[" not in parts.netloc:
+            raise ValueError("an IPv6 address goes in brackets, e.g. http://[::1]:8181/v1") from None
         raise ValueError(f"must be an http or https URL: {exc}") from exc
+    if parts.username is not None or parts.password is not None:
+        # Quoted without them: the message must not show a password.
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise BadItem(shown, "must not carry credentials: OPA takes a bearer token (--opa-auth-token-file)")
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http or https URL with a host, e.g. http://localhost:8181/v1")
     if "?" in value or "#" in value:
         raise ValueError("must not have a query or fragment: kopa appends API paths to it")
     return value.rstrip("/")
+
+
+def header_token(value: str) -> str:
+    """A token sent in an HTTP header: a line break would end the header (and start another)."""
+    if not is_header_safe(value):
+        raise ValueError(NOT_HEADER_SAFE)
+    return value
 
 
 _LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "warning": "warn", "error": "error"}

@@ -83,3 +83,51 @@ def test_a_malformed_kubeconfig_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and str(broken) in lines[0], result.stderr
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line that says why kopa stopped (log lines before it, such as "starting", aside)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("kopa: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path: Path) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    config, opa_config = tmp_path / "kopa.yaml", tmp_path / "opa.yaml"
+    config.write_text(f"namespaces: {deep}\n")
+    opa_config.write_text(f"bundles: {deep}\n")
+    assert "nested too deeply" in one_line_error(kopa(f"--config={config}"))
+    assert "nested too deeply" in one_line_error(kopa(f"--opa-config={opa_config}"))
+
+
+def kubeconfig(tmp_path: Path, server: str, cluster: str = "") -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters:\n- name: k\n  cluster:\n    server: {server}\n{cluster}"
+        "users:\n- name: u\n  user:\n    token: abc\n"
+        "contexts:\n- name: c\n  context: {cluster: k, user: u}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("secr\u00e9t\n", "the token must be printable ASCII"),
+        ("\ntoken-on-line-2\n", "its first line is empty"),
+    ],
+)
+def test_an_unusable_token_file_is_one_line_without_the_token(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(content)
+    line = one_line_error(
+        kopa(f"--kubeconfig={kubeconfig(tmp_path, 'https://127.0.0.1:1')}", f"--opa-auth-token-file={token}")
+    )
+    assert f"invalid --opa-auth-token-file {token}: {expected}" in line
+    assert "secr" not in line and "line-2" not in line

@@ -676,7 +676,6 @@ def test_overridden_values_are_still_validated(config: WriteConfig) -> None:
         ("HTTPS://OPA:443/v1", "HTTPS://OPA:443/v1"),
         ("http://127.0.0.1:8181/v1", "http://127.0.0.1:8181/v1"),
         ("http://[::1]:8181/v1", "http://[::1]:8181/v1"),
-        ("http://user:pw@opa/v1", "http://user:pw@opa/v1"),
     ],
 )
 def test_good_urls(text: str, expected: str) -> None:
@@ -1041,10 +1040,37 @@ def test_replicate_flags_parse_resources_as_kube_mgmt_writes_them() -> None:
 
 
 @pytest.mark.parametrize("text", ["services", "v1/", "/v1/services", "a/b/c/d", "v1//services"])
-def test_malformed_resources_are_rejected_with_kube_mgmts_hint(text: str) -> None:
+def test_malformed_resources_are_rejected_with_the_form_and_an_example(text: str) -> None:
     message = error([f"--replicate={text}"])
     assert message.startswith("invalid --replicate")
-    assert "format: group/version/kind" in message
+    assert "must be [group/]version/resource, e.g. v1/services" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "part"),
+    [
+        ("v1/my services", "the resource 'my services'"),
+        ("v1/services.", "the resource 'services.'"),
+        ("bad_group.io/v1/widgets", "the group 'bad_group.io'"),
+        ("example.com/V1/widgets", "the version 'V1'"),
+    ],
+)
+def test_resources_no_api_server_could_serve_are_rejected(text: str, part: str) -> None:
+    message = error([f"--replicate={text}"])
+    assert message.startswith("invalid --replicate") and part in message
+
+
+def test_resources_are_accepted_as_the_api_names_them() -> None:
+    loaded = load(
+        "--replicate=v1/services",
+        "--replicate=networking.k8s.io/v1/ingresses",
+        "--replicate=a-b.example.com/v1beta1/my-widgets",
+    )
+    assert [str(r) for r in loaded.replication.namespaced_resources] == [
+        "v1/services",
+        "networking.k8s.io/v1/ingresses",
+        "a-b.example.com/v1beta1/my-widgets",
+    ]
 
 
 def test_a_resource_cannot_be_both_namespaced_and_cluster_scoped() -> None:
@@ -1089,7 +1115,7 @@ def test_selector_and_fields_from_env_and_file(config: WriteConfig) -> None:
         (["--replicate=v1/pods", "--replicate-selector=v1/pods=app in (a"], "not a valid label selector"),
         (["--replicate=v1/pods", "--replicate-selector=v1/pods=-bad=x"], "invalid label key"),
         (["--replicate=v1/pods", "--replicate-selector=v1/pods"], "RESOURCE=VALUE"),
-        (["--replicate=v1/pods", "--replicate-selector=pods=a=b"], "format: group/version/kind"),
+        (["--replicate=v1/pods", "--replicate-selector=pods=a=b"], "must be [group/]version/resource"),
         (["--replicate=v1/pods", "--replicate-fields=v1/pods="], "one or more fields"),
         (["--replicate=v1/pods", "--replicate-fields=v1/pods=spec..x"], "between the dots"),
         (
@@ -1113,9 +1139,22 @@ def test_durations_take_go_syntax(text: str, seconds: float) -> None:
     assert load(env={"KOPA_OPA_CHECK_INTERVAL": text}).opa.check_interval == seconds
 
 
-@pytest.mark.parametrize("text", ["", "1x", "s", "1s2", "-1s", "0s", "1 s"])
+@pytest.mark.parametrize("text", ["", "1x", "s", "1s2", "-1s", "0s", "1 s", "nan", "inf", "-inf", "1e400"])
 def test_bad_durations(text: str) -> None:
     assert error([f"--opa-check-interval={text}"]).startswith("invalid --opa-check-interval")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shutdown-timeout=8761h"],
+        ["--leader-election=true", "--leader-election-lease-duration=99999999999h"],
+    ],
+)
+def test_durations_are_at_most_a_year(argv: list[str]) -> None:
+    assert "must be at most 8760h (a year)" in error(argv)
+    assert load("--drift-check-interval=8760h").opa.drift_check_interval == 8760 * 3600
+    assert "must be at most 8760h" in error(env={"KOPA_SHUTDOWN_TIMEOUT": "1e12"})
 
 
 # --- the link to OPA ---------------------------------------------------------------------------------------
@@ -1132,6 +1171,27 @@ def test_bad_durations(text: str) -> None:
 )
 def test_opa_connection_settings_that_exclude_or_need_each_other(argv: list[str], expected: str) -> None:
     assert expected in error(argv)
+
+
+@pytest.mark.parametrize("token", ["line\nX-Evil: 1", "tab\there", "secr\u00e9t", "euro\u20ac"])
+def test_a_token_that_cannot_go_in_a_header_is_refused_unquoted(token: str) -> None:
+    message = error([f"--opa-auth-token={token}"])
+    assert message.startswith("invalid --opa-auth-token: must be printable ASCII")
+    assert token not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://user:pa55word@opa:8181/v1", 'invalid --opa-url "http://***@opa:8181/v1": must not carry'),
+        ("http://s3cr3tuser@opa:8181/v1", 'invalid --opa-url "http://***@opa:8181/v1": must not carry'),
+        ("http://::1:8181/v1", "an IPv6 address goes in brackets, e.g. http://[::1]:8181/v1"),
+    ],
+)
+def test_opa_urls_with_credentials_or_a_bare_ipv6_address(url: str, expected: str) -> None:
+    message = error([f"--opa-url={url}"])
+    assert expected in message
+    assert "pa55word" not in message and "s3cr3tuser" not in message
 
 
 def test_the_token_is_never_shown() -> None:
