@@ -44,12 +44,21 @@ async def supervise(
             if on_crash is not None:
                 on_crash(name, healthy_run)
             delay = backoff.delay(crashes)
+            cause = _cause(exc)
             log.error(
                 "%s crashed (%s: %s); restarting in %.1fs",
                 name,
-                type(exc).__name__,
-                exc,
+                type(cause).__name__,
+                cause,
                 delay,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             await anyio.sleep(delay)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """What a task group's crash was: its one exception rather than "unhandled errors in a TaskGroup (1
+    sub-exception)", which names nothing."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

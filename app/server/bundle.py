@@ -153,7 +153,11 @@ class BundleServer:
             await self._runner.cleanup()
             raise
         log.info(
-            "serving the bundle at %s://%s:%d/bundles/%s", self._scheme, self.host, self.port, BUNDLE_NAME
+            "serving the bundle at %s://%s:%d/bundles/%s",
+            self._scheme,
+            f"[{self.host}]" if ":" in self.host else self.host,
+            self.port,
+            BUNDLE_NAME,
         )
 
     async def run(self) -> None:

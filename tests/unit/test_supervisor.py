@@ -44,3 +44,24 @@ async def test_a_crash_does_not_stop_its_siblings(caplog: pytest.LogCaptureFixtu
             tg.cancel_scope.cancel()
     assert ticks == 20
     assert "crasher crashed (ValueError: bad)" in caplog.text
+
+
+async def test_a_crash_inside_a_task_group_is_logged_as_what_it_was(caplog: pytest.LogCaptureFixture) -> None:
+    runs = 0
+
+    async def crashes_in_a_task() -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            return
+
+        async def task() -> None:
+            raise ValueError("the real cause")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(task)
+
+    with anyio.fail_after(5):
+        await supervise("grouped", crashes_in_a_task, Backoff(base=0.001, cap=0.01))
+    assert "grouped crashed (ValueError: the real cause)" in caplog.text
+    assert "sub-exception" not in caplog.text
