@@ -9,6 +9,7 @@ server answers, and a wrong scope found then stops that resource with the same m
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -77,16 +78,32 @@ def check_plurals(
         )
 
 
-def check_scope(gvr: GroupVersionResource, info: ResourceInfo | None, want_namespaced: bool) -> None:
-    """Raises DiscoveryError when the resource is served with the other scope than its flag says."""
-    if info is None or info.namespaced == want_namespaced:
-        return
-    if info.namespaced:
-        scope, flag = "namespaced", "--replicate"
-    else:
-        scope, flag = "cluster-scoped", "--replicate-cluster"
+async def lookup_checked(
+    client: Discovery, gvr: GroupVersionResource, want_namespaced: bool
+) -> ResourceInfo | None:
+    """lookup() with the checks a resource named in the settings gets. DiscoveryError when it is served
+    with the other scope than its flag says, or when the core group has no such resource: a typo, since
+    no CRD adds resources to the core group (elsewhere a missing resource may be a CRD not installed yet:
+    None)."""
     given = "--replicate" if want_namespaced else "--replicate-cluster"
-    raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+    entries = await _resources(client, gvr)
+    for entry in entries:
+        if entry.get("name") == gvr.resource:
+            info = _info(gvr, entry)
+            if info.namespaced != want_namespaced:
+                scope, flag = (
+                    ("namespaced", "--replicate")
+                    if info.namespaced
+                    else ("cluster-scoped", "--replicate-cluster")
+                )
+                raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+            return info
+    if gvr.group:
+        return None
+    names = [str(e.get("name")) for e in entries if "/" not in str(e.get("name", ""))]
+    close = difflib.get_close_matches(gvr.resource, names, n=1)
+    hint = f" (did you mean {gvr.version}/{close[0]}?)" if close else ""
+    raise DiscoveryError(f"{given}={gvr}: the core group {gvr.version} has no resource {gvr.resource}{hint}")
 
 
 def warn_missing(gvr: GroupVersionResource) -> None:
@@ -101,8 +118,7 @@ async def discover(
     check_plurals(namespaced, cluster)
     found: dict[GroupVersionResource, ResourceInfo | None] = {}
     for gvr, want_namespaced in [*((g, True) for g in namespaced), *((g, False) for g in cluster)]:
-        info = await lookup(client, gvr)
-        check_scope(gvr, info, want_namespaced)
+        info = await lookup_checked(client, gvr, want_namespaced)
         if info is None:
             warn_missing(gvr)
         found[gvr] = info

@@ -19,7 +19,7 @@ from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher
 from app.replication.collection import CollectionApi, CollectionSync
-from app.replication.discovery import ResourceInfo, check_scope, lookup, warn_missing
+from app.replication.discovery import ResourceInfo, lookup, lookup_checked, warn_missing
 from app.replication.objects import Replica, converter, same_content
 
 log = logging.getLogger(__name__)
@@ -96,28 +96,21 @@ class ReplicatedResource:
     def _add_key(self, key: Key) -> None:
         self._add(WorkKey(self.source, key))
 
-    async def _lookup(self) -> tuple[bool, ResourceInfo | None]:
-        """(whether the API server answered, the resource as it serves it, None when it does not)."""
-        try:
-            return True, await lookup(self.kube, self.gvr)
-        except (KubeUnavailable, KubeApiError) as exc:
-            log.debug("discovery of %s failed: %s", self.gvr, exc)
-            return False, None
-
     def _load_whole(self) -> None:
         self._add_key(ALL)
 
     async def run(self) -> None:
         """Replicates for as long as kopa runs; waits for the resource first if it is not served yet.
 
-        Raises DiscoveryError when a lookup put off at start-up finds the resource with the other scope
-        (its supervisor logs it, and the next run looks again)."""
+        Raises DiscoveryError when a lookup put off at start-up finds what start-up would have refused (its
+        supervisor logs it, and the next run looks again)."""
         while not self._looked_up:
-            answered, info = await self._lookup()
-            if not answered:
+            try:
+                info = await lookup_checked(self.kube, self.gvr, self.namespaced)
+            except (KubeUnavailable, KubeApiError) as exc:
+                log.debug("discovery of %s failed: %s", self.gvr, exc)
                 await anyio.sleep(DISCOVERY_INTERVAL)
                 continue
-            check_scope(self.gvr, info, self.namespaced)
             self._looked_up, self.info = True, info
             self.state.missing = info is None
             if info is None:
@@ -126,7 +119,10 @@ class ReplicatedResource:
             self._load_whole()  # an empty collection, so policies see {} rather than undefined
             while self.info is None:
                 await anyio.sleep(DISCOVERY_INTERVAL)
-                _, self.info = await self._lookup()
+                try:
+                    self.info = await lookup(self.kube, self.gvr)
+                except (KubeUnavailable, KubeApiError) as exc:
+                    log.debug("discovery of %s failed: %s", self.gvr, exc)
             log.info("%s is now served by the API server; replicating it", self.gvr)
         if self.watcher is None:
             convert = converter(

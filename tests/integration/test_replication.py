@@ -129,6 +129,7 @@ def test_cluster_scoped_namespaces_at_a_custom_path(
         ),
         (["--replicate-cluster=v1/services"], "services is namespaced; use --replicate=v1/services"),
         (["--replicate=v1/events", "--replicate=events.k8s.io/v1/events"], "would both be replicated"),
+        (["--replicate=v1/service"], "the core group v1 has no resource service (did you mean v1/services?)"),
     ],
 )
 def test_wrong_scope_or_a_shared_plural_stops_start_up(

@@ -112,3 +112,20 @@ async def test_discovery_refuses_a_wrong_scope_and_tolerates_a_missing_crd() -> 
     assert found[widgets] is None, "not installed yet: replicated once it appears"
     with pytest.raises(DiscoveryError, match="services is namespaced; use --replicate=v1/services"):
         await discover(kube, [], [services])
+
+
+async def test_discovery_refuses_a_core_resource_that_does_not_exist_and_names_the_nearest() -> None:
+    kube = FakeKube()
+    kube.discovery["/api/v1"] = {
+        "resources": [
+            {"name": "services", "namespaced": True, "kind": "Service"},
+            {"name": "services/status", "namespaced": True, "kind": "Service"},
+        ]
+    }
+    typo = GroupVersionResource.parse("v1/service")
+    with pytest.raises(
+        DiscoveryError, match=r"the core group v1 has no resource service \(did you mean v1/services\?\)"
+    ):
+        await discover(kube, [typo], [])
+    with pytest.raises(DiscoveryError, match="the core group v2 has no resource services$"):
+        await discover(kube, [GroupVersionResource.parse("v2/services")], [])
