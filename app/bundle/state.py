@@ -34,6 +34,7 @@ import anyio
 import orjson
 
 from app.configmaps.policies import package_of
+from app.jsonbytes import dumps
 from app.model import related
 from app.opa.client import Chunks, OpaError
 
@@ -235,7 +236,7 @@ class BundleState:
 
     def _data_digest(self, path: Path, node: Any) -> bytes:
         if len(path) > DIGEST_DEPTH:
-            return _hash(b"v", orjson.dumps(node, option=orjson.OPT_SORT_KEYS))
+            return _hash(b"v", dumps(node, sort_keys=True))
         cached = self._digests.get(path)
         if cached is not None:
             return cached
@@ -245,7 +246,7 @@ class BundleState:
                 parts += [key.encode(), self._data_digest((*path, key), node[key])]
             digest = _hash(*parts)
         else:
-            digest = _hash(b"v", orjson.dumps(node, option=orjson.OPT_SORT_KEYS))
+            digest = _hash(b"v", dumps(node, sort_keys=True))
         self._digests[path] = digest
         return digest
 
@@ -418,7 +419,7 @@ class BundleState:
                     done.append(Operation("remove", where))
                 else:
                     parent[where[-1]] = op["value"]
-                    done.append(Operation("upsert", where, orjson.dumps(op["value"])))
+                    done.append(Operation("upsert", where, dumps(op["value"])))
         except OpaError:
             for where, old, existed in reversed(undo):
                 parent = self._node(where[:-1])

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from app.bundle.state import Operation
+from app.jsonbytes import dumps
 
 COMPRESSION = 6
 
@@ -59,7 +60,7 @@ def snapshot(revision: str, roots: Sequence[str], modules: Mapping[str, str], da
     """The whole bundle."""
     ids = sorted(modules)
     names = module_files(ids)
-    files = [("/.manifest", _manifest(revision, roots)), ("/data.json", orjson.dumps(data))]
+    files = [("/.manifest", _manifest(revision, roots)), ("/data.json", dumps(data))]
     files += [(names[i], modules[i].encode()) for i in ids]
     return _tarball(files)
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from app.jsonbytes import dumps, equal
 from app.model import ObjectKey
 from app.opa.client import Chunks, OpaError
 
@@ -27,17 +28,18 @@ def kopa_error(code: str, message: str) -> dict[str, Any]:
 
 
 def parse_document(key: str, text: str) -> tuple[bytes | None, dict[str, Any] | None]:
-    """(serialized JSON object, None) or (None, error). Only objects are valid, as in kube-mgmt."""
+    """(serialized JSON object, None) or (None, error). Only objects are valid, as in kube-mgmt, which also
+    takes `null` (Go decodes it into an object as nothing) and writes it as null."""
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         return None, kopa_error("invalid_data", f"key {key}: not valid JSON: {exc}")
-    if not isinstance(value, dict):
+    if value is not None and not isinstance(value, dict):
         # JSON's names for JSON's types.
-        names = {list: "an array", bool: "a boolean", str: "a string", type(None): "null"}
+        names = {list: "an array", bool: "a boolean", str: "a string"}
         kind = names.get(type(value), "a number")
         return None, kopa_error("invalid_data", f"key {key}: must be a JSON object, got {kind}")
-    return orjson.dumps(value), None
+    return dumps(value), None
 
 
 class DataApi(Protocol):
@@ -118,7 +120,7 @@ class DataBook:
                 if doc is None or _digest(doc) != digest:
                     continue
                 held = await self.opa.get_data([*configmap, key])
-                if held == orjson.loads(doc):
+                if equal(held, orjson.loads(doc)):
                     continue
                 repairs += 1
                 where = "/".join([*configmap, key])

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+from app.jsonbytes import dumps
 
 # Always kept, whatever --replicate-fields says: they place the object and tell what it is.
 ALWAYS_KEPT = ("kind", "apiVersion", "metadata.name", "metadata.namespace")
@@ -70,7 +70,7 @@ def converter(
         if fields:
             obj = project(obj, fields)
         digest = content_digest(obj)
-        return Replica(right_sized(orjson.dumps(obj)), digest)
+        return Replica(right_sized(dumps(obj)), digest)
 
     return convert
 
@@ -91,4 +91,4 @@ def content_digest(obj: dict[str, Any]) -> bytes:
 def _sorted_digest(obj: dict[str, Any]) -> bytes:
     # Sorted keys: a list's items and a watch's objects carry the same fields in another order (kind and
     # apiVersion are added by the converter, at the end, to list items), and must not count as a change.
-    return hashlib.blake2b(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+    return hashlib.blake2b(dumps(obj, sort_keys=True), digest_size=16).digest()

@@ -247,7 +247,7 @@ def test_data_that_is_not_a_json_object_keeps_the_last_good_value(
     run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
     kopa = start_kopa(run_kopa, secure_opa, core_v1, namespace)
-    bad = {"array.json": "[1, 2]", "number.json": "3", "text.json": "{not json", "null.json": "null"}
+    bad = {"array.json": "[1, 2]", "number.json": "3", "text.json": "{not json"}
     put_configmap(core_v1, namespace, "mixed", {"good.json": '{"g": 1}', **bad}, DATA)
     errors = failed(core_v1, namespace, "mixed")
     assert [e["code"] for e in errors] == ["invalid_data"] * len(bad)
@@ -279,7 +279,8 @@ def test_data_that_is_not_a_json_object_keeps_the_last_good_value(
 def test_data_errors_name_json_types(
     run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
-    """A user writes JSON, so the error names JSON's types (number, string, boolean, null), not Python's."""
+    """A user writes JSON, so the error names JSON's types (number, string, boolean), not Python's. `null`
+    is loaded as null, as kube-mgmt loads it (Go decodes it into an object as nothing)."""
     start_kopa(run_kopa, secure_opa, core_v1, namespace)
     scalars = {"b.json": "true", "n.json": "null", "i.json": "3", "s.json": '"text"'}
     put_configmap(core_v1, namespace, "scalars", scalars, DATA)
@@ -287,9 +288,23 @@ def test_data_errors_name_json_types(
     assert messages == [
         "key b.json: must be a JSON object, got a boolean",
         "key i.json: must be a JSON object, got a number",
-        "key n.json: must be a JSON object, got null",
         "key s.json: must be a JSON object, got a string",
     ]
+    wait_data(secure_opa, f"{namespace}/scalars", {"n.json": None})
+
+
+def test_data_nested_deeper_than_orjson_writes_loads_and_spares_its_neighbours(
+    run_kopa: KopaFactory, secure_opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """300 levels: the API server and OPA take it, kube-mgmt loads it; kopa's JSON writer stops at 254."""
+    kopa = start_kopa(run_kopa, secure_opa, core_v1, namespace)
+    deep = '{"a":' * 300 + "1" + "}" * 300
+    put_configmap(core_v1, namespace, "deep", {"deep.json": deep, "other.json": '{"o": 1}'}, DATA)
+    assert wait_status(core_v1, namespace, "deep") == OK
+    held = secure_opa.http().get_json(f"/v1/data/{namespace}/deep/other.json")
+    assert held == {"result": {"o": 1}}
+    assert data(secure_opa, f"{namespace}/deep/deep.json/" + "/".join(["a"] * 299)) == {"a": 1}
+    assert_unharmed(kopa, secure_opa, core_v1, namespace)
 
 
 # --- size and number ------------------------------------------------------------------------------------
