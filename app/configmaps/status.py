@@ -134,8 +134,9 @@ class StatusReporter:
         self.leader = leader  # None: no election, this replica always writes
         self.queue: WorkQueue[ObjectKey] = WorkQueue("status", observer=observer)
         self._wanted: dict[ObjectKey, tuple[str, str]] = {}  # key -> (status, action)
-        # What kopa last wrote: the store may not have seen kopa's own patch yet.
-        self._written: dict[ObjectKey, tuple[str | None, str]] = {}
+        # What kopa last wrote, and on which version of the object ((uid, resourceVersion)): until the
+        # store moves past that version, it has not seen kopa's own patch yet.
+        self._written: dict[ObjectKey, tuple[tuple[str | None, str | None], str]] = {}
         self._instance = os.environ.get("POD_NAME") or socket.gethostname()
 
     def report(self, configmap: ObjectKey, errors: list[dict[str, Any]], action: str) -> None:
@@ -183,12 +184,15 @@ class StatusReporter:
         if wanted is None or obj is None:
             return  # gone or no longer selected: nothing to tell
         value, action = wanted
-        annotations = (obj.get("metadata") or {}).get("annotations") or {}
-        # what kopa wrote counts only for the same object (a recreated one has a new uid).
-        uid = (obj.get("metadata") or {}).get("uid")
+        meta = obj.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        # What kopa wrote counts only while the store still holds the version kopa patched; once it moved
+        # on, the object says what it carries (an update may have dropped the annotation: `kubectl
+        # replace`, a GitOps tool; a recreated object has a new uid).
+        version = (meta.get("uid"), meta.get("resourceVersion"))
         written = self._written.get(key)
-        same_object = written is not None and written[0] == uid
-        current = written[1] if written is not None and same_object else annotations.get(STATUS_ANNOTATION)
+        stale = written is not None and written[0] == version
+        current = written[1] if written is not None and stale else annotations.get(STATUS_ANNOTATION)
         if current == value or not self.writing:
             return  # a replica that does not lead writes nothing; resync() catches up when it leads
         ns, name = key
@@ -199,7 +203,7 @@ class StatusReporter:
             if exc.status == 404:
                 return
             raise
-        self._written[key] = (uid, value)
+        self._written[key] = (version, value)
         if value != OK:
             log.warning("configmap %s/%s: %s failed: %s", ns, name, action, _summary(value))
             await self._event(obj, "Warning", REASON_FAILED, action, _summary(value))

@@ -281,6 +281,24 @@ def test_own_annotation_writes_do_not_reload(
     assert opa_writes(opa, "v1/policies") == writes + 1, "only the marker's module may have been written"
 
 
+def test_a_status_removed_by_a_replace_is_written_again(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """`kubectl replace`, or a GitOps tool that replaces, sends the ConfigMap without kopa's annotation."""
+    run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    package = namespace.replace("-", "")
+    put_configmap(core_v1, namespace, "good", {"g.rego": f"package {package}\n\ng := 1\n"}, POLICY)
+    put_configmap(core_v1, namespace, "bad", {"b.rego": "package broken\n\nnot rego {\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "good") == OK
+    error = wait_status(core_v1, namespace, "bad", lambda v: v != OK)
+    for name in ("good", "bad"):
+        current = core_v1.read_namespaced_config_map(name, namespace)
+        current.metadata.annotations = {}
+        core_v1.replace_namespaced_config_map(name, namespace, current)
+    assert wait_status(core_v1, namespace, "good") == OK
+    assert wait_status(core_v1, namespace, "bad", lambda v: v != OK) == error
+
+
 def test_several_namespaces_and_all_namespaces(
     run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
