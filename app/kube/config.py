@@ -140,11 +140,15 @@ async def load_connection(kubeconfig: str, environ: dict[str, str] | None = None
             where = where or str(Path.home() / ".kube" / "config")
         files = _files(kubeconfig, where)
         if not files:
-            raise KubeConfigError(f"cannot load the kubeconfig {where}: no such file")
+            raise KubeConfigError(f"cannot load the kubeconfig {where}: {_not_found(kubeconfig)}")
         return await _kubeconfig_connection(read_kubeconfig(files), where)
     except (OSError, ssl.SSLError, ValueError) as exc:  # KubeconfigInvalid and CredentialError included
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KubeConfigError(f"cannot load Kubernetes connection from {where}: {detail}") from exc
+
+
+def _not_found(kubeconfig: str) -> str:
+    return "not a file" if kubeconfig and Path(kubeconfig).expanduser().exists() else "no such file"
 
 
 def _files(kubeconfig: str, kubeconfig_env: str) -> list[Path]:

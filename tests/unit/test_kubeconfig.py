@@ -125,6 +125,8 @@ async def test_the_kubeconfig_flag_is_one_file_and_wins_over_KUBECONFIG(tmp_path
     assert conn.namespace == "from-flag"
     with pytest.raises(KubeConfigError, match="no such file"):
         await load(os.pathsep.join([str(flag), str(env)]))
+    with pytest.raises(KubeConfigError, match="not a file"):
+        await load(tmp_path)
 
 
 async def test_a_context_without_namespace_or_user(tmp_path: Path) -> None:

@@ -127,5 +127,5 @@ async def test_discovery_refuses_a_core_resource_that_does_not_exist_and_names_t
         DiscoveryError, match=r"the core group v1 has no resource service \(did you mean v1/services\?\)"
     ):
         await discover(kube, [typo], [])
-    with pytest.raises(DiscoveryError, match="the core group v2 has no resource services$"):
+    with pytest.raises(DiscoveryError, match=r"the core group v2 has no resource services$"):
         await discover(kube, [GroupVersionResource.parse("v2/services")], [])
