@@ -134,9 +134,10 @@ def _short_name_errors(value: str, fmt: str, rule: str, *examples: str, alternat
 
 
 def label_value(value: str) -> str:
-    # Kubernetes allows an empty label value, but kopa selects ConfigMaps by key=value: empty selects nothing.
+    # An empty value is a label value like any other: key= selects the ConfigMaps labelled `key: ""`, as
+    # kube-mgmt's selector does.
     if not value:
-        raise ValueError("must not be empty")
+        return value
     errors = _short_name_errors(
         value,
         _QUALIFIED_NAME_FMT,

@@ -94,6 +94,18 @@ def test_kube_mgmt_labels_scenario(
     assert status_of(core_v1, namespace, "default-data") is None
 
 
+def test_empty_label_values_select_configmaps_labelled_with_an_empty_value(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """`--data-value=` selects `openpolicyagent.org/data: ""`, as kube-mgmt's selector does."""
+    run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", "--policy-value=", "--data-value=")
+    put_configmap(core_v1, namespace, "empty", {"e.json": '{"e": 1}'}, {"openpolicyagent.org/data": ""})
+    put_configmap(core_v1, namespace, "opa-valued", {"o.json": "{}"}, DATA)
+    assert wait_status(core_v1, namespace, "empty") == OK
+    assert data(opa, namespace) == {"empty": {"e.json": {"e": 1}}}
+    assert status_of(core_v1, namespace, "opa-valued") is None
+
+
 MULTI_A = """package multi
 
 import data.multilib
