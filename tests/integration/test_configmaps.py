@@ -305,6 +305,7 @@ def test_a_status_removed_by_a_replace_is_written_again(
     error = wait_status(core_v1, namespace, "bad", lambda v: v != OK)
     for name in ("good", "bad"):
         current = core_v1.read_namespaced_config_map(name, namespace)
+        assert current.metadata is not None
         current.metadata.annotations = {}
         core_v1.replace_namespaced_config_map(name, namespace, current)
     assert wait_status(core_v1, namespace, "good") == OK
