@@ -138,6 +138,7 @@ class StatusReporter:
         # store moves past that version, it has not seen kopa's own patch yet.
         self._written: dict[ObjectKey, tuple[tuple[str | None, str | None], str]] = {}
         self._instance = os.environ.get("POD_NAME") or socket.gethostname()
+        self._failing: dict[ObjectKey, str] = {}  # why writing each ConfigMap's status last failed
 
     def report(self, configmap: ObjectKey, errors: list[dict[str, Any]], action: str) -> None:
         """Records the latest status of a ConfigMap; the writer catches up asynchronously."""
@@ -159,6 +160,7 @@ class StatusReporter:
     def forget(self, configmap: ObjectKey) -> None:
         self._wanted.pop(configmap, None)
         self._written.pop(configmap, None)
+        self._failing.pop(configmap, None)
 
     async def run(self) -> None:
         async with self.queue:
@@ -172,8 +174,16 @@ class StatusReporter:
             await self._write(key)
         except (KubeUnavailable, KubeApiError) as exc:
             delay = self.queue.add_rate_limited(key)
-            log.warning("writing the status of configmap %s failed (%s); retrying in %.1fs", key, exc, delay)
+            # Said once per ConfigMap and reason: a missing RBAC grant fails every retry the same way.
+            reason = str(exc)
+            level = logging.DEBUG if self._failing.get(key) == reason else logging.WARNING
+            self._failing[key] = reason
+            log.log(
+                level, "writing the status of configmap %s failed (%s); retrying in %.1fs", key, exc, delay
+            )
         else:
+            if self._failing.pop(key, None) is not None:
+                log.info("writing the status of configmap %s works again", key)
             self.queue.forget(key)
         finally:
             self.queue.done(key)

@@ -3,6 +3,7 @@ they declare for the Kubernetes API (StatusApi, Discovery)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -82,6 +83,23 @@ async def test_a_status_write_that_fails_is_retried_with_backoff() -> None:
         assert kube.patches == [] and reporter.queue.failing == 1
         await reporter._next()  # handed out again once its delay passed
     assert len(kube.patches) == 1 and reporter.queue.failing == 0
+
+
+async def test_a_status_write_that_keeps_failing_the_same_way_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kube = FakeKube()
+    kube.fail = 3
+    reporter = StatusReporter(kube, {CM: configmap()}.get)
+    reporter.queue.backoff.base = 0.001
+    with caplog.at_level(logging.DEBUG, logger="app.configmaps.status"):
+        async with reporter.queue:
+            reporter.report(CM, [], "LoadData")
+            for _ in range(4):
+                await reporter._next()
+    assert len(kube.patches) == 1
+    levels = [r.levelname for r in caplog.records if "writing the status" in r.getMessage()]
+    assert levels == ["WARNING", "DEBUG", "DEBUG", "INFO"]
 
 
 def test_the_selection_names_each_namespace_and_what_kopa_owns() -> None:
