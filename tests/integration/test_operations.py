@@ -122,8 +122,20 @@ def test_every_metric_is_present_and_moves_with_activity(
         core_v1.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=meta, data={"i": str(i)}))
 
     def hammer() -> None:
-        for round_ in range(60):
-            core_v1.patch_namespaced_config_map("b-0", namespace, {"data": {"round": str(round_)}})
+        # OPA paused: b-0's write waits (in flight or queued), so its later changes coalesce whatever the
+        # timing (with OPA answering, each change can be written before the next one arrives).
+        assert opa.pid is not None
+        os.kill(opa.pid, signal.SIGSTOP)
+        try:
+            for round_ in range(60):
+                core_v1.patch_namespaced_config_map("b-0", namespace, {"data": {"round": str(round_)}})
+            wait_until(
+                lambda: metric(scrape(kopa), "kopa_updates_coalesced_total", name="opa") > 0,
+                timeout=30,
+                what="b-0's changes coalesced while OPA was paused",
+            )
+        finally:
+            os.kill(opa.pid, signal.SIGCONT)
 
     watcher = threading.Thread(target=watch_depth)
     watcher.start()
