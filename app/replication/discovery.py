@@ -41,7 +41,12 @@ class ResourceInfo:
 
 async def lookup(client: Discovery, gvr: GroupVersionResource) -> ResourceInfo | None:
     """The resource as the API server serves it, or None when its group/version or name is not served."""
-    for entry in await _resources(client, gvr):
+    return _find(gvr, await _resources(client, gvr))
+
+
+def _find(gvr: GroupVersionResource, entries: list[dict[str, Any]]) -> ResourceInfo | None:
+    """The resource among its group/version's discovery entries."""
+    for entry in entries:
         if entry.get("name") == gvr.resource:
             return _info(gvr, entry)
     return None
@@ -87,19 +92,14 @@ async def lookup_checked(
     None)."""
     given = "--replicate" if want_namespaced else "--replicate-cluster"
     entries = await _resources(client, gvr)
-    for entry in entries:
-        if entry.get("name") == gvr.resource:
-            info = _info(gvr, entry)
-            if info.namespaced != want_namespaced:
-                scope, flag = (
-                    ("namespaced", "--replicate")
-                    if info.namespaced
-                    else ("cluster-scoped", "--replicate-cluster")
-                )
-                raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
-            return info
-    if gvr.group:
-        return None
+    info = _find(gvr, entries)
+    if info is not None and info.namespaced != want_namespaced:
+        scope, flag = (
+            ("namespaced", "--replicate") if info.namespaced else ("cluster-scoped", "--replicate-cluster")
+        )
+        raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+    if info is not None or gvr.group:
+        return info
     names = [str(e.get("name")) for e in entries if "/" not in str(e.get("name", ""))]
     close = difflib.get_close_matches(gvr.resource, names, n=1)
     hint = f" (did you mean {gvr.version}/{close[0]}?)" if close else ""

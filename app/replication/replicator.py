@@ -7,7 +7,7 @@ collection; discovery is asked again until it appears, and replication starts th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -96,6 +96,14 @@ class ReplicatedResource:
     def _add_key(self, key: Key) -> None:
         self._add(WorkKey(self.source, key))
 
+    async def _ask(self, looking: Awaitable[ResourceInfo | None]) -> tuple[bool, ResourceInfo | None]:
+        """(whether the API server answered, what it serves); a failure is retried by the caller."""
+        try:
+            return True, await looking
+        except (KubeUnavailable, KubeApiError) as exc:
+            log.debug("discovery of %s failed: %s", self.gvr, exc)
+            return False, None
+
     def _load_whole(self) -> None:
         self._add_key(ALL)
 
@@ -105,10 +113,8 @@ class ReplicatedResource:
         Raises DiscoveryError when a lookup put off at start-up finds what start-up would have refused (its
         supervisor logs it, and the next run looks again)."""
         while not self._looked_up:
-            try:
-                info = await lookup_checked(self.kube, self.gvr, self.namespaced)
-            except (KubeUnavailable, KubeApiError) as exc:
-                log.debug("discovery of %s failed: %s", self.gvr, exc)
+            answered, info = await self._ask(lookup_checked(self.kube, self.gvr, self.namespaced))
+            if not answered:
                 await anyio.sleep(DISCOVERY_INTERVAL)
                 continue
             self._looked_up, self.info = True, info
@@ -119,10 +125,7 @@ class ReplicatedResource:
             self._load_whole()  # an empty collection, so policies see {} rather than undefined
             while self.info is None:
                 await anyio.sleep(DISCOVERY_INTERVAL)
-                try:
-                    self.info = await lookup(self.kube, self.gvr)
-                except (KubeUnavailable, KubeApiError) as exc:
-                    log.debug("discovery of %s failed: %s", self.gvr, exc)
+                _, self.info = await self._ask(lookup(self.kube, self.gvr))
             log.info("%s is now served by the API server; replicating it", self.gvr)
         if self.watcher is None:
             convert = converter(
