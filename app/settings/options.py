@@ -163,10 +163,11 @@ OPTIONS: tuple[Option[Any], ...] = (
         "opa-check-interval",
         DURATION,
         1.0,
-        "How often to ask OPA whether it restarted (its process id changes), to load everything again.",
+        "How often to ask OPA whether it restarted (its process id changes), to load everything again; at "
+        "least 10ms.",
         OPA,
         metavar="DURATION",
-        validate=validators.positive,
+        validate=validators.interval,
     ),
     Option(
         "drift-check-interval",
@@ -174,10 +175,10 @@ OPTIONS: tuple[Option[Any], ...] = (
         60.0,
         "How often to compare what OPA holds with kopa's copy and repair what differs (changes made "
         "behind kopa's back): every policy and data document, and one namespace of each replicated "
-        "resource, in rotation. 0 turns it off.",
+        "resource, in rotation. 0 turns it off; otherwise at least 10ms.",
         OPA,
         metavar="DURATION",
-        validate=validators.not_negative,
+        validate=validators.interval_or_off,
     ),
     Option(
         "enable-policies",
@@ -470,10 +471,10 @@ OPTIONS: tuple[Option[Any], ...] = (
         "leader-election-retry-period",
         DURATION,
         2.0,
-        "How often the leader renews the Lease, and the others try to acquire it.",
+        "How often the leader renews the Lease, and the others try to acquire it; at least 10ms.",
         LEADER_ELECTION,
         metavar="DURATION",
-        validate=validators.positive,
+        validate=validators.interval,
     ),
     Option(
         "log-level",

@@ -239,6 +239,22 @@ def not_negative(value: float) -> float:
     return value
 
 
+# The shortest pause accepted between turns of a loop that calls a server (OPA, the API server): shorter
+# ones only keep a core and the server busy (1ns made the OPA check a tight loop).
+SHORTEST_INTERVAL = 0.01
+
+
+def interval(value: float) -> float:
+    if value < SHORTEST_INTERVAL:
+        raise ValueError("must be at least 10ms")
+    return value
+
+
+def interval_or_off(value: float) -> float:
+    """An interval where 0 turns the loop off."""
+    return value if value == 0 else interval(not_negative(value))
+
+
 def resources(value: tuple[str, ...]) -> tuple[str, ...]:
     for item in value:
         try:

@@ -1156,6 +1156,23 @@ def test_durations_are_at_most_a_year(argv: list[str]) -> None:
     assert "must be at most 8760h" in error(env={"KOPA_SHUTDOWN_TIMEOUT": "1e12"})
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--opa-check-interval=1ns"],
+        ["--opa-check-interval=9ms"],
+        ["--drift-check-interval=1us"],
+        ["--replicate-resync=1ns"],
+        ["--leader-election=true", "--leader-election-retry-period=1ns"],
+    ],
+)
+def test_loops_are_paced_at_least_10ms_apart(argv: list[str]) -> None:
+    """A pause of 1ns between checks made a tight loop of requests to OPA or the API server."""
+    message = error(argv)
+    assert message.startswith(f"invalid {argv[-1].split('=')[0]}") and "must be at least 10ms" in message
+    assert load("--opa-check-interval=10ms", "--drift-check-interval=0").opa.drift_check_interval == 0.0
+
+
 # --- the link to OPA ---------------------------------------------------------------------------------------
 
 
@@ -1314,7 +1331,7 @@ def test_leader_election_settings() -> None:
         (["--leader-election-lease-name=Kopa"], "RFC 1123 subdomain"),
         (["--leader-election-renew-deadline=15s"], "must be shorter than --leader-election-lease-duration"),
         (["--leader-election-retry-period=9s"], "must be shorter than --leader-election-renew-deadline"),
-        (["--leader-election-retry-period=0"], "must be more than zero"),
+        (["--leader-election-retry-period=0"], "must be at least 10ms"),
     ],
 )
 def test_leader_election_refusals(argv: list[str], message: str) -> None:
