@@ -1,6 +1,7 @@
 """HTTP/1.1 basics shared by kopa's two hand-written clients: the OPA transport (app/opa/transport.py) and
 the Kubernetes watch stream (app/kube/stream.py). aiohttp serves every other request; these two exist
 because kopa's path from a watch event to OPA is latency-bound (docs/architecture.md, "Adapters").
+`url_host` serves every adapter that puts a host into a URL or a log line.
 """
 
 from __future__ import annotations
@@ -8,6 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets (RFC 3986), anything else as it is."""
+    return f"[{host}]" if ":" in host else host
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,7 @@ class Origin:
     @property
     def authority(self) -> str:
         """host:port, always with the port (a CONNECT request's target)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{url_host(self.host)}:{self.port}"
 
     @classmethod
     def of(cls, url: str) -> Origin:

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
+from app.http1 import url_host
 from app.kube.auth import Credential, exec_credential, oidc_credential
 from app.kube.kubeconfig import Entry, KubeconfigInvalid, Selected, kubeconfig_files, read_kubeconfig
 
@@ -119,7 +120,7 @@ def _proxy(url: str | None) -> tuple[str | None, str | None]:
     if parsed.username is not None:
         user, password = unquote(parsed.username), unquote(parsed.password or "")
         authorization = aiohttp.encode_basic_auth(user, password)
-    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    host = url_host(parsed.hostname)
     netloc = f"{host}:{port}" if port is not None else host
     return parsed._replace(netloc=netloc).geturl(), authorization
 
@@ -175,7 +176,7 @@ def _in_cluster_connection(env: dict[str, str]) -> KubeConnection:
     namespace = namespace_file.read_text().strip() if namespace_file.exists() else "default"
     tls = _Tls(https=True, ca=ca)
     return KubeConnection(
-        host=f"https://{f'[{host}]' if ':' in host else host}:{port}",
+        host=f"https://{url_host(host)}:{port}",
         authorization=f"Bearer {token}",
         ssl_context=tls.context(),
         namespace=namespace,

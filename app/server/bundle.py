@@ -51,6 +51,7 @@ from app.bundle.candidate import Candidates
 from app.bundle.compiler import RESOURCE as CANDIDATE_RESOURCE
 from app.bundle.fleet import BUNDLE_NAME, Fleet, Report, ReportError
 from app.bundle.state import BundleState, Revision
+from app.http1 import url_host
 from app.opa.credentials import CredentialsError, ReloadingTls, reason_of
 from app.server.http import WILDCARD_HOSTS, ServerError, dual_stack_socket, ipv4_wildcard_socket
 
@@ -155,7 +156,7 @@ class BundleServer:
         log.info(
             "serving the bundle at %s://%s:%d/bundles/%s",
             self._scheme,
-            f"[{self.host}]" if ":" in self.host else self.host,
+            url_host(self.host),
             self.port,
             BUNDLE_NAME,
         )

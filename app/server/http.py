@@ -30,6 +30,8 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from app.http1 import url_host
+
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
@@ -86,7 +88,7 @@ def ipv4_wildcard_socket(port: int) -> socket.socket:
 
 
 def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{url_host(host)}:{port}"
 
 
 class _Refused(asyncio.Protocol):
