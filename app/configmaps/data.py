@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from app.jsonbytes import dumps, equal
+from app.jsonbytes import dumps, equal, loads
 from app.model import ObjectKey
 from app.opa.client import Chunks, OpaError
 
@@ -31,7 +31,7 @@ def parse_document(key: str, text: str) -> tuple[bytes | None, dict[str, Any] | 
     """(serialized JSON object, None) or (None, error). Only objects are valid, as in kube-mgmt, which also
     takes `null` (Go decodes it into an object as nothing) and writes it as null."""
     try:
-        value = orjson.loads(text)
+        value = loads(text)
     except orjson.JSONDecodeError as exc:
         return None, kopa_error("invalid_data", f"key {key}: not valid JSON: {exc}")
     if value is not None and not isinstance(value, dict):

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from app.configmaps.data import parse_document
-from app.jsonbytes import dumps, equal
+from app.jsonbytes import dumps, equal, loads
 from app.replication.objects import content_digest, converter
 
 
@@ -45,3 +45,20 @@ def test_a_deep_replicated_object_is_converted_and_digested() -> None:
     replica = converter("Widget", "example.com/v1", keep_managed_fields=False)(obj)
     assert orjson.loads(replica.body)["kind"] == "Widget"
     assert replica.digest == content_digest({**obj, "metadata": {"name": "w", "namespace": "ns"}})
+
+
+def test_lone_surrogate_escapes_read_as_go_reads_them() -> None:
+    """Go's decoder (kube-mgmt's, OPA's) reads a lone surrogate escape as U+FFFD; orjson refused the key."""
+    text = '{"k\\ud800":["\\udc00x", "\\ud83d\\ude00", {"n": 1.5}], "deep": ' + nested(300) + "}"
+    document, error = parse_document("s.json", text)
+    assert error is None and document is not None
+    value = orjson.loads(document)
+    assert value["k\ufffd"] == ["\ufffdx", "\U0001f600", {"n": 1.5}]
+    assert value["deep"] == orjson.loads(nested(300))
+    assert loads(b'"\\ud800"') == "\ufffd"
+
+
+@pytest.mark.parametrize("text", ['{"a": "\\ud800", "b": NaN}', '{"a": "\\ud800"', '{"a": "\\ud8"}'])
+def test_text_that_is_not_json_for_another_reason_too_is_still_refused(text: str) -> None:
+    _, error = parse_document("s.json", text)
+    assert error is not None and error["message"].startswith("key s.json: not valid JSON: ")
