@@ -134,8 +134,8 @@ class StatusReporter:
         self.leader = leader  # None: no election, this replica always writes
         self.queue: WorkQueue[ObjectKey] = WorkQueue("status", observer=observer)
         self._wanted: dict[ObjectKey, tuple[str, str]] = {}  # key -> (status, action)
-        # What kopa last wrote, and on which version of the object ((uid, resourceVersion)): until the
-        # store moves past that version, it has not seen kopa's own patch yet.
+        # What kopa last wrote on each ConfigMap, and on which version of it ((uid, resourceVersion)): until
+        # the store moves past that version, it has not seen kopa's own patch yet.
         self._written: dict[ObjectKey, tuple[tuple[str | None, str | None], str]] = {}
         self._instance = os.environ.get("POD_NAME") or socket.gethostname()
         self._failing: dict[ObjectKey, str] = {}  # why writing each ConfigMap's status last failed
@@ -195,15 +195,22 @@ class StatusReporter:
             return  # gone or no longer selected: nothing to tell
         value, action = wanted
         meta = obj.get("metadata") or {}
-        annotations = meta.get("annotations") or {}
-        # What kopa wrote counts only while the store still holds the version kopa patched; once it moved
-        # on, the object says what it carries (an update may have dropped the annotation: `kubectl
-        # replace`, a GitOps tool; a recreated object has a new uid).
         version = (meta.get("uid"), meta.get("resourceVersion"))
+        carried = (meta.get("annotations") or {}).get(STATUS_ANNOTATION)
         written = self._written.get(key)
-        stale = written is not None and written[0] == version
-        current = written[1] if written is not None and stale else annotations.get(STATUS_ANNOTATION)
-        if current == value or not self.writing:
+        if written is not None and written[0][0] == version[0]:
+            if written[0] == version:
+                carried = written[1]  # the store has not seen kopa's patch yet
+            elif carried is not None and written[1] == value:
+                # Told already. Another writer's status (a second push-mode sidecar whose OPA took the other
+                # module of a conflicting pair) is left alone: rewriting it made two replicas patch each
+                # other's status, and record Events, without end. An update that dropped the annotation
+                # (`kubectl replace`, a GitOps tool) gets it back.
+                return
+            current: str | None = written[1]  # the transition kopa's Events tell is from what kopa said
+        else:
+            current = carried  # a recreated object, or nothing written yet: the object says what it carries
+        if carried == value or not self.writing:
             return  # a replica that does not lead writes nothing; resync() catches up when it leads
         ns, name = key
         path = f"/api/v1/namespaces/{quote(ns)}/configmaps/{quote(name)}"

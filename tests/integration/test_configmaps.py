@@ -7,6 +7,7 @@ and a test for each of kube-mgmt's ConfigMap defects that kopa fixes.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -310,6 +311,37 @@ def test_a_status_removed_by_a_replace_is_written_again(
         core_v1.replace_namespaced_config_map(name, namespace, current)
     assert wait_status(core_v1, namespace, "good") == OK
     assert wait_status(core_v1, namespace, "bad", lambda v: v != OK) == error
+
+
+def test_two_sidecars_whose_opas_disagree_each_say_their_status_once(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """Two push-mode replicas, each beside its own OPA, can take different modules of a conflicting pair
+    (which one fails depends on the order each saw them). Each writes its status once: rewriting the other's
+    made both patch the annotation, and record Events, about 200 times a second without end."""
+    package = namespace.replace("-", "")
+    run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    put_configmap(core_v1, namespace, "z-first", {"f.rego": f"package {package}\n\nf := 1\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "z-first") == OK
+    put_configmap(core_v1, namespace, "a-second", {"f.rego": f"package {package}\n\nf(x) := 2\n"}, POLICY)
+    wait_status(core_v1, namespace, "a-second", lambda v: v != OK)
+    with OpaServer(tmp_path / "opa-2", "plain") as second:
+        # The second lists the ConfigMaps in name order: a-second loads, z-first is the one that fails.
+        run_kopa(f"--opa-url={second.api_url}", f"--namespaces={namespace}")
+        wait_status(core_v1, namespace, "z-first", lambda v: v != OK)
+        # Both sidecars agree on this one; once its status is written, each has seen the other's patches.
+        put_configmap(core_v1, namespace, "barrier", {"b.rego": f"package {package}.b\n\nb := 1\n"}, POLICY)
+        assert wait_status(core_v1, namespace, "barrier") == OK
+        assert status_of(core_v1, namespace, "z-first") != OK
+        assert status_of(core_v1, namespace, "a-second") == OK
+        events = client.EventsV1Api(core_v1.api_client).list_namespaced_event(namespace).items
+        told = sorted(
+            (e.regarding.name, e.reason)
+            for e in events
+            if e.regarding is not None and e.regarding.name in ("z-first", "a-second")
+        )
+        # The first sidecar: a-second failed. The second: a-second recovered, z-first failed.
+        assert told == [("a-second", "LoadFailed"), ("a-second", "LoadRecovered"), ("z-first", "LoadFailed")]
 
 
 def test_several_namespaces_and_all_namespaces(
