@@ -247,9 +247,7 @@ class OpaClient:
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
     async def put_policy(self, policy_id: str, text: str) -> None:
-        await self.request(
-            "PUT", f"policies/{encode_path(policy_id.split('/'))}", text.encode(), "text/plain"
-        )
+        await self._write("PUT", f"policies/{encode_path(policy_id.split('/'))}", text.encode(), "text/plain")
 
     async def delete_policy(self, policy_id: str) -> bool:
         """False when OPA did not have it."""
@@ -275,18 +273,22 @@ class OpaClient:
 
     async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:
         """Writes a JSON document (serialized, or produced in pieces), creating missing parents."""
-        await self.request("PUT", f"data/{encode_path(path)}", document)
+        await self._write("PUT", f"data/{encode_path(path)}", document)
 
     async def delete_data(self, path: Sequence[str]) -> bool:
         status, _ = await self.request("DELETE", f"data/{encode_path(path)}")
         return status != 404
 
     async def patch_data(self, path: Sequence[str], operations: bytes) -> None:
-        """Applies a JSON Patch, all or nothing. OPA answers 404 when an operation's path is missing (it
-        then applied none of them): raised as OpaError, never taken for success."""
-        status, payload = await self.request(
-            "PATCH", f"data/{encode_path(path)}", operations, "application/json-patch+json"
-        )
+        """Applies a JSON Patch, all or nothing (OPA applies none of them when one's path is missing)."""
+        await self._write("PATCH", f"data/{encode_path(path)}", operations, "application/json-patch+json")
+
+    async def _write(
+        self, method: str, path: str, body: bytes | Chunks, content_type: str = "application/json"
+    ) -> None:
+        """A write that OPA answers 404 did not happen (a PATCH whose path is missing; a PUT under a parent
+        that is not an object, `resource_conflict`): raised as OpaError, never taken for success."""
+        status, payload = await self.request(method, path, body, content_type)
         if status == 404:
             raise _opa_error(status, payload)
 

@@ -25,9 +25,12 @@ from tests.integration.helpers import (
     data,
     etcd_count,
     etcd_delete,
+    get,
+    log_text,
     opa_writes,
     start_up_error,
     wait_log,
+    wait_probe,
 )
 
 pytestmark = pytest.mark.integration
@@ -360,6 +363,22 @@ def test_a_failing_collection_backs_off_and_never_blocks_the_others(
     # The policy goes: the next retry succeeds.
     opa.http().delete("/v1/policies/squatter")
     wait_for(opa, f"kubernetes/services/{namespace}/web", bool, "services replicated after the conflict")
+
+
+def test_a_put_opa_answers_404_is_a_failure_not_a_load(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """A value that is not an object at the replicate path (a leftover): OPA answers the collection's PUT
+    404 resource_conflict. kopa took it for loaded, became ready, and OPA held no object."""
+    opa.http().put("/v1/data/kubernetes", '"left-over"')
+    core_v1.create_namespaced_service(namespace, service("web"))
+    kopa = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", "--replicate=v1/services")
+    wait_log(kopa, "loading kubernetes/services into OPA failed")
+    assert "loaded kubernetes/services into OPA" not in log_text(kopa)
+    assert get(kopa, "/readyz")[0] == 503
+    opa.http().delete("/v1/data/kubernetes")
+    wait_for(opa, f"kubernetes/services/{namespace}/web", bool, "services replicated once the path is free")
+    wait_probe(kopa, "/readyz", 200)
 
 
 def test_updates_that_change_nothing_write_nothing(
