@@ -3,8 +3,8 @@
 A producer keeps its source's store current (latest state per key) and adds the key of every object that
 changed to the bounded queue (a plain call, as client-go's event handlers make: the queue never blocks).
 Whatever happens to the connection, it resumes from the last resourceVersion it saw; when that is too old
-(410 Gone) it lists again and diffs the list against the store, so objects deleted during the gap are
-removed too.
+(410 Gone), or the server refuses the watch (RBAC without the watch verb), it lists again and diffs the
+list against the store, so objects deleted during the gap are removed too.
 """
 
 from __future__ import annotations
@@ -141,11 +141,15 @@ class Watcher(Generic[V]):
 
         `failures` counts attempts in a row that achieved nothing (no event; for a watch the server ended
         cleanly, not even MIN_WATCH_SECONDS open); it sets the backoff. Time alone does not make a failed
-        attempt healthy: a connect that times out after 10 s achieved nothing either. A 410 after a
-        healthy watch relists at once, but a 410 that keeps coming spaces the relists, so a misbehaving
-        server never sees a hot loop.
+        attempt healthy: a connect that times out after 10 s achieved nothing either. A 410 relists at once
+        (however many connection failures came before it: an API server back from an outage), but a 410
+        that keeps coming spaces the relists, so a misbehaving server never sees a hot loop. A watch the
+        server refuses (403 without the watch verb, 405, 404) lists again at the next attempt, as
+        client-go's reflector does: resuming the watch alone left the store as the first list had it.
         """
         failures = 0
+        gone = 0  # 410s in a row with nothing achieved between them
+        said = ""  # the failure last logged at warning level, until a watch works again
         while True:
             self._progress = False
             try:
@@ -154,11 +158,12 @@ class Watcher(Generic[V]):
                 self._watch_began = time.monotonic()
                 await self._watch(self._resource_version)
             except KubeGone:
-                failures = 0 if self._progress else failures
-                failures += 1
+                gone = 0 if self._progress else gone
+                gone += 1
+                failures = 0  # the server answered: whatever failed before is over
                 self.stats.restarts["gone"] += 1
                 self._resource_version = None
-                delay = 0.0 if failures == 1 else self._backoff.delay(failures - 1)
+                delay = 0.0 if gone == 1 else self._backoff.delay(gone - 1)
                 log.info(
                     "watch of %s expired (410 Gone); listing again%s",
                     self.collection.describe(),
@@ -166,13 +171,17 @@ class Watcher(Generic[V]):
                 )
                 await anyio.sleep(delay)
             except (KubeUnavailable, KubeApiError) as exc:
-                failures = 0 if self._progress else failures
+                if self._progress:
+                    failures = gone = 0
+                    said = ""
                 kind = "timeout" if "Timeout" in str(exc) else "error"
                 self.stats.restarts[kind] += 1
                 failures += 1
+                if isinstance(exc, KubeApiError):
+                    self._resource_version = None  # refused, not cut off: list again (docstring)
                 delay = self._backoff.delay(failures)
                 # The same failure again (a 403 until RBAC changes) is logged once, then at debug level.
-                again = self.stats.failure is not None and str(self.stats.failure) == str(exc)
+                again, said = said == str(exc), str(exc)
                 self.stats.failure = exc
                 quiet = (failures == 1 and kind == "timeout") or again
                 level = logging.DEBUG if quiet else logging.WARNING
@@ -186,7 +195,8 @@ class Watcher(Generic[V]):
                 await anyio.sleep(delay)
             else:
                 if self._healthy():
-                    failures = 0
+                    failures = gone = 0
+                    said = ""
                     self.stats.restarts["closed"] += 1
                     continue
                 failures += 1

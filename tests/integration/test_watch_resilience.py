@@ -18,6 +18,8 @@ and ready.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,6 +190,53 @@ def test_expired_watch_relists_and_removes_what_was_deleted_during_the_gap(
     wait_data(opa, namespace, {"a": {"a.json": {"a": 1}}, "c": {"c.json": {"c": 3}}})
     assert wait_status(core_v1, namespace, "c") == OK
     assert wait_status(core_v1, namespace, "a") == OK
+
+
+def test_a_watch_rbac_refuses_lists_again_and_keeps_opa_current(
+    *,
+    run_kopa: KopaFactory,
+    opa: OpaServer,
+    core_v1: client.CoreV1Api,
+    namespace: str,
+    k8s: client.ApiClient,
+    kubeconfig_for: Callable[..., Path],
+) -> None:
+    """A ClusterRole with get and list but not watch, a common slip. kopa loaded the first list, became
+    ready, and kept it for good while every watch was refused; kube-mgmt lists again."""
+    name = f"kopa-nowatch-{namespace}"
+    rbac = client.RbacAuthorizationV1Api(k8s)
+    role: Any = {
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list"]}],
+    }
+    binding: Any = {
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "namespace": "kopa-system", "name": "restricted"}],
+    }
+    rbac.create_cluster_role(role)
+    rbac.create_cluster_role_binding(binding)
+    try:
+        core_v1.create_namespaced_service(namespace, service("old"))
+        kopa = run_kopa(
+            f"--opa-url={opa.api_url}",
+            "--enable-policies=false",
+            "--enable-data=false",
+            "--replicate=v1/services",
+            kubeconfig=kubeconfig_for("kopa-system:restricted"),
+        )
+        wait_until(lambda: data(opa, f"kubernetes/services/{namespace}/old"), timeout=TIMEOUT, what="listed")
+        wait_log(kopa, "cannot watch resource")
+        core_v1.create_namespaced_service(namespace, service("new"))
+        core_v1.delete_namespaced_service("old", namespace)
+        wait_until(
+            lambda: set(data(opa, f"kubernetes/services/{namespace}") or {}) == {"new"},
+            timeout=RESUME_TIMEOUT,
+            what="OPA holding the services as the API server lists them",
+        )
+    finally:
+        rbac.delete_cluster_role_binding(name)
+        rbac.delete_cluster_role(name)
 
 
 # --- ConfigMaps near the 1 MiB limit -----------------------------------------------------------------------

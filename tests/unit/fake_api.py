@@ -17,7 +17,8 @@ from aiohttp import web
 
 from devstack.processes import HOST
 
-WatchMode = Literal["empty", "gone", "hold", "break"]
+WatchMode = Literal["empty", "gone", "hold", "break", "forbidden", "outage"]
+OUTAGE = 5  # watches the "outage" mode answers 503 before its 410
 PATH = "/api/v1/namespaces/default/configmaps"
 
 
@@ -28,6 +29,8 @@ class FakeApi:
     - gone: 410 Gone, every time
     - hold: 200, one BOOKMARK, then waits for `push` and sends one ADDED event, then stays open
     - break: 200, one ADDED event (resourceVersion 7), then the connection breaks in the middle of the answer
+    - forbidden: 403, every time (a Role with list but not watch)
+    - outage: 503 for the first OUTAGE watches (an API server coming back), then 410 once, then as hold
     GET {PATH}/<name> answers 401 unless the token is `valid_token` (None: any token is fine).
     """
 
@@ -64,9 +67,14 @@ class FakeApi:
         self.watch_opened.set()
         if self.watch_mode == "empty":
             return web.Response(status=200, body=b"", content_type="application/json")
-        if self.watch_mode == "gone":
+        if self.watch_mode == "gone" or (self.watch_mode == "outage" and self.watches == OUTAGE + 1):
             status = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
             return web.json_response(status, status=410)
+        if self.watch_mode == "outage" and self.watches <= OUTAGE:
+            return web.json_response({"kind": "Status", "code": 503, "message": "unavailable"}, status=503)
+        if self.watch_mode == "forbidden":
+            status = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "cannot watch"}
+            return web.json_response(status, status=403)
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         await response.prepare(request)
         if self.watch_mode == "break":
