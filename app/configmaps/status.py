@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -30,11 +31,13 @@ from app.pipeline.workqueue import QueueObserver, WorkQueue
 log = logging.getLogger(__name__)
 
 STATUS_ANNOTATION = "openpolicyagent.org/kube-mgmt-status"
-OK = orjson.dumps({"status": "ok"}).decode()
+OK = '{"status":"ok"}'
 # Kubernetes caps all annotations of an object at 256 KiB together; kopa's stays far below that.
 MAX_STATUS_BYTES = 16 * 1024
 MAX_ERROR_BYTES = 4 * 1024
-MAX_NOTE_CHARS = 1000  # events.k8s.io/v1 limits note to 1 kB
+MAX_NOTE_BYTES = 1024  # events.k8s.io/v1 limits note to 1 kB, counted in bytes
+
+TRUNCATED = "... (truncated)"
 
 REASON_FAILED = "LoadFailed"
 REASON_RECOVERED = "LoadRecovered"
@@ -70,24 +73,35 @@ def _bounded(error: dict[str, Any]) -> dict[str, Any]:
     return trimmed
 
 
+# What Go's encoding/json escapes in strings (kube-mgmt's annotations are its output): equal statuses are
+# equal texts, so a ConfigMap kube-mgmt reported on is not rewritten when kopa takes over.
+_GO_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_GO_ESCAPED = re.compile("[<>&\u2028\u2029]")
+
+
+def _encode(doc: dict[str, Any]) -> str:
+    """JSON as Go writes it. The characters escaped can only occur inside strings."""
+    return _GO_ESCAPED.sub(lambda m: _GO_ESCAPES[m.group(0)], orjson.dumps(doc).decode())
+
+
 def status_value(errors: list[dict[str, Any]]) -> str:
     """The annotation for a ConfigMap whose failing keys produced these errors (in key order)."""
     if not errors:
         return OK
     if len(errors) == 1:
-        return orjson.dumps({"status": "error", "error": _bounded(errors[0])}).decode()
+        return _encode({"status": "error", "error": _bounded(errors[0])})
     kept: list[dict[str, Any]] = []
     for index, error in enumerate(errors):
         candidate = [*kept, _bounded(error)]
         rest = len(errors) - index - 1
         marker = [{"code": "truncated", "message": f"{rest} more errors not shown"}] if rest else []
-        if len(orjson.dumps({"status": "error", "error": candidate + marker})) > MAX_STATUS_BYTES:
+        if len(_encode({"status": "error", "error": candidate + marker}).encode()) > MAX_STATUS_BYTES:
             break
         kept = candidate
     if len(kept) < len(errors):
         omitted = len(errors) - len(kept)
         kept.append({"code": "truncated", "message": f"{omitted} more errors not shown"})
-    return orjson.dumps({"status": "error", "error": kept}).decode()
+    return _encode({"status": "error", "error": kept})
 
 
 def _summary(value: str) -> str:
@@ -101,7 +115,10 @@ def _summary(value: str) -> str:
             details = [d.get("message", "") for d in e.get("errors") or [] if isinstance(d, dict)]
             parts.append("; ".join(filter(None, [str(e.get("message", "")), *details[:2]])))
     note = " | ".join(parts) or value
-    return note if len(note) <= MAX_NOTE_CHARS else note[: MAX_NOTE_CHARS - 15] + "... (truncated)"
+    if len(note.encode()) <= MAX_NOTE_BYTES:
+        return note
+    cut = note.encode()[: MAX_NOTE_BYTES - len(TRUNCATED)].decode("utf-8", "ignore")  # whole characters
+    return cut + TRUNCATED
 
 
 class StatusApi(Protocol):

@@ -11,7 +11,7 @@ import pytest
 
 from app.configmaps.data import DataBook, parse_document
 from app.configmaps.policies import PolicyBook
-from app.configmaps.status import MAX_STATUS_BYTES, OK, StatusReporter, status_value
+from app.configmaps.status import MAX_STATUS_BYTES, OK, StatusReporter, _summary, status_value
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.model import ALL, CHECK, ObjectKey, Store
 from app.opa.client import OpaUnauthorized
@@ -35,6 +35,21 @@ def test_the_status_is_kube_mgmts_byte_for_byte() -> None:
         == '{"status":"error","error":{"code":"rego_parse_error","message":"unexpected eof"}}'
     )
     assert orjson.loads(status_value([one, one]))["error"] == [one, one]
+    # Go's encoder escapes <, >, & and the two line separators (OPA's messages quote Rego: `x := <VALUE>`).
+    quoting = {"code": "rego_parse_error", "message": "expected x := <VALUE> && y\u2028\u2029é"}
+    assert status_value([quoting]) == (
+        '{"status":"error","error":{"code":"rego_parse_error",'
+        '"message":"expected x := \\u003cVALUE\\u003e \\u0026\\u0026 y\\u2028\\u2029é"}}'
+    )
+    assert orjson.loads(status_value([quoting]))["error"] == quoting
+
+
+def test_an_event_note_fits_the_api_servers_limit_in_bytes() -> None:
+    """The API server counts bytes (1024): a note of 1000 two-byte characters was refused."""
+    note = _summary(status_value([{"code": "rego_type_error", "message": "é" * 3000}]))
+    assert len(note.encode()) <= 1024 and note.endswith("... (truncated)")
+    assert note.startswith("é" * 100)
+    assert _summary(status_value([{"code": "c", "message": "short"}])) == "short"
 
 
 def test_a_status_with_many_large_errors_stays_within_its_budget() -> None:
