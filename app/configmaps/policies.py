@@ -5,8 +5,13 @@ again when a module it could depend on, or conflict with, is loaded or removed: 
 `data.` path the failing module mentions, or shares its package. Every PUT makes OPA compile every module
 it holds, so retrying every failed module after every change would cost a compile per failed module per
 change; this costs one only when something relevant changed. A module with a parse error waits until its
-own text changes. Modules keep the order in which kopa first saw them (`Module.order`), so that retries,
-and a refill after an OPA restart, go in the same order.
+own text changes. Modules keep the order in which kopa first saw them (`Module.order`), so that retries go
+in the same order.
+
+A refill after an OPA restart loads the modules OPA held in the order they were loaded, then the others, so
+which module of a conflicting pair fails never flips. A module whose current text is refused keeps its last
+good text in force, as it does while OPA runs (a failed PUT leaves OPA's version): a bad edit followed by an
+OPA restart must not drop a `deny` rule.
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ class Module:
     text: str
     order: int
     loaded_text: str | None = None  # what OPA holds under this id, None when nothing
+    good_text: str | None = None  # the last text OPA accepted under this id, kept across OPA restarts
+    loaded_seq: int | None = None  # when good_text was loaded (PolicyBook._loads): the refill's order
     error: dict[str, Any] | None = None  # OPA's error object while the current text is not loaded
     parse_error: bool = False
 
@@ -101,6 +108,11 @@ class Module:
         return any(related(ref, package) for ref in data_refs(self.text))
 
 
+def _refill_order(module: Module) -> tuple[bool, int, int]:
+    """The modules OPA held, in the order they were loaded; then the others, in the order first seen."""
+    return module.loaded_seq is None, module.loaded_seq or 0, module.order
+
+
 @dataclass
 class PolicyBook:
     opa: PolicyApi
@@ -111,6 +123,7 @@ class PolicyBook:
     epoch: int = 0  # the OPA process (OpaProcess.epoch) that loaded_text describes
     repairs: int = 0
     _order: itertools.count[int] = field(default_factory=itertools.count)
+    _loads: itertools.count[int] = field(default_factory=itertools.count)
 
     def of(self, configmap: ObjectKey) -> list[Module]:
         """The modules of one ConfigMap, in key order."""
@@ -154,13 +167,27 @@ class PolicyBook:
             module.loaded_text = None
 
     async def load_all(self) -> set[ObjectKey]:
-        """Loads every module again in the order kopa first saw them, so outcomes do not flip."""
+        """Loads every module into a new OPA process (module docstring: order, last good text)."""
         changed = []
-        for module in sorted(self.modules.values(), key=lambda m: m.order):
+        for module in sorted(self.modules.values(), key=_refill_order):
             if await self._load(module):
                 changed.append(package_of(module.text))
+            elif module.good_text not in (None, module.text) and await self._restore(module):
+                changed.append(package_of(module.loaded_text or ""))
         await self._retry_failed(changed)
         return {m.configmap for m in self.modules.values()}
+
+    async def _restore(self, module: Module) -> bool:
+        """Puts back the module's last good text, its current one being refused; True if OPA took it."""
+        assert module.good_text is not None
+        try:
+            await self.opa.put_policy(module.id, module.good_text)
+        except OpaError as exc:
+            log.debug("policy %s: its last good text failed to load too: %s", module.id, exc)
+            return False
+        module.loaded_text = module.good_text
+        log.info("policy %s: its ConfigMap's text is refused; its last good text stays in force", module.id)
+        return True
 
     async def settle(self) -> set[ObjectKey]:
         """Bundle mode: learns what became of the writes of this batch (a staged module counted as loaded
@@ -174,6 +201,8 @@ class PolicyBook:
                 continue
             before = (module.loaded_text, module.error)
             module.loaded_text = outcome.held
+            if outcome.held is not None and outcome.held != before[0]:
+                self._loaded(module, outcome.held)
             if outcome.error is not None:
                 module.error = outcome.error
                 module.parse_error = PARSE_ERROR in error_codes(outcome.error)
@@ -211,10 +240,14 @@ class PolicyBook:
             module.parse_error = PARSE_ERROR in exc.error_codes
             log.debug("policy %s failed to load: %s", module.id, exc)
             return False
-        module.loaded_text = module.text
+        self._loaded(module, module.text)
         module.error = None
         module.parse_error = False
         return True
+
+    def _loaded(self, module: Module, text: str) -> None:
+        module.loaded_text = module.good_text = text
+        module.loaded_seq = next(self._loads)
 
     async def _retry_failed(self, changed: list[Path]) -> set[ObjectKey]:
         """Tries the failed modules that the changed packages concern; a module that loads then concerns
@@ -231,17 +264,24 @@ class PolicyBook:
                         changed.append(package_of(module.text))
         return touched
 
-    async def check(self) -> int:
+    async def check(self) -> tuple[int, set[ObjectKey]]:
         """Compares the modules OPA holds with kopa's book and repairs the differences (anti-entropy).
 
         Only ids kopa owns are touched: those in the book, and unknown ones for which `owns` says so.
-        Returns the number of repairs.
+        Returns the number of repairs and the ConfigMaps whose module states changed.
         """
         held = {str(p.get("id")): str(p.get("raw", "")) for p in await self.opa.list_policies()}
         repairs = 0
+        touched: set[ObjectKey] = set()
         for module in sorted(self.modules.values(), key=lambda m: m.order):
             have = held.get(module.id)
             if have == module.loaded_text:
+                continue
+            if module.loaded_text is None and have is not None and module.error is not None:
+                # An earlier text of this key (a previous kopa's, or kube-mgmt's), while the current one is
+                # refused: it stays in force, as it would had this kopa loaded it (module docstring).
+                log.info("policy %s: OPA holds an earlier text of it, which stays in force", module.id)
+                self._loaded(module, have)
                 continue
             repairs += 1
             if module.loaded_text is None:
@@ -265,9 +305,17 @@ class PolicyBook:
             if self.owns(policy_id):
                 repairs += 1
                 log.warning("drift: OPA holds policy %s, which no ConfigMap has; removing it", policy_id)
-                await self._delete_quietly(policy_id)
+                # Modules that need it (a library whose ConfigMap was deleted while kopa was down) go first,
+                # and are reported, as when kopa removes a module itself.
+                ns, name, _ = [*policy_id.split("/", 2), "", ""][:3]
+                text = held[policy_id]
+                stale = Module(policy_id, ObjectKey(ns, name), text, -1, loaded_text=text)
+                try:
+                    touched |= await self._unload(stale, reason=None)
+                except OpaError as exc:
+                    log.warning("drift: could not remove policy %s: %s", policy_id, exc)
         self.repairs += repairs
-        return repairs
+        return repairs, touched
 
     async def _delete_quietly(self, policy_id: str) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from app.configmaps.data import DataApi, DataBook
@@ -16,7 +17,7 @@ from app.configmaps.policies import PolicyApi, PolicyBook, Settler
 from app.configmaps.status import Leadership, StatusReporter
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.kube.client import KubeClient
-from app.model import Store, WorkKey
+from app.model import CHECK, Store, WorkKey
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher, WatchStats, same_resource_version
@@ -78,8 +79,19 @@ class ConfigMapSource:
             "policies": Store("policies", same_resource_version),
         }
         self.collections = selection.collections()
+        unsynced = set(range(len(self.collections)))
+
+        def synced(index: int) -> None:
+            """Once every watch has listed (its keys queued before this one), push mode compares OPA with
+            the books: an OPA that outlived a previous kopa may hold modules of ConfigMaps deleted meanwhile
+            (and modules that need them), which go before kopa says it is ready."""
+            unsynced.discard(index)
+            if not unsynced and settler is None:
+                add(WorkKey(SOURCE, CHECK))
+
         self.watchers = [
-            Watcher(kube, c, self.stores[kind], SOURCE, add, convert=dict) for kind, c in self.collections
+            Watcher(kube, c, self.stores[kind], SOURCE, add, convert=dict, on_synced=partial(synced, i))
+            for i, (kind, c) in enumerate(self.collections)
         ]
         selected = ConfigMapStores(
             policies=self.stores["policies"] if selection.policies else None,

@@ -68,14 +68,12 @@ class ConfigMapSync:
         everything again, in order, from the books. ALL stands for every ConfigMap of the source at its
         latest state (the queue folds keys into it), so it syncs every ConfigMap kopa knows, after the
         refill too: a change the books have not seen yet is only in the stores. CHECK compares OPA with the
-        books and repairs what differs."""
+        books, once they hold the batch, and repairs what differs."""
         objects = objects_only(keys)
         if self.filled_epoch != self.process.epoch:
             await self.refill()
         if ALL in keys:
             objects = sorted(set(objects) | self.known())
-        if CHECK in keys:
-            await self.check()
         failures: list[tuple[Key, Exception]] = []
         touched: set[ObjectKey] = set()
         for key in objects:
@@ -84,6 +82,8 @@ class ConfigMapSync:
             except OpaError as exc:  # e.g. OPA refused to delete something; OpaUnavailable passes up
                 log.warning("syncing configmap %s failed: %s", key, exc)
                 failures.append((key, exc))
+        if CHECK in keys:
+            await self.check()
         # Statuses are written once the batch's modules are decided (bundle mode decides them together).
         self._report(touched | await self.policies.settle())
         return failures
@@ -139,8 +139,9 @@ class ConfigMapSync:
         if not await self.process.check() or self.filled_epoch != self.process.epoch:
             return 0
         data_store = self.stores.data
-        repairs = await self.policies.check()
+        repairs, touched = await self.policies.check()
         repairs += await self.data.check(lambda key: _texts(data_store.get(key) if data_store else None))
+        self._report(touched)
         return repairs
 
     async def handle(self, key: ObjectKey) -> set[ObjectKey]:

@@ -100,8 +100,8 @@ class Watcher(Generic[V]):
     """One producer. run() never returns on its own; cancel it to stop.
 
     `convert` turns an API object into what the store keeps; each change adds `WorkKey(source, key)` to the
-    queue. With `emit_initial=False` the first list adds nothing per object and calls `on_synced` instead
-    (replication loads a collection in one write).
+    queue. `on_synced` is called once the first list is stored (and its keys added). With `emit_initial=False`
+    that list adds nothing per object (replication loads a collection in one write).
     """
 
     def __init__(

@@ -18,8 +18,10 @@ from tests.integration.helpers import (
     policy_ids,
     put_configmap,
     secure_args,
+    status_of,
     wait_data,
     wait_log,
+    wait_probe,
     wait_status,
 )
 
@@ -95,3 +97,63 @@ def test_a_restart_is_noticed_when_opa_exits_not_at_the_next_check(
     )
     assert data(opa, f"{namespace}/doc/d.json") == {"x": 1}
     wait_log(kopa, "OPA restarted")
+
+
+def test_after_an_opa_restart_the_same_modules_are_in_force(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """Which module of a conflicting pair wins, and a last good text kept while its ConfigMap's text is
+    refused, survive an OPA restart. The refill went in the order kopa first saw the modules, failing ones
+    included (the other module of the pair won), and tried only the refused text (a `deny` rule vanished)."""
+    tag = namespace.replace("-", "")
+    run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}", "--opa-check-interval=200ms")
+    put_configmap(core_v1, namespace, "fl-a", {"a.rego": f"package flp{tag}\n\nf(x) := \n"}, POLICY)
+    parse_error = wait_status(core_v1, namespace, "fl-a", lambda v: v != OK)
+    put_configmap(core_v1, namespace, "fl-b", {"b.rego": f"package flp{tag}\n\nf := 2\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "fl-b") == OK
+    put_configmap(core_v1, namespace, "fl-a", {"a.rego": f"package flp{tag}\n\nf(x) := 1\n"}, POLICY)
+    conflict = wait_status(core_v1, namespace, "fl-a", lambda v: v not in (OK, parse_error))
+    put_configmap(core_v1, namespace, "guard", {"g.rego": f"package guard{tag}\n\ndeny := true\n"}, POLICY)
+    assert wait_status(core_v1, namespace, "guard") == OK
+    put_configmap(core_v1, namespace, "guard", {"g.rego": f"package guard{tag}\n\ndeny := \n"}, POLICY)
+    refused = wait_status(core_v1, namespace, "guard", lambda v: v != OK)
+    assert data(opa, f"flp{tag}/f") == 2 and data(opa, f"guard{tag}/deny") is True
+
+    opa.kill()
+    opa.start()
+    wait_data(opa, "system/kopa/ready", True)
+    assert data(opa, f"flp{tag}/f") == 2, "fl-b, in force before the restart, is in force after it"
+    assert data(opa, f"guard{tag}/deny") is True, "the last good text of guard is in force again"
+    assert status_of(core_v1, namespace, "fl-b") == OK
+    assert status_of(core_v1, namespace, "fl-a") == conflict
+    assert status_of(core_v1, namespace, "guard") == refused
+
+
+def test_a_kopa_restarted_beside_a_running_opa_cleans_up_after_its_predecessor(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """The sidecar restarts, OPA keeps running. A library whose ConfigMap was deleted meanwhile is removed,
+    with the module that needs it unloaded and reported (it stayed, and said ok, for good); a module whose
+    ConfigMap now holds a refused text keeps the text OPA holds (the drift check deleted it)."""
+    tag = namespace.replace("-", "")
+    args = (f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    first = run_kopa(*args)
+    lib = f"package lib{tag}\n\ntwice(x) := x * 2\n"
+    user = f"package use{tag}\n\nimport data.lib{tag}\n\nfour := lib{tag}.twice(2)\n"
+    put_configmap(core_v1, namespace, "lib", {"lib.rego": lib}, POLICY)
+    put_configmap(core_v1, namespace, "user", {"user.rego": user}, POLICY)
+    put_configmap(core_v1, namespace, "guard", {"g.rego": f"package guard{tag}\n\ndeny := true\n"}, POLICY)
+    for name in ("lib", "user", "guard"):
+        assert wait_status(core_v1, namespace, name) == OK
+    assert first.stop() == 0
+
+    core_v1.delete_namespaced_config_map("lib", namespace)
+    put_configmap(core_v1, namespace, "guard", {"g.rego": f"package guard{tag}\n\ndeny := \n"}, POLICY)
+    second = run_kopa(*args)
+    wait_probe(second, "/readyz", 200)
+    assert f"{namespace}/lib/lib.rego" not in policy_ids(opa)
+    assert "unloaded because it depends on" in wait_status(core_v1, namespace, "user", lambda v: v != OK)
+    assert data(opa, f"use{tag}/four") is None
+    assert wait_status(core_v1, namespace, "guard", lambda v: v != OK)
+    assert f"{namespace}/guard/g.rego" in policy_ids(opa)
+    assert data(opa, f"guard{tag}/deny") is True

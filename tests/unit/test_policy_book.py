@@ -81,13 +81,13 @@ async def test_the_drift_check_restores_kopas_modules_and_removes_only_owned_str
     opa.policies["ns/cm/b.rego"] = "package b\n\nchanged := true\n"
     opa.policies["ns/ghost/x.rego"] = "package ghost\n"
     opa.policies["bootstrap.rego"] = "package system.authz\n"
-    assert await policies.check() == 3
+    assert (await policies.check())[0] == 3
     assert opa.policies == {
         "ns/cm/a.rego": "package a\n",
         "ns/cm/b.rego": "package b\n",
         "bootstrap.rego": "package system.authz\n",
     }
-    assert await policies.check() == 0
+    assert (await policies.check())[0] == 0
     assert policies.repairs == 3
 
 
