@@ -72,6 +72,7 @@ class Readiness:
     sources: Callable[[], Iterable[SourceState]] = list  # asked each time: sources come and go
     details: Callable[[], dict[str, Any]] = dict  # more of /readyz's body (the analysis, when on)
     loaded_epoch: int | None = None  # the OPA epoch (see OpaProcess) that holds everything, if any
+    stale_marker_cleared: bool = False  # the marker of a previous kopa (see after_batch) is gone
 
     @property
     def loaded(self) -> bool:
@@ -82,7 +83,15 @@ class Readiness:
         return self.loaded and self.process.usable and not self.retrying()
 
     async def after_batch(self) -> None:
-        """Called by the writer after each batch: is everything in this OPA now?"""
+        """Called by the writer before its first batch and after each one: is everything in this OPA now?"""
+        if not self.stale_marker_cleared and not self.loaded and self.process.usable:
+            # A sidecar restarted beside a running OPA: its predecessor's marker would tell OPA's readiness
+            # check "ready" while this kopa has loaded nothing (tried again at each call until it works).
+            try:
+                await self.opa.delete_data(MARKER_PATH)
+                self.stale_marker_cleared = True
+            except (OpaUnavailable, OpaError):
+                pass
         if self.loaded or self.pending() or not all(s.settled for s in self.sources()):
             return
         epoch = self.process.epoch

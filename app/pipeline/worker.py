@@ -62,14 +62,16 @@ async def run_worker(
 ) -> None:
     """Processes keys forever, a batch at a time, in the order they were first queued.
 
-    `after_batch` also runs every IDLE_CHECK seconds while the queue is idle, so a source with nothing to
-    write still gets noticed as loaded. `progress` is called at every turn of the loop and after every
-    OPA request the writer makes. `footprints` has the sources whose whole loads may go beside others
-    (_apply); a source without one is never loaded beside anything.
+    `after_batch` also runs before the first batch, and every IDLE_CHECK seconds while the queue is idle,
+    so a source with nothing to write still gets noticed as loaded. `progress` is called at every turn of
+    the loop and after every OPA request the writer makes. `footprints` has the sources whose whole loads
+    may go beside others (_apply); a source without one is never loaded beside anything.
     """
     with progress_of(progress):
         async with anyio.create_task_group() as tg:
             tg.start_soon(_idle_ticks, queue)
+            if after_batch is not None:
+                await after_batch()
             while True:
                 progress()
                 # Group commit: whatever is waiting now, without waiting for more (module docstring).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -15,6 +17,7 @@ from tests.integration.helpers import (
     OK,
     POLICY,
     data,
+    get,
     policy_ids,
     put_configmap,
     secure_args,
@@ -157,3 +160,21 @@ def test_a_kopa_restarted_beside_a_running_opa_cleans_up_after_its_predecessor(
     assert wait_status(core_v1, namespace, "guard", lambda v: v != OK)
     assert f"{namespace}/guard/g.rego" in policy_ids(opa)
     assert data(opa, f"guard{tag}/deny") is True
+
+
+def test_a_restarted_kopa_takes_back_its_predecessors_readiness_marker(
+    run_kopa: KopaFactory,
+    opa: OpaServer,
+    core_v1: client.CoreV1Api,
+    namespace: str,
+    kubeconfig_for: Callable[..., Path],
+) -> None:
+    """OPA's readiness check (the chart's system.health policy) reads the marker: left by the previous
+    kopa, it said ready while the new one, unable to list anything, had loaded nothing."""
+    args = (f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    first = run_kopa(*args)
+    wait_data(opa, "system/kopa/ready", True)
+    assert first.stop() == 0
+    second = run_kopa(*args, kubeconfig=kubeconfig_for("kopa-system:restricted"))  # may list nothing
+    wait_until(lambda: data(opa, "system/kopa") is None, timeout=30, what="the old marker taken back")
+    assert get(second, "/readyz")[0] == 503
