@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 # What the API server accepts for a group (a DNS subdomain), a version and a resource's plural (DNS labels).
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# A Kubernetes API version (v1, v2beta1): never the name of a group.
+_VERSION = re.compile(r"v[0-9]+((alpha|beta)[0-9]+)?")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 EXAMPLES = "e.g. v1/services or networking.k8s.io/v1/ingresses"
 
@@ -26,6 +28,9 @@ class GroupVersionResource:
         if len(parts) == 2:
             parts.insert(0, "")
         group, version, resource = parts[0].lower(), parts[1], parts[2].lower()
+        if _VERSION.fullmatch(group):
+            # v1/pods/status read as group v1: a subresource, which has no objects of its own to replicate.
+            raise ValueError(f"{version}/{resource} is a subresource; replicate {group}/{version} instead")
         if group and not _SUBDOMAIN.fullmatch(group):
             raise ValueError(f"the group {group!r} is not a DNS subdomain, {EXAMPLES}")
         if not _LABEL.fullmatch(version):

@@ -83,27 +83,69 @@ def check_plurals(
         )
 
 
+# Groups the API server itself serves, whose resources no CRD adds to (a CRD's group has a dot, and the
+# *.k8s.io ones need an approval): a resource missing there is a typo, not a CRD to wait for.
+BUILT_IN_GROUPS = frozenset(
+    {
+        f"{name}.k8s.io"
+        for name in (
+            "admissionregistration",
+            "apiextensions",
+            "apiregistration",
+            "authentication",
+            "authorization",
+            "certificates",
+            "coordination",
+            "discovery",
+            "events",
+            "flowcontrol.apiserver",
+            "internal.apiserver",
+            "networking",
+            "node",
+            "rbac.authorization",
+            "resource",
+            "scheduling",
+            "storage",
+            "storagemigration",
+        )
+    }
+)
+
+
+def _built_in(group: str) -> bool:
+    return "." not in group or group in BUILT_IN_GROUPS
+
+
 async def lookup_checked(
     client: Discovery, gvr: GroupVersionResource, want_namespaced: bool
 ) -> ResourceInfo | None:
     """lookup() with the checks a resource named in the settings gets. DiscoveryError when it is served
-    with the other scope than its flag says, or when the core group has no such resource: a typo, since
-    no CRD adds resources to the core group (elsewhere a missing resource may be a CRD not installed yet:
-    None)."""
+    with the other scope than its flag says, when it cannot be listed and watched (v1/bindings), or when
+    a built-in group/version that is served has no such resource: a typo, since no CRD adds resources
+    there (elsewhere a missing resource may be a CRD not installed yet: None)."""
     given = "--replicate" if want_namespaced else "--replicate-cluster"
     entries = await _resources(client, gvr)
     info = _find(gvr, entries)
-    if info is not None and info.namespaced != want_namespaced:
-        scope, flag = (
-            ("namespaced", "--replicate") if info.namespaced else ("cluster-scoped", "--replicate-cluster")
-        )
-        raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
-    if info is not None or gvr.group:
+    if info is not None:
+        if info.namespaced != want_namespaced:
+            scope, flag = ("namespaced", "--replicate")
+            if not info.namespaced:
+                scope, flag = ("cluster-scoped", "--replicate-cluster")
+            raise DiscoveryError(f"{given}={gvr}: {gvr.resource} is {scope}; use {flag}={gvr}")
+        verbs = {str(v) for e in entries if e.get("name") == gvr.resource for v in e.get("verbs") or []}
+        if verbs and not {"list", "watch"} <= verbs:
+            raise DiscoveryError(
+                f"{given}={gvr}: the API server cannot list and watch {gvr.resource} "
+                f"(it allows {', '.join(sorted(verbs))}); there is nothing to replicate"
+            )
         return info
+    if not _built_in(gvr.group) or (gvr.group and not entries):
+        return None  # not served (yet): a CRD not installed, an aggregated API away
     names = [str(e.get("name")) for e in entries if "/" not in str(e.get("name", ""))]
     close = difflib.get_close_matches(gvr.resource, names, n=1)
-    hint = f" (did you mean {gvr.version}/{close[0]}?)" if close else ""
-    raise DiscoveryError(f"{given}={gvr}: the core group {gvr.version} has no resource {gvr.resource}{hint}")
+    where = f"{gvr.group}/{gvr.version}" if gvr.group else f"the core group {gvr.version}"
+    hint = f" (did you mean {gvr.api_version}/{close[0]}?)" if close else ""
+    raise DiscoveryError(f"{given}={gvr}: {where} has no resource {gvr.resource}{hint}")
 
 
 def warn_missing(gvr: GroupVersionResource) -> None:
