@@ -7,7 +7,7 @@ collection; discovery is asked again until it appears, and replication starts th
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -19,7 +19,7 @@ from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher
 from app.replication.collection import CollectionApi, CollectionSync
-from app.replication.discovery import ResourceInfo, lookup, lookup_checked, warn_missing
+from app.replication.discovery import DiscoveryError, ResourceInfo, lookup_checked, warn_missing
 from app.replication.objects import Replica, converter, same_content
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class ReplicatedResource:
         )
         self.watcher: Watcher[Replica] | None = None
         self._looked_up = looked_up
+        self._refused = ""  # why the last lookup refused the resource (logged once per reason)
         self.state = SourceState(self.source, self._synced, missing=looked_up and info is None)
         if not required:
             self.state.blocked = self.forbidden
@@ -96,36 +97,41 @@ class ReplicatedResource:
     def _add_key(self, key: Key) -> None:
         self._add(WorkKey(self.source, key))
 
-    async def _ask(self, looking: Awaitable[ResourceInfo | None]) -> tuple[bool, ResourceInfo | None]:
-        """(whether the API server answered, what it serves); a failure is retried by the caller."""
+    async def _lookup(self) -> tuple[bool, ResourceInfo | None]:
+        """(whether the API server answered, what it serves that can be replicated); a failure is retried
+        by the caller. What start-up would have refused (the other scope: a CRD installed later) is logged
+        once per reason and counts as not served: nothing of it is written."""
         try:
-            return True, await looking
+            return True, await lookup_checked(self.kube, self.gvr, self.namespaced)
         except (KubeUnavailable, KubeApiError) as exc:
             log.debug("discovery of %s failed: %s", self.gvr, exc)
             return False, None
+        except DiscoveryError as exc:
+            if str(exc) != self._refused:
+                self._refused = str(exc)
+                log.error("%s; %s is not replicated until that is fixed", exc, self.gvr)
+            return True, None
 
     def _load_whole(self) -> None:
         self._add_key(ALL)
 
     async def run(self) -> None:
-        """Replicates for as long as kopa runs; waits for the resource first if it is not served yet.
-
-        Raises DiscoveryError when a lookup put off at start-up finds what start-up would have refused (its
-        supervisor logs it, and the next run looks again)."""
+        """Replicates for as long as kopa runs; waits for the resource first if it is not served yet (or
+        not in a form it can be replicated in, see _lookup)."""
         while not self._looked_up:
-            answered, info = await self._ask(lookup_checked(self.kube, self.gvr, self.namespaced))
+            answered, info = await self._lookup()
             if not answered:
                 await anyio.sleep(DISCOVERY_INTERVAL)
                 continue
             self._looked_up, self.info = True, info
             self.state.missing = info is None
-            if info is None:
+            if info is None and not self._refused:
                 warn_missing(self.gvr)
         if self.info is None:
             self._load_whole()  # an empty collection, so policies see {} rather than undefined
             while self.info is None:
                 await anyio.sleep(DISCOVERY_INTERVAL)
-                _, self.info = await self._ask(lookup(self.kube, self.gvr))
+                _, self.info = await self._lookup()
             log.info("%s is now served by the API server; replicating it", self.gvr)
         if self.watcher is None:
             convert = converter(

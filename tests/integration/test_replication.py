@@ -237,6 +237,22 @@ def test_a_crd_created_after_start_is_replicated_once_it_appears(
     assert found["kind"] == "Gadget"
 
 
+def test_a_crd_installed_later_with_the_other_scope_is_refused_not_replicated(
+    run_kopa: KopaFactory, opa: OpaServer, k8s: client.ApiClient, namespace: str, crd_group: str
+) -> None:
+    """--replicate-cluster for a CRD that turns out namespaced: start-up would refuse it, and so does the
+    lookup made when it appears (objects of one name in two namespaces overwrote each other in OPA)."""
+    kopa = run_kopa(
+        f"--opa-url={opa.api_url}", f"--namespaces={namespace}", f"--replicate-cluster={crd_group}/v1/gizmos"
+    )
+    wait_for(opa, "kubernetes/gizmos", lambda v: v == {}, "missing CRD loaded as empty")
+    client.ApiextensionsV1Api(k8s).create_custom_resource_definition(crd(crd_group, "gizmos", "Gizmo"))
+    body = {"apiVersion": f"{crd_group}/v1", "kind": "Gizmo", "metadata": {"name": "same"}}
+    create_once_established(k8s, crd_group, namespace, "gizmos", body)
+    wait_log(kopa, f"gizmos is namespaced; use --replicate={crd_group}/v1/gizmos")
+    assert data(opa, "kubernetes/gizmos") == {}
+
+
 def test_selector_and_field_list(
     run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
