@@ -62,6 +62,8 @@ class DataBook:
     # What OPA holds per ConfigMap: key -> digest of the document written.
     loaded: dict[ObjectKey, dict[str, bytes]] = field(default_factory=dict)
     errors: dict[ObjectKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    refused: set[ObjectKey] = field(default_factory=set)  # with a key OPA refused (a policy's path)
+    writes: int = 0  # documents written or removed: what a policy refused for a data path may wait on
     repairs: int = 0
 
     def reset(self) -> None:
@@ -84,14 +86,17 @@ class DataBook:
             elif doc is not None:
                 documents[key] = doc
         loaded = self.loaded.setdefault(configmap, {})
+        self.refused.discard(configmap)
         if not texts:
             if loaded:
                 await self.opa.delete_data([ns, name])
+                self.writes += 1
             self.loaded.pop(configmap, None)
             self.errors.pop(configmap, None)
             return
         for key in sorted(set(loaded) - set(texts)):
             await self.opa.delete_data([ns, name, key])
+            self.writes += 1
             del loaded[key]
         for key, doc in sorted(documents.items()):
             digest = _digest(doc)
@@ -101,7 +106,9 @@ class DataBook:
                 await self.opa.put_data([ns, name, key], doc)
             except OpaError as exc:
                 errors[key] = exc.body or kopa_error(exc.code, exc.message)
+                self.refused.add(configmap)
                 continue
+            self.writes += 1
             loaded[key] = digest
         self.errors[configmap] = errors
 

@@ -122,6 +122,7 @@ class PolicyBook:
     modules: dict[str, Module] = field(default_factory=dict)
     epoch: int = 0  # the OPA process (OpaProcess.epoch) that loaded_text describes
     repairs: int = 0
+    changes: int = 0  # modules loaded into or removed from OPA: what refused data may wait on
     _order: itertools.count[int] = field(default_factory=itertools.count)
     _loads: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -248,6 +249,12 @@ class PolicyBook:
     def _loaded(self, module: Module, text: str) -> None:
         module.loaded_text = module.good_text = text
         module.loaded_seq = next(self._loads)
+        self.changes += 1
+
+    async def retry_related(self, paths: list[Path]) -> set[ObjectKey]:
+        """Tries the failed modules that data written or removed at these paths concerns (a module whose
+        rules would have defined a data ConfigMap's path)."""
+        return await self._retry_failed(paths)
 
     async def _retry_failed(self, changed: list[Path]) -> set[ObjectKey]:
         """Tries the failed modules that the changed packages concern; a module that loads then concerns
@@ -350,6 +357,7 @@ class PolicyBook:
                     touched |= await self._unload(dep, reason=f"it depends on {module.id}, which was removed")
                 continue
             module.loaded_text = None
+            self.changes += 1
             if reason is not None:
                 module.error = {"code": "invalid_operation", "message": f"unloaded because {reason}"}
                 module.parse_error = False

@@ -150,6 +150,7 @@ class ConfigMapSync:
         policy_cm = self.stores.lookup(key) if data_cm is None else None
         # Unload first, so a ConfigMap relabelled from policy to data (or back) never holds both at once.
         touched: set[ObjectKey] = set()
+        modules, documents = self.policies.changes, self.data.writes
         if data_cm is None:
             await self.data.set_configmap(key, {})
         if policy_cm is None:
@@ -160,6 +161,16 @@ class ConfigMapSync:
             touched |= await self.policies.set_configmap(key, _texts(policy_cm))
         if data_cm is None and policy_cm is None:
             self.reporter.forget(key)
+        # A policy and a data ConfigMap that claim one path: the later is refused, and tried again when the
+        # other side changes (its module or document removed), as modules retry when modules change.
+        if self.data.writes != documents:
+            touched |= await self.policies.retry_related([(key.namespace, key.name)])
+        if self.policies.changes != modules and self.stores.data is not None:
+            for other in sorted(self.data.refused - {key}):
+                other_cm = self.stores.data.get(other)
+                if other_cm is not None:
+                    await self.data.set_configmap(other, _texts(other_cm))
+                    touched.add(other)
         return touched | {key}
 
     def _report(self, configmaps: set[ObjectKey]) -> None:

@@ -344,6 +344,36 @@ def test_two_sidecars_whose_opas_disagree_each_say_their_status_once(
         assert told == [("a-second", "LoadFailed"), ("a-second", "LoadRecovered"), ("z-first", "LoadFailed")]
 
 
+def test_a_policy_and_a_data_configmap_on_one_path_resolve_when_either_goes(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """A module whose package defines a data ConfigMap's path, and the ConfigMap: the later one is refused.
+    Once the other goes it loads (it stayed refused, its status quoting the deleted object, for good)."""
+    ns = namespace.replace("-", "")[:50]  # a namespace a Rego package can name
+    core_v1.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    try:
+        run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={ns}")
+        # The policy first: the data ConfigMap is refused, then loads when the policy goes.
+        put_configmap(core_v1, ns, "dr-pol", {"p.rego": f'package {ns}["dr"]\n\nk := 1\n'}, POLICY)
+        assert wait_status(core_v1, ns, "dr-pol") == OK
+        put_configmap(core_v1, ns, "dr", {"k": '{"v": 1}'}, DATA)
+        wait_status(core_v1, ns, "dr", lambda v: v != OK)
+        core_v1.delete_namespaced_config_map("dr-pol", ns)
+        assert wait_status(core_v1, ns, "dr") == OK
+        wait_data(opa, f"{ns}/dr/k", {"v": 1})
+        # The data first: the policy is refused, then loads when the data ConfigMap goes.
+        put_configmap(core_v1, ns, "ds", {"k": '{"v": 2}'}, DATA)
+        assert wait_status(core_v1, ns, "ds") == OK
+        put_configmap(core_v1, ns, "ds-pol", {"p.rego": f'package {ns}["ds"]\n\nk := 3\n'}, POLICY)
+        wait_status(core_v1, ns, "ds-pol", lambda v: v != OK)
+        core_v1.delete_namespaced_config_map("ds", ns)
+        assert wait_status(core_v1, ns, "ds-pol") == OK
+        wait_data(opa, f"{ns}/ds/k", 3)
+    finally:
+        core_v1.delete_collection_namespaced_config_map(ns)
+        core_v1.delete_namespace(ns)
+
+
 def test_several_namespaces_and_all_namespaces(
     run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
 ) -> None:
