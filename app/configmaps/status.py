@@ -104,6 +104,15 @@ def status_value(errors: list[dict[str, Any]]) -> str:
     return _encode({"status": "error", "error": kept})
 
 
+def _shortest(value: str) -> str:
+    """An error status cut to its first error's code and the start of its message."""
+    errors = orjson.loads(value).get("error")
+    first = (errors[0] if isinstance(errors, list) and errors else errors) or {}
+    message = str(first.get("message", ""))[:200]
+    message += " (shortened: the ConfigMap's other annotations leave no room; its Events have more)"
+    return _encode({"status": "error", "error": {"code": first.get("code", ""), "message": message}})
+
+
 def _summary(value: str) -> str:
     """A one-paragraph reading of a status for an Event's note."""
     doc = orjson.loads(value)
@@ -232,7 +241,16 @@ class StatusReporter:
         ns, name = key
         path = f"/api/v1/namespaces/{quote(ns)}/configmaps/{quote(name)}"
         try:
-            await self.kube.merge_patch(path, {"metadata": {"annotations": {STATUS_ANNOTATION: value}}})
+            try:
+                await self.kube.merge_patch(path, {"metadata": {"annotations": {STATUS_ANNOTATION: value}}})
+            except KubeApiError as exc:
+                if exc.status != 422 or value == OK:
+                    raise
+                # The object's other annotations leave no room (all of them share 256 KiB, and a ConfigMap
+                # applied with `kubectl apply` carries itself in last-applied-configuration): the status in
+                # its shortest form; the Event and the log say the rest.
+                short = {"metadata": {"annotations": {STATUS_ANNOTATION: _shortest(value)}}}
+                await self.kube.merge_patch(path, short)
         except KubeApiError as exc:
             if exc.status == 404:
                 return

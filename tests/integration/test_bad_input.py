@@ -403,6 +403,23 @@ def test_a_thousand_keys_many_failing_keep_the_annotation_small(
     assert_unharmed(kopa, secure_opa, core_v1, namespace)
 
 
+def test_a_status_that_does_not_fit_beside_the_other_annotations_is_shortened(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """All annotations share 256 KiB, and a large ConfigMap applied with `kubectl apply` carries itself in
+    one of them. The status was refused (422) at every retry, with no annotation and no Event."""
+    run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    modules = {f"k{i:02d}.rego": "package x\n\nallow {\n" for i in range(20)}
+    big = {"example.com/big": "x" * 255 * 1024}
+    meta = client.V1ObjectMeta(name="crowded", labels=POLICY, annotations=big)
+    core_v1.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=meta, data=modules))
+    status = wait_status(core_v1, namespace, "crowded", lambda v: v != OK)
+    error = json.loads(status)["error"]
+    assert error["code"] == "invalid_parameter" and "shortened" in error["message"], error
+    event = load_failed_event(core_v1, namespace, "crowded", "LoadPolicy")
+    assert "k00.rego" in event.note or "unexpected" in event.note
+
+
 # --- shape and names ------------------------------------------------------------------------------------
 
 
