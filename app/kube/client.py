@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Self
 from urllib.parse import urlencode
 
@@ -90,8 +91,13 @@ def _api_error(status: int, body: bytes) -> KubeApiError:
             message = str(doc.get("message", message))
     except orjson.JSONDecodeError:
         pass
+    if not reason:  # a plain-text answer ("404 page not found\n" from a CRD endpoint that went away)
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Error"
     cls = KubeGone if status == 410 else KubeApiError
-    return cls(status, reason, message)
+    return cls(status, reason, " ".join(message.split()))  # one log line, whatever the server sent
 
 
 class _Throttled(Exception):

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.kube import client as kube_client
-from app.kube.client import KubeApiError, KubeClient, KubeUnavailable
+from app.kube.client import KubeApiError, KubeClient, KubeUnavailable, _api_error
 from app.kube.config import KubeConnection
 
 pytestmark = pytest.mark.anyio
@@ -100,3 +100,13 @@ async def test_5xx_is_unavailable_and_4xx_is_the_apis_status(api: tuple[Script, 
         with pytest.raises(KubeApiError) as missing:
             await kube.get(PATH)
     assert (missing.value.status, missing.value.reason, missing.value.message) == (404, "R", "m")
+
+
+def test_an_error_answer_that_is_not_a_status_object_makes_one_readable_line() -> None:
+    """A CRD endpoint that went away answers Go's plain "404 page not found\\n": the log line had an empty
+    reason and a raw newline in it."""
+    error = _api_error(404, b"404 page not found\n")
+    assert str(error) == "404 Not Found: 404 page not found"
+    status = b'{"kind":"Status","reason":"Forbidden","message":"cannot watch\\n services"}'
+    assert str(_api_error(403, status)) == "403 Forbidden: cannot watch services"
+    assert str(_api_error(599, b"odd")) == "599 Error: odd"
