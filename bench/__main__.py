@@ -331,7 +331,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rates", type=floats, default=None, help="churn rates, updates/s (10,50,200,400)")
     parser.add_argument("--churn-seconds", type=float, default=None, help="seconds per churn run (20)")
     parser.add_argument(
-        "--churn-trials", type=int, default=None, help="churn trials, each every sidecar and rate (3)"
+        "--churn-trials", type=int, default=None, help="churn trials, each every sidecar and rate (6)"
     )
     parser.add_argument(
         "--kube-mgmt",
@@ -402,7 +402,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "repeats": 1 if quick else 3,
         "rates": [10.0, 50.0, 200.0, 400.0],
         "churn_seconds": 8.0 if quick else 20.0,
-        "churn_trials": 1 if quick else 3,
+        "churn_trials": 1 if quick else 6,
         "churn_min_updates": 0 if quick else churn.MIN_UPDATES,
         "trials": 20 if quick else 100,
         "refills": 2 if quick else 3,
