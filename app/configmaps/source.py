@@ -104,7 +104,10 @@ class ConfigMapSource:
     @property
     def states(self) -> list[SourceState]:
         """What readiness asks: has each watch completed its first list?"""
-        return [SourceState(w.collection.describe(), w.synced.is_set) for w in self.watchers]
+        return [
+            SourceState(w.collection.describe(), w.synced.is_set, failing=w.stats.failing)
+            for w in self.watchers
+        ]
 
     def watch_stats(self) -> list[tuple[str, WatchStats]]:
         return [

@@ -40,6 +40,9 @@ class SourceState:
     # Why the source cannot load for a cause kopa cannot fix (a resource found by analysis that RBAC
     # does not grant): reported, but it does not hold readiness; None when there is none.
     blocked: Callable[[], str | None] = lambda: None
+    # What keeps the first load from completing, when its producer keeps failing (the API server refuses
+    # the list, or cannot be reached): said in the reason, and it still holds readiness; None otherwise.
+    failing: Callable[[], str | None] = lambda: None
 
     @property
     def settled(self) -> bool:
@@ -54,10 +57,9 @@ class SourceState:
         blocked = self.blocked()
         if blocked is not None:
             return {"ready": False, "reason": blocked, "holdsReadiness": False}
-        return {
-            "ready": False,
-            "reason": "first list from the API server, or its load into OPA, not complete",
-        }
+        reason = "first list from the API server, or its load into OPA, not complete"
+        failing = self.failing()
+        return {"ready": False, "reason": f"{reason}: {failing}" if failing else reason}
 
 
 @dataclass

@@ -75,6 +75,10 @@ class WatchStats:
     # reports it (a 403 is RBAC that does not grant the resource).
     failure: KubeApiError | KubeUnavailable | None = None
 
+    def failing(self) -> str | None:
+        """The failure backed off from, as readiness says it (the API server's own words)."""
+        return str(self.failure) if self.failure is not None else None
+
 
 class ListWatch(Protocol):
     """What a producer needs of the Kubernetes API: lists in pages, and watches."""

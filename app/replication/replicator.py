@@ -68,13 +68,18 @@ class ReplicatedResource:
         self.watcher: Watcher[Replica] | None = None
         self._looked_up = looked_up
         self._refused = ""  # why the last lookup refused the resource (logged once per reason)
-        self.state = SourceState(self.source, self._synced, missing=looked_up and info is None)
+        self.state = SourceState(
+            self.source, self._synced, missing=looked_up and info is None, failing=self._failing
+        )
         if not required:
             self.state.blocked = self.forbidden
 
     def _synced(self) -> bool:
         """Listed, and the collection is in OPA (a failing PUT keeps kopa not ready)."""
         return self.watcher is not None and self.watcher.synced.is_set() and self.sync.loaded
+
+    def _failing(self) -> str | None:
+        return self.watcher.stats.failing() if self.watcher is not None else None
 
     def forbidden(self) -> str | None:
         """Why the resource cannot be read, when the API server refuses kopa (RBAC), else None."""

@@ -37,6 +37,7 @@ from tests.integration.helpers import (
     data,
     etcd_count,
     etcd_delete,
+    get,
     log_text,
     put_configmap,
     wait_data,
@@ -237,6 +238,40 @@ def test_a_watch_rbac_refuses_lists_again_and_keeps_opa_current(
     finally:
         rbac.delete_cluster_role_binding(name)
         rbac.delete_cluster_role(name)
+
+
+def test_readiness_says_why_a_first_list_keeps_failing(
+    *,
+    run_kopa: KopaFactory,
+    opa: OpaServer,
+    namespace: str,
+    kube: KubeCluster,
+    kubeconfig_for: Callable[..., Path],
+) -> None:
+    """An identity RBAC grants nothing: /readyz names the API server's refusal for each source, in its own
+    words, not just that the first list is not complete; and never the token."""
+    identity = "kopa-system:restricted"
+    kopa = run_kopa(
+        f"--opa-url={opa.api_url}",
+        f"--namespaces={namespace}",
+        "--replicate=v1/services",
+        kubeconfig=kubeconfig_for(identity),
+    )
+
+    def refused() -> dict[str, Any] | None:
+        code, body = get(kopa, "/readyz")
+        sources = json.loads(body)["sources"]
+        reasons = [source.get("reason", "") for source in sources.values()]
+        done = len(sources) >= 2 and all("403" in reason for reason in reasons)
+        return {"code": code, "body": body, "sources": sources} if done else None
+
+    found = wait_until(refused, timeout=TIMEOUT, what="/readyz naming the refusals")
+    assert found["code"] == 503
+    services = found["sources"]["replicate:v1/services"]["reason"]
+    assert 'cannot list resource "services"' in services, services
+    configmaps = [s["reason"] for name, s in found["sources"].items() if name != "replicate:v1/services"]
+    assert all(f'in the namespace "{namespace}"' in reason for reason in configmaps), configmaps
+    assert kube.user_token(identity) not in found["body"]
 
 
 # --- ConfigMaps near the 1 MiB limit -----------------------------------------------------------------------
