@@ -16,6 +16,9 @@ reads the subtree and compares each object with what kopa wrote (objects written
 nothing). A namespace that differs goes back to the writer to be written again whole. The read is the
 namespace's keys, then its objects in slices of about READ_BYTES: neither OPA nor kopa ever serializes or
 parses a large namespace at once for it (one GET of 1,000 objects of 2 KB cost kopa 6 MB of peak memory).
+Once per rotation the check reads the collection's own keys instead, its namespaces: one missing there goes
+back to the writer, and so does one that kopa holds no object of (written there behind kopa's back), which
+the writer removes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -116,16 +119,21 @@ def _slices(names: list[str], size: Callable[[str], int]) -> Iterable[list[str]]
         yield piece
 
 
+# The slot of the drift check that reads the collection's list of namespaces rather than one namespace.
+NAMESPACES: Final = None
+
+
 @dataclass
 class _Check:
-    """A drift check whose read is in flight: the namespace ("" when cluster-scoped), and what the writer
-    has written there since the check began. Objects written meanwhile count for nothing; a namespace (or
-    collection) written whole makes the whole check count for nothing."""
+    """A drift check whose read is in flight: the namespace ("" when cluster-scoped, NAMESPACES for the
+    collection's list of namespaces), and what the writer has written there since the check began. Objects
+    (or, for the list, namespaces) written meanwhile count for nothing; a namespace (or collection) written
+    whole makes the whole check count for nothing."""
 
-    namespace: str
+    namespace: str | None
     epoch: int  # the OPA process it reads
     again: bool  # the check of a namespace whose previous check counted for nothing
-    written: set[str] = field(default_factory=set)  # names of the objects written meanwhile
+    written: set[str] = field(default_factory=set)  # names of the objects (or namespaces) written meanwhile
     whole: bool = False
 
 
@@ -280,41 +288,52 @@ class CollectionSync:
         return failures
 
     async def check(self) -> list[tuple[Key, Exception]]:
-        """The writer's part of the drift check (CHECK): picks the namespace to check, one per call in
-        rotation (the whole collection when cluster-scoped), and starts its read in run_checks' task
-        group; from then on, _writing tells the check what the writer writes there. A namespace kopa
-        cannot vouch for (unknown) is written again instead. Skipped while the previous check still
-        reads, and when run_checks is not running."""
+        """The writer's part of the drift check (CHECK): picks what to check, one namespace per call in
+        rotation (the whole collection when cluster-scoped) and, once per rotation, the collection's list
+        of namespaces, and starts its read in run_checks' task group; from then on, _writing tells the check
+        what the writer writes there. A namespace kopa cannot vouch for (unknown) is written again instead.
+        Skipped while the previous check still reads, and when run_checks is not running."""
         if self._check is not None or self._checks is None or not self.loaded:
             return []
-        namespaces = self._namespaces()
-        if not namespaces:
-            return []
-        if self._again in namespaces:
+        rotation = self._rotation_slots()
+        ns: str | None
+        if self._again is not None and self._again in rotation:
             ns, again = self._again, True
         else:
-            ns, again = namespaces[self._rotation % len(namespaces)], False
+            ns, again = rotation[self._rotation % len(rotation)], False
             self._rotation += 1
         self._again = None
-        if ns in self.unknown:  # _patch writes an unknown namespace whole
-            return await self._patch(
-                [key for key in set(self.applied) | set(self.store.keys(ns)) if key[0] == ns]
-            )
+        if ns is not NAMESPACES and ns in self.unknown:  # written whole, or removed if kopa holds none there
+            keys = [key for key in set(self.applied) | set(self.store.keys(ns)) if key[0] == ns]
+            return await self._rewrite([ns], keys)
         self._check = _Check(ns, self.process.epoch, again)
         self._checks.start_soon(self._compare, self._check)
         return []
 
-    def _namespaces(self) -> list[str]:
-        """What the drift check rotates over: the namespaces OPA holds objects of or kopa cannot vouch for
-        (the one "" when cluster-scoped)."""
+    def _rotation_slots(self) -> list[str | None]:
+        """What the drift check rotates over: the namespaces OPA holds objects of or kopa cannot vouch for,
+        then the list of namespaces itself (NAMESPACES: not when OPA refuses kopa's queries, where reading it
+        would be a GET of the whole collection); the one "" when cluster-scoped, whose read is the whole
+        collection."""
         if not self.namespaced:
             return [""]
-        return sorted({ns for ns, count in self.per_namespace.items() if count} | self.unknown)
+        slots: list[str | None] = [
+            *sorted({ns for ns, count in self.per_namespace.items() if count} | self.unknown)
+        ]
+        if not self._whole_reads:
+            slots.append(NAMESPACES)
+        return slots
 
     def _writing(self, namespace: str | None, names: Iterable[str] | None = None) -> None:
         """Tells the drift check in flight that the writer is about to write into OPA: these objects of a
         namespace, or (no names) the namespace whole, or (None) the whole collection."""
         check = self._check
+        if check is not None and check.namespace is NAMESPACES:  # the list: namespaces come or go whole
+            if namespace is None:
+                check.whole = True
+            elif names is None:
+                check.written.add(namespace)
+            return
         if check is None or namespace not in (None, check.namespace):
             return
         if names is None:
@@ -341,6 +360,9 @@ class CollectionSync:
         check that cannot conclude (written whole meanwhile, OPA unreachable or restarted) counts for
         nothing and is done again at the next CHECK (once: then the rotation moves on)."""
         ns = check.namespace
+        if ns is NAMESPACES:
+            await self._compare_namespaces(check)
+            return
         path = [*self.path, ns] if self.namespaced else list(self.path)
         try:
             found = await self._read(path, ns)
@@ -370,9 +392,53 @@ class CollectionSync:
             return
         self.repairs += 1
         log.warning("drift: %s in OPA differs from the cluster; writing it again", "/".join(path))
-        self.unknown.add(ns)
-        names = differs or sorted(wanted)
-        self.add(ObjectKey(ns, names[0]) if self.namespaced and names else ALL)
+        if self.namespaced:
+            self._repair(ns, differs[0])
+        else:
+            self.unknown.add(ns)
+            self.add(ALL)
+
+    async def _compare_namespaces(self, check: _Check) -> None:
+        """The drift check of the collection's list of namespaces. A namespace OPA lacks that kopa wrote
+        objects into is written again whole; one OPA holds that kopa holds no object of, neither in OPA nor
+        in its store, is a stray: the writer removes it (_rewrite). Namespaces written whole during the read
+        count for nothing; a namespace whose objects differ is the other checks' business."""
+        try:
+            found = await self.opa.keys(self.path)
+            usable = await self.process.check()
+        except OpaUnauthorized:  # no queries: the list is not checked (a GET would be the whole collection)
+            self._whole_reads = True
+            return
+        except (OpaError, OpaUnavailable) as exc:
+            log.debug("drift check of %s's namespaces: reading them failed: %s", "/".join(self.path), exc)
+            return
+        finally:
+            self._check = None
+        if check.whole or not usable or check.epoch != self.process.epoch or not self.loaded:
+            return
+        held = set(found or ())
+        written = {ns for ns, count in self.per_namespace.items() if count}
+        settled = self.unknown | check.written  # being written again, or written during the read
+        for ns in sorted(written - held - settled):
+            self.repairs += 1
+            log.warning("drift: %s is missing in OPA; writing it again", "/".join([*self.path, ns]))
+            self._repair(ns, next(key.name for key in self.applied if key.namespace == ns))
+        candidates = held - written - settled
+        if candidates:
+            candidates -= {key.namespace for key, _ in self.store.items()}
+        for ns in sorted(candidates):
+            self.repairs += 1
+            log.warning(
+                "drift: %s in OPA holds no object of the cluster; removing it", "/".join([*self.path, ns])
+            )
+            self._repair(ns, "")
+
+    def _repair(self, namespace: str, name: str) -> None:
+        """Hands a namespace kopa cannot vouch for to the writer, which writes it whole from the store or
+        removes it (_patch, _rewrite). The key queued is one of its objects, or a name no object has ("")
+        when kopa holds none there."""
+        self.unknown.add(namespace)
+        self.add(ObjectKey(namespace, name))
 
     async def _read(self, path: list[str], ns: str) -> dict[str, bytes] | None:
         """The content_digest of each object OPA holds at path (b"" for a value that is not an object), its

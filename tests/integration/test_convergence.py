@@ -137,6 +137,8 @@ def test_the_drift_check_repairs_what_was_changed_behind_kopas_back(
     http.put("/v1/policies/bootstrap.rego", "package bootstrap\n\nkept := true\n", "text/plain")
     http.put(f"/v1/data/{namespace}/facts/f.json", {"v": "changed"})
     http.put(f"/v1/data/kubernetes/services/{namespace}/web", {**web, "spec": {}})
+    stray = f"{namespace}-stray"  # a namespace the cluster has no service in
+    http.put(f"/v1/data/kubernetes/services/{stray}", {"ghost": {"metadata": {"name": "ghost"}}})
     http.put("/v1/data/someone/else", {"mine": True})
 
     def repaired() -> bool:
@@ -146,6 +148,7 @@ def test_the_drift_check_repairs_what_was_changed_behind_kopas_back(
             and raws[f"{namespace}/rules/b.rego"] == rules["b.rego"]
             and data(opa, f"{namespace}/facts/f.json") == {"v": 1}
             and data(opa, f"kubernetes/services/{namespace}/web") == web
+            and data(opa, f"kubernetes/services/{stray}") is None
         )
 
     wait_until(repaired, timeout=TIMEOUT, what="OPA repaired by the drift check")
@@ -184,6 +187,8 @@ def test_the_drift_check_reads_whole_namespaces_from_an_opa_that_refuses_kopas_q
     )
     web = wait_for(secure_opa, f"kubernetes/services/{namespace}/web", bool, "web replicated")
     http.put(f"/v1/data/kubernetes/services/{namespace}/web", {**web, "spec": {}})
+    stray = f"{namespace}-stray"  # a namespace the cluster has no service in
+    http.put(f"/v1/data/kubernetes/services/{stray}", {"ghost": {"metadata": {"name": "ghost"}}})
     wait_until(
         lambda: data(secure_opa, f"kubernetes/services/{namespace}/web") == web,
         timeout=TIMEOUT,

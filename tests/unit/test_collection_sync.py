@@ -165,7 +165,8 @@ async def test_the_drift_check_reads_a_large_namespace_in_slices(monkeypatch: py
         assert (c.sync.repairs, c.opa.slices) == (1, [3, 3, 3, 1])
         assert await c.in_opa() == c.expected()
         c.opa.data["kubernetes"]["services"]["a"]["stranger"] = {"x": 1}
-        await c.check()
+        await c.check()  # the list of namespaces
+        await c.check()  # a again
     assert c.sync.repairs == 2
     assert await c.in_opa() == c.expected()
 
@@ -290,6 +291,56 @@ async def test_a_check_that_reads_a_new_opa_process_is_not_drift() -> None:
         assert await c.sync.apply([CHECK]) == []
         await until(lambda: not c.sync.checking)
     assert (c.sync.repairs, c.queued, c.sync.loaded) == (0, [], False)
+
+
+async def test_a_namespace_kopa_holds_no_object_of_is_removed_by_the_drift_check() -> None:
+    """Once per rotation the check reads the collection's namespaces: one written behind kopa's back, where
+    the cluster has no object, is removed by the writer."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    await c.sync.apply([ALL])
+    c.opa.data["kubernetes"]["services"]["stray"] = {"ghost": {"metadata": {"name": "ghost"}}}
+    async with c.running():
+        await c.check()
+        assert c.sync.repairs == 0, "namespace a is as kopa wrote it"
+        await c.check()
+        assert c.opa.reads[-1] == "kubernetes/services", "the second check read the list of namespaces"
+    assert await c.in_opa() == c.expected()
+    assert (c.sync.repairs, c.sync.unknown) == (1, set())
+
+
+async def test_the_list_of_namespaces_finds_a_namespace_missing_in_opa() -> None:
+    c = Cluster()
+    c.put(service("a", "web"))
+    c.put(service("b", "db"))
+    await c.sync.apply([ALL])
+    async with c.running():
+        await c.check()
+        await c.check()  # a and b: the next check reads the list
+        del c.opa.data["kubernetes"]["services"]["b"]
+        await c.check()
+        assert c.opa.reads[-1] == "kubernetes/services"
+    assert await c.in_opa() == c.expected()
+    assert (c.sync.repairs, c.sync.unknown) == (1, set())
+
+
+async def test_a_namespace_removed_while_the_list_is_read_is_not_a_stray() -> None:
+    """The read answers what OPA held before the writer removed the namespace's last object."""
+    c = Cluster()
+    c.put(service("a", "web"))
+    c.put(service("b", "db"))
+    await c.sync.apply([ALL])
+    async with c.running():
+        await c.check()
+        await c.check()  # namespaces a and b: the next check reads the list
+        c.opa.read_gate = anyio.Event()
+        assert await c.sync.apply([CHECK]) == []
+        await until(lambda: c.opa.reads[-1:] == ["kubernetes/services"])
+        assert await c.sync.apply([c.delete("b", "db")]) == []
+        c.opa.read_gate.set()
+        await until(lambda: not c.sync.checking)
+    assert (c.sync.repairs, c.queued) == (0, []), "b went whole while the list was read"
+    assert await c.in_opa() == c.expected()
 
 
 async def test_a_cluster_scoped_collection_is_checked_and_rewritten_whole() -> None:
