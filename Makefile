@@ -32,7 +32,7 @@ integration: $(STAMP) servers
 	$(PY) -m pytest tests/integration
 
 # The benchmarks (docs/benchmarks.md) against local etcd, kube-apiserver and OPA, and Go kube-mgmt beside kopa when
-# `scripts/build-servers.sh kube-mgmt` built it: about 22 minutes on 2 cores with kube-mgmt (measured; less without it).
+# `scripts/build-servers.sh kube-mgmt` built it: about 35 minutes on 2 cores with kube-mgmt (measured; less without it).
 # Writes docs/benchmarks.json, docs/benchmarks/*.png and the figures in docs/benchmarks.md.
 # BENCH_ARGS passes options (see `python -m bench --help`); BENCH_ARGS=--quick is a short smoke run.
 bench: $(BENCH_STAMP) servers
