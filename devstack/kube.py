@@ -23,7 +23,7 @@ from kubernetes import config as k8s_config
 from devstack import goyaml
 from devstack.binaries import tool_path
 from devstack.certs import TestCA, run_openssl
-from devstack.processes import HOST, ManagedProcess, free_port, http_status
+from devstack.processes import HOST, ManagedProcess, free_port, http_status, url_host
 
 __all__ = [
     "ADMIN",
@@ -79,8 +79,10 @@ class KubeCluster:
         users: Mapping[str, Sequence[str]] | None = None,
         start_timeout: float = 90.0,
         extra_apiserver_args: Sequence[str] = (),
+        host: str = HOST,
     ) -> None:
-        """`service_accounts` are 'namespace:name' pairs; `users` maps extra usernames to their groups."""
+        """`service_accounts` are 'namespace:name' pairs; `users` maps extra usernames to their groups;
+        `host` is the loopback address the API server listens on (etcd stays on 127.0.0.1)."""
         # Looked up first so a missing binary fails here, before any directory or process is made.
         self._etcd_bin = tool_path("etcd")
         self._apiserver_bin = tool_path("kube-apiserver")
@@ -106,7 +108,8 @@ class KubeCluster:
         self.etcd_peer_port = free_port()
         self.port = free_port()
         self.etcd_url = f"http://{HOST}:{self.etcd_port}"
-        self.url = f"https://{HOST}:{self.port}"
+        self.host = host
+        self.url = f"https://{url_host(host)}:{self.port}"
         self.cert_dir = self.work_dir / "apiserver-certs"
         self.ca_file = self.cert_dir / "apiserver.crt"
         self.admin_kubeconfig = self.work_dir / "admin.kubeconfig"
@@ -274,8 +277,8 @@ class KubeCluster:
         return [
             self._apiserver_bin,
             f"--etcd-servers={self.etcd_url}",
-            f"--bind-address={HOST}",
-            f"--advertise-address={HOST}",
+            f"--bind-address={self.host}",
+            f"--advertise-address={self.host}",
             f"--secure-port={self.port}",
             f"--cert-dir={self.cert_dir}",
             f"--token-auth-file={self._token_file}",

@@ -20,7 +20,7 @@ from typing import Any, Literal, Self
 
 from devstack.binaries import tool_path
 from devstack.certs import TestCA
-from devstack.processes import HOST, ManagedProcess, free_port, http_status, ssl_context
+from devstack.processes import HOST, ManagedProcess, free_port, http_status, ssl_context, url_host
 
 __all__ = [
     "AUTHZ_POLICY_ID",
@@ -116,6 +116,7 @@ class OpaServer:
         log_level: str = "error",
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 30.0,
+        host: str = HOST,
     ) -> None:
         if flavour not in ("plain", "secure"):
             raise ValueError(f"flavour must be 'plain' or 'secure', not {flavour!r}")
@@ -137,13 +138,13 @@ class OpaServer:
             "run",
             "--server",
             "--skip-version-check",  # 1.x name of --disable-telemetry, which now logs a deprecation
-            f"--addr={HOST}:{self.port}",
+            f"--addr={url_host(host)}:{self.port}",
             f"--log-level={log_level}",
         ]
         if flavour == "secure":
             ca = ca or TestCA(self.work_dir / "ca")
             self.ca_file = ca.ca_file
-            self.cert_file, self.key_file = ca.issue("opa", ips=[HOST], dns=["localhost"])
+            self.cert_file, self.key_file = ca.issue("opa", ips=[host], dns=["localhost"])
             self.token = secrets.token_urlsafe(32)
             self.token_file = self.work_dir / "opa-token"
             self.token_file.write_text(self.token, encoding="utf-8")
@@ -159,7 +160,7 @@ class OpaServer:
         args += list(extra_args)
         if self.authz_file is not None:
             args.append(AUTHZ_POLICY_ID)  # relative to cwd=work_dir, so the policy id is "authz.rego"
-        self.url = f"{'https' if flavour == 'secure' else 'http'}://{HOST}:{self.port}"
+        self.url = f"{'https' if flavour == 'secure' else 'http'}://{url_host(host)}:{self.port}"
         self.api_url = f"{self.url}/v1"
         self.process = ManagedProcess("opa", args, self.work_dir / "opa.log", cwd=self.work_dir)
 

@@ -7,6 +7,7 @@ tail of that log, and the file is still there after the run for a closer look.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import random
 import re
@@ -37,6 +38,8 @@ __all__ = [
 T = TypeVar("T")
 
 HOST = "127.0.0.1"
+# The IPv6 loopback address, for the tests that run the servers over IPv6 (tests/integration/test_ipv6.py).
+HOST6 = "::1"
 
 # Lines worth quoting from a failed server's log: Go's "Error:", klog's E/F prefixes, JSON error levels.
 _ERROR_LINE = re.compile(r'^(Error|error|fatal|panic)\b|^[EF]\d{4} |"level":"(error|fatal|panic)"')
@@ -60,11 +63,20 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+def url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Free on both loopback addresses, so a server may take it on either (on ::1 only where it exists)."""
+    for family, host in ((socket.AF_INET, HOST), (socket.AF_INET6, HOST6)):
         try:
-            sock.bind((HOST, port))
-        except OSError:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((host, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue  # no IPv6 loopback on this machine
             return False
     return True
 
