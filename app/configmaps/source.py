@@ -13,11 +13,12 @@ from functools import partial
 from typing import Any, Protocol
 
 from app.configmaps.data import DataApi, DataBook
+from app.configmaps.ledger import Ledger
 from app.configmaps.policies import PolicyApi, PolicyBook, Settler
 from app.configmaps.status import Leadership, StatusReporter
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
 from app.kube.client import KubeClient
-from app.model import CHECK, Store, WorkKey
+from app.model import CHECK, ObjectKey, Store, WorkKey
 from app.opa.process import OpaProcess
 from app.operations.readiness import SourceState
 from app.pipeline.watcher import Collection, Watcher, WatchStats, same_resource_version
@@ -52,12 +53,19 @@ class Selection:
                     pairs.append((kind, Collection(path, ns, label_selector=selector)))
         return pairs
 
+    def watches(self, namespace: str) -> bool:
+        return list(self.namespaces) == ["*"] or namespace in self.namespaces
+
     def owns_policy(self, policy_id: str) -> bool:
         """Policy ids of kopa's own form, `<namespace>/<configmap>/<key>` in a namespace it watches: the
         only ids the drift check removes when no ConfigMap has them (never a bootstrap policy's)."""
         parts = policy_id.split("/")
-        watched = list(self.namespaces) == ["*"] or parts[0] in self.namespaces
-        return len(parts) == 3 and all(parts) and watched
+        return len(parts) == 3 and all(parts) and self.watches(parts[0])
+
+    def owns_data(self, configmap: ObjectKey) -> bool:
+        """A data ConfigMap a previous kopa wrote (its ledger) is this one's to clean up when its namespace
+        is watched now."""
+        return self.watches(configmap.namespace)
 
 
 class ConfigMapSource:
@@ -99,7 +107,16 @@ class ConfigMapSource:
         )
         self.reporter = StatusReporter(kube, selected.lookup, observer=status_observer, leader=leader)
         policies = PolicyBook(opa, process, owns=selection.owns_policy, settler=settler)
-        self.sync = ConfigMapSync(policies, DataBook(opa), self.reporter, selected, process)
+        self.sync = ConfigMapSync(
+            policies,
+            DataBook(opa),
+            self.reporter,
+            selected,
+            process,
+            ledger=Ledger(opa) if settler is None and selection.data else None,
+            listed=lambda: not unsynced,
+            owns=selection.owns_data,
+        )
 
     @property
     def states(self) -> list[SourceState]:

@@ -7,11 +7,12 @@ event, so ten changes to one ConfigMap cost one sync and kopa's own annotation w
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.configmaps.data import DataBook, kopa_error
+from app.configmaps.ledger import Ledger
 from app.configmaps.policies import PolicyBook, package_of
 from app.configmaps.status import StatusReporter
 from app.model import ALL, CHECK, DataPath, Key, ObjectKey, Store, objects_only
@@ -62,6 +63,13 @@ class ConfigMapSync:
     stores: ConfigMapStores
     process: OpaProcess
     filled_epoch: int = 0  # the OPA process (OpaProcess.epoch) that the books describe
+    # Push mode's record in OPA of the data ConfigMaps written (see app/configmaps/ledger.py); None in bundle
+    # mode, or when data ConfigMaps are not loaded.
+    ledger: Ledger | None = None
+    listed: Callable[[], bool] = lambda: True  # whether every ConfigMap watch has completed its first list
+    owns: Callable[[ObjectKey], bool] = lambda key: True  # in a namespace kopa watches
+    # Ledger entries in namespaces kopa does not watch (now): kept in the ledger, never acted on.
+    carried: set[ObjectKey] = field(default_factory=set)
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """The writer's entry point. A new OPA process (ALL is queued for it) is first loaded with
@@ -70,10 +78,15 @@ class ConfigMapSync:
         refill too: a change the books have not seen yet is only in the stores. CHECK compares OPA with the
         books, once they hold the batch, and repairs what differs."""
         objects = objects_only(keys)
+        if self.ledger is not None and not self.ledger.read_done:
+            inherited = await self.ledger.read()
+            self.data.inherited = {key for key in inherited if self.owns(key)}
+            self.carried = inherited - self.data.inherited
         if self.filled_epoch != self.process.epoch:
             await self.refill()
         if ALL in keys:
             objects = sorted(set(objects) | self.known())
+        await self._ledger_ahead(objects)
         failures: list[tuple[Key, Exception]] = []
         touched: set[ObjectKey] = set()
         for key in objects:
@@ -83,10 +96,37 @@ class ConfigMapSync:
                 log.warning("syncing configmap %s failed: %s", key, exc)
                 failures.append((key, exc))
         if CHECK in keys:
+            touched |= await self._drop_inherited()
             await self.check()
+        if self.ledger is not None:
+            await self.ledger.record(self._documented())
         # Statuses are written once the batch's modules are decided (bundle mode decides them together).
         self._report(touched | await self.policies.settle())
         return failures
+
+    def _documented(self) -> set[ObjectKey]:
+        """The data ConfigMaps that may have documents in OPA: what the ledger should name."""
+        return set(self.data.loaded) | self.data.inherited | self.carried
+
+    async def _ledger_ahead(self, keys: Sequence[ObjectKey]) -> None:
+        """Before documents are written: the ledger names each data ConfigMap among `keys`."""
+        store = self.stores.data
+        if self.ledger is not None and store is not None:
+            written = {key for key in keys if store.get(key) is not None}
+            await self.ledger.include(self._documented() | written)
+
+    async def _drop_inherited(self) -> set[ObjectKey]:
+        """Once every watch has listed: a ConfigMap the predecessor wrote that is no data ConfigMap now (gone,
+        relabelled, or changed while no kopa ran) is synced, which removes its documents."""
+        touched: set[ObjectKey] = set()
+        if not self.listed():
+            return touched
+        for key in sorted(self.data.inherited):
+            try:
+                touched |= await self.handle(key)
+            except OpaError as exc:  # kept in the ledger; tried again at the next check
+                log.warning("removing data of configmap %s left by a previous kopa failed: %s", key, exc)
+        return touched
 
     def footprint(self) -> list[DataPath] | None:
         """Where applying this source may write in OPA: the package of every module, in the book and in
@@ -120,8 +160,12 @@ class ConfigMapSync:
         touched = await self.policies.load_all()
         touched |= await self.policies.settle()
         data_store = self.stores.data
+        if self.ledger is not None:
+            self.ledger.forget()
         # also the ConfigMaps kopa wrote but that are gone from the store.
-        for key in sorted(set(data_store.keys() if data_store else []) | set(self.data.loaded)):
+        keys = sorted(set(data_store.keys() if data_store else []) | set(self.data.loaded))
+        await self._ledger_ahead(keys)
+        for key in keys:
             touched.add(key)
             await self.data.set_configmap(key, _texts(data_store.get(key) if data_store else None))
         self.filled_epoch = epoch

@@ -20,7 +20,9 @@ Op kinds (the names KOPA_DIFF_OPS takes):
   (a replicated Service), `delete-or-create` (any of them deleted, or created again), `label-toggle` (kopa's
   label removed or put back), `policy-data-switch` (policy <-> data), `both-labels` (the policy label
   added to or removed from a data ConfigMap: data wins, as in kube-mgmt);
-- faults: `opa-restart` (SIGKILL, then started at once or after some changes), `apiserver-restart`
+- faults: `opa-restart` (SIGKILL, then started at once or after some changes), `kopa-restart` (kopa
+  SIGKILLed or stopped, changes made while no kopa runs, then a new kopa beside the same OPA),
+  `apiserver-restart`
   (SIGKILL or SIGTERM, then started against the same etcd; capped, it costs seconds on 2 cores),
   `token-refused` (kopa's token file made wrong until OPA has refused kopa a few times, changes going on
   meanwhile, then right again);
@@ -47,13 +49,17 @@ A failure says the seed, the kinds and the step it failed at, how to replay it, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -91,6 +97,7 @@ OPS: tuple[Op, ...] = (
     Op("policy-data-switch", 2, "switch between policy and data"),
     Op("both-labels", 1, "add or remove the policy label on data (data wins)"),
     Op("opa-restart", 1),
+    Op("kopa-restart", 1),
     Op("apiserver-restart", 1),
     Op("token-refused", 1),
     Op("drift-policy-put", 1),
@@ -142,7 +149,8 @@ MINUTES = float(_env("MINUTES") or 0)  # > 0: the soak
 
 
 class Liveness:
-    """Asks kopa's /healthz every `interval` seconds while the run goes on; keeps every answer but 200."""
+    """Asks kopa's /healthz every `interval` seconds while the run goes on; keeps every answer but 200.
+    While the run restarts kopa itself (`swapping`), nothing is asked."""
 
     def __init__(self, kopa: KopaProcess, interval: float = 0.25) -> None:
         self.kopa = kopa
@@ -150,23 +158,31 @@ class Liveness:
         self.polls = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # held by each poll, and by a swap of kopa
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
     def _run(self) -> None:
         started = time.monotonic()
         while not self._stop.wait(self.interval):
             at = f"at {time.monotonic() - started:.1f} s"
-            if not self.kopa.running:
-                self.failures.append(f"{at}: kopa exited with {self.kopa.returncode}")
-                return
-            try:
-                status, body = http_status(f"{self.kopa.health_url}/healthz", timeout=5.0)
-            except OSError as exc:
-                self.failures.append(f"{at}: no answer ({exc!r})")
-                continue
-            self.polls += 1
-            if status != 200:
-                self.failures.append(f"{at}: HTTP {status}: {body[:300]!r}")
+            with self._lock:
+                if not self.kopa.running:
+                    self.failures.append(f"{at}: kopa exited with {self.kopa.returncode}")
+                    return
+                try:
+                    status, body = http_status(f"{self.kopa.health_url}/healthz", timeout=5.0)
+                except OSError as exc:
+                    self.failures.append(f"{at}: no answer ({exc!r})")
+                    continue
+                self.polls += 1
+                if status != 200:
+                    self.failures.append(f"{at}: HTTP {status}: {body[:300]!r}")
+
+    @contextlib.contextmanager
+    def swapping(self) -> Iterator[None]:
+        """No polls while kopa is stopped on purpose and a new one started (set as `kopa` meanwhile)."""
+        with self._lock:
+            yield
 
     def __enter__(self) -> Liveness:
         self._thread.start()
@@ -201,6 +217,7 @@ class Run:
     kopa: KopaProcess
     token_file: Path
     liveness: Liveness
+    start_kopa: Callable[[], KopaProcess]
     rng: random.Random = field(init=False)
     log: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
@@ -280,6 +297,27 @@ class Run:
         done = self.changes(down_for)
         self.opa.start()
         return f"SIGKILL, started again after {down_for} changes{done}"
+
+    def op_kopa_restart(self) -> str:
+        """The sidecar restarts (a crash, an OOM kill, a new image), OPA runs on with what it holds."""
+        how = self.rng.choice(["SIGKILL", "SIGTERM"])
+        down_for = self.rng.randint(1, 4)  # changes made while no kopa runs
+        with self.liveness.swapping():
+            if how == "SIGKILL":
+                self.kopa.kill()
+                self.kopa.expected_exit = -signal.SIGKILL
+            else:
+                assert self.kopa.stop() == 0, self.kopa.tail_log(30)
+            done = self.changes(down_for)
+            self.kopa = self.liveness.kopa = self.start_kopa()
+            # Polled again, and stopped by a later restart, once it serves its probes.
+            wait_until(
+                lambda: http_status(f"{self.kopa.health_url}/healthz")[0] == 200,
+                timeout=CONVERGE_TIMEOUT,
+                what="the new kopa's /healthz",
+                process=self.kopa,
+            )
+        return f"{how}, a new kopa after {down_for} changes{done}"
 
     def op_apiserver_restart(self) -> str:
         how = self.rng.choice(["SIGKILL", "SIGTERM"])
@@ -413,7 +451,8 @@ def test_opa_equals_the_cluster_after_random_changes_and_faults(
     assert secure_opa.token is not None
     token_file = tmp_path / "kopa-token"
     token_file.write_text(secure_opa.token + "\n")
-    kopa = run_kopa(*kopa_args(secure_opa, workload, token_file))
+    start_kopa = partial(run_kopa, *kopa_args(secure_opa, workload, token_file))
+    kopa = start_kopa()
     converge(
         workload.api,
         secure_opa,
@@ -427,7 +466,7 @@ def test_opa_equals_the_cluster_after_random_changes_and_faults(
     started = time.monotonic()
     deadline = started + MINUTES * 60 if MINUTES else float("inf")
     with Liveness(kopa) as liveness:
-        run = Run(seed, enabled_ops(), workload, secure_opa, kube, kopa, token_file, liveness)
+        run = Run(seed, enabled_ops(), workload, secure_opa, kube, kopa, token_file, liveness, start_kopa)
         run.apiserver_cap = max(1, int(MINUTES * 60 // APISERVER_RESTARTS_EVERY))
         try:
             while (not steps or run.steps < steps) and time.monotonic() < deadline:
@@ -445,7 +484,7 @@ def test_opa_equals_the_cluster_after_random_changes_and_faults(
     print(
         f"\nseed {seed}: {run.steps} steps ({run.faults} faults), {run.checks} comparisons; log in {log_file}"
     )
-    assert kopa.running, f"kopa exited with {kopa.returncode}"
+    assert run.kopa.running, f"kopa exited with {run.kopa.returncode}"
     assert liveness.polls > 0, "kopa's /healthz was never asked"
     assert not liveness.failures, f"kopa's /healthz failed (seed {seed}):\n" + "\n".join(liveness.failures)
     if MINUTES:

@@ -68,6 +68,7 @@ def test_opa_killed_and_restarted_is_refilled_from_kopas_copy(
         assert {i for i in policy_ids(opa) if i.startswith(namespace)} == before, f"round {round_}"
         assert data(opa, f"use{tag}/four") == 4
         assert data(opa, f"{namespace}/doc/d.json") == {"x": 1}
+        assert data(opa, "system/kopa_ledger/dataConfigMaps") == [f"{namespace}/doc"]
         assert data(opa, f"kubernetes/services/{namespace}/svc")["kind"] == "Service"
     wait_log(kopa, "OPA restarted")
 
@@ -160,6 +161,50 @@ def test_a_kopa_restarted_beside_a_running_opa_cleans_up_after_its_predecessor(
     assert wait_status(core_v1, namespace, "guard", lambda v: v != OK)
     assert f"{namespace}/guard/g.rego" in policy_ids(opa)
     assert data(opa, f"guard{tag}/deny") is True
+
+
+@pytest.mark.parametrize("ending", ["stopped", "killed"])
+def test_a_kopa_restarted_beside_a_running_opa_removes_the_data_its_predecessor_left(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str, ending: str
+) -> None:
+    """Data ConfigMaps changed while no kopa ran: one deleted, one that lost a key. OPA kept the deleted one's
+    documents and the lost key for good (nothing in OPA said whose they were). The ledger in OPA names the
+    ConfigMaps kopa wrote, so the next kopa removes exactly those; a document someone else wrote beside
+    them stays, and so do the documents of a namespace kopa no longer watches."""
+    other = f"{namespace}-unwatched"
+    core_v1.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    try:
+        first = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace},{other}")
+        put_configmap(core_v1, namespace, "gone", {"a.json": '{"a": 1}'}, DATA)
+        put_configmap(core_v1, namespace, "trimmed", {"a.json": '{"a": 1}', "b.json": '{"b": 2}'}, DATA)
+        put_configmap(core_v1, namespace, "kept", {"k.json": '{"k": 3}'}, DATA)
+        put_configmap(core_v1, other, "elsewhere", {"e.json": '{"e": 4}'}, DATA)
+        opa.http().put(f"/v1/data/{namespace}/theirs", {"x": 1})  # not from a ConfigMap: not kopa's
+        wait_data(opa, f"{namespace}/kept", {"k.json": {"k": 3}})
+        wait_data(opa, f"{other}/elsewhere", {"e.json": {"e": 4}})
+        for name in ("gone", "trimmed"):
+            assert data(opa, f"{namespace}/{name}/a.json") == {"a": 1}
+        if ending == "killed":
+            first.kill()
+            first.expected_exit = -9
+        else:
+            assert first.stop() == 0
+
+        core_v1.delete_namespaced_config_map("gone", namespace)
+        core_v1.delete_namespaced_config_map("elsewhere", other)
+        put_configmap(core_v1, namespace, "trimmed", {"a.json": '{"a": 1}'}, DATA)
+        second = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+        wait_probe(second, "/readyz", 200)
+        wait_until(lambda: data(opa, f"{namespace}/gone") is None, timeout=30, what="the deleted one removed")
+        assert data(opa, f"{namespace}/trimmed") == {"a.json": {"a": 1}}
+        assert data(opa, f"{namespace}/kept") == {"k.json": {"k": 3}}
+        assert data(opa, f"{namespace}/theirs") == {"x": 1}
+        assert data(opa, f"{other}/elsewhere") == {"e.json": {"e": 4}}  # not watched now: left alone
+        assert data(opa, "system/kopa_ledger/dataConfigMaps") == sorted(
+            [f"{namespace}/kept", f"{namespace}/trimmed", f"{other}/elsewhere"]
+        )
+    finally:
+        core_v1.delete_namespace(other)
 
 
 def test_a_restarted_kopa_takes_back_its_predecessors_readiness_marker(

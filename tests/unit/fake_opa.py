@@ -37,7 +37,9 @@ class FakeOpa:
         self.policies: dict[str, str] = {}
         self.process_id = "one"
         self.writes: list[tuple[str, str]] = []  # (method, path) of every accepted or refused write
-        self.refuse_writes_under: str | None = None  # a path prefix whose writes OPA refuses (400)
+        # A path where OPA refuses writes (400), as at a policy's package: writes under it, or of a
+        # document that would contain it.
+        self.refuse_writes_under: str | None = None
         self.refuse_token_after: int | None = None  # writes accepted before OPA refuses kopa's token (401)
         self.restart_before_put: bool = False  # the next data PUT lands in a new process (a retried PUT)
         self.reads: list[str] = []  # the data paths read (GET, or a drift check's keys), in order
@@ -68,7 +70,8 @@ class FakeOpa:
     def _check_refused(self, method: str, path: Sequence[str]) -> None:
         where = "/".join(path)
         self.writes.append((method, where))
-        if self.refuse_writes_under is not None and where.startswith(self.refuse_writes_under):
+        refused = self.refuse_writes_under
+        if refused is not None and (where.startswith(refused) or refused.startswith(f"{where}/")):
             raise OpaError(400, "invalid_parameter", "refused by the test", {})
 
     async def put_data(self, path: Sequence[str], document: bytes | Chunks) -> None:

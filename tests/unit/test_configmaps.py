@@ -4,12 +4,14 @@ StatusReporter, whose queue is read here instead of written to an API server."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 
 from app.configmaps.data import DataBook, parse_document
+from app.configmaps.ledger import LEDGER_PATH, Ledger
 from app.configmaps.policies import PolicyBook
 from app.configmaps.status import MAX_STATUS_BYTES, OK, StatusReporter, _summary, status_value
 from app.configmaps.sync import ConfigMapStores, ConfigMapSync
@@ -22,6 +24,7 @@ from tests.unit.fake_opa import FakeOpa
 pytestmark = pytest.mark.anyio
 
 CM = ObjectKey("ns", "cm")
+LEDGER = list(LEDGER_PATH)
 
 
 # --- the status annotation -------------------------------------------------------------------------------
@@ -97,19 +100,66 @@ async def test_the_data_drift_check_reads_each_document_and_rewrites_what_differ
     assert not [w for w in opa.writes if w[1].startswith("ns/cm/b")][1:], "b never rewritten"
 
 
+async def test_a_first_write_replaces_the_subtree_whole_and_falls_back_to_keys_when_refused() -> None:
+    """A new ConfigMap is one PUT of data.<ns>.<name>, which also clears keys a previous kopa left there;
+    when OPA refuses it, each key is written on its own and only the refused key reports an error."""
+    opa = FakeOpa()
+    await opa.put_data(["ns", "cm", "stale.json"], b'{"old": true}')
+    book = DataBook(opa)
+    await book.set_configmap(CM, {"a.json": '{"v": 1}', "b.json": '{"w": 2}'})
+    assert await opa.get_data(["ns", "cm"]) == {"a.json": {"v": 1}, "b.json": {"w": 2}}
+    assert [w for w in opa.writes if w[1].startswith("ns/cm")][1:] == [("PUT", "ns/cm")]
+
+    other = ObjectKey("ns", "other")
+    opa.refuse_writes_under = "ns/other/b.json"
+    await book.set_configmap(other, {"a.json": '{"v": 1}', "b.json": '{"w": 2}'})
+    assert await opa.get_data(["ns", "other"]) == {"a.json": {"v": 1}}
+    assert set(book.errors_of(other)) == {"b.json"}
+
+
+async def test_the_ledger_names_the_data_configmaps_and_the_next_kopa_removes_what_is_gone() -> None:
+    """Before its first write a kopa reads what its predecessor wrote into OPA's ledger; once every watch
+    has listed (the CHECK), the ConfigMaps no store holds any more are removed whole, and the ledger then
+    names exactly the data ConfigMaps written. Namespaces not watched now are kept, not touched."""
+    first = ConfigMaps(ledger=True)
+    kept, gone, unwatched = ObjectKey("ns", "kept"), ObjectKey("ns", "gone"), ObjectKey("away", "cm")
+    for key in (kept, gone, unwatched):
+        first.put(first.data, key, {"d.json": '{"v": 1}'})
+    await first.sync.apply([kept, gone, unwatched])
+    assert await first.opa.get_data(LEDGER) == {"dataConfigMaps": ["away/cm", "ns/gone", "ns/kept"]}
+
+    second = ConfigMaps(ledger=True, opa=first.opa, owns=lambda key: key.namespace == "ns")
+    second.put(second.data, kept, {"d.json": '{"v": 2}'})
+    second.sync.listed = lambda: False
+    await second.sync.apply([ALL, CHECK])
+    assert await second.opa.get_data(["ns", "gone"]) is not None, "not removed before every watch listed"
+    second.sync.listed = lambda: True
+    await second.sync.apply([CHECK])
+    assert await second.opa.get_data(["ns"]) == {"kept": {"d.json": {"v": 2}}}
+    assert await second.opa.get_data(["away", "cm"]) == {"d.json": {"v": 1}}
+    assert await second.opa.get_data(LEDGER) == {"dataConfigMaps": ["away/cm", "ns/kept"]}
+
+
 # --- the sync ----------------------------------------------------------------------------------------------
 
 
 class ConfigMaps:
-    def __init__(self) -> None:
-        self.opa = FakeOpa()
+    def __init__(
+        self,
+        *,
+        ledger: bool = False,
+        opa: FakeOpa | None = None,
+        owns: Callable[[ObjectKey], bool] = lambda key: True,
+    ) -> None:
+        self.opa = opa or FakeOpa()
         self.process = OpaProcess(self.opa, interval=1.0)
         self.data: Store[dict[str, Any]] = Store("data", same_resource_version)
         self.policies: Store[dict[str, Any]] = Store("policies", same_resource_version)
         stores = ConfigMapStores(policies=self.policies, data=self.data)
         self.reporter = StatusReporter(None, stores.lookup)  # type: ignore[arg-type]  # never started
         books = PolicyBook(self.opa, self.process), DataBook(self.opa)
-        self.sync = ConfigMapSync(*books, self.reporter, stores, self.process)
+        book = Ledger(self.opa) if ledger else None
+        self.sync = ConfigMapSync(*books, self.reporter, stores, self.process, ledger=book, owns=owns)
         self.version = 0
 
     def put(self, store: Store[dict[str, Any]], key: ObjectKey, data: dict[str, str]) -> ObjectKey:
