@@ -14,6 +14,7 @@ Nothing here knows Kubernetes: KubeClient.watch decodes the lines and decides wh
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,22 @@ MAX_HEAD = 64 * 1024
 MAX_LINE = 16 << 20
 # The largest error body kept (a Status object is a few hundred bytes).
 MAX_ERROR_BODY = 1 << 20
+# TCP keepalive on a watch's connection (idle seconds before the first probe, seconds between probes,
+# probes unanswered): a peer that vanished (a dropped NAT or conntrack entry, a load balancer's failover, a
+# host gone) shows within about a minute, as with client-go's dialer, rather than at the idle deadline.
+KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
+
+
+def keep_alive(transport: asyncio.BaseTransport) -> None:
+    """Turns TCP keepalive on for the transport's socket (the options a platform lacks are skipped)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 class StreamError(Exception):
@@ -85,6 +102,7 @@ class LineStream(asyncio.Protocol):
             raise StreamError(f"TimeoutError: no connection to {origin.netloc} within {within:g} s") from None
         except (OSError, ValueError, EOFError, asyncio.LimitOverrunError) as exc:  # SSLError is an OSError
             raise StreamError(f"connecting to {origin.netloc}: {_reason(exc)}") from None
+        keep_alive(transport)
         try:
             fields = {"Host": origin.netloc, **headers, **extra}
             transport.write(request_head(f"GET {prefix}{target} HTTP/1.1", fields))

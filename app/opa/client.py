@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 # Large collection PUTs take OPA seconds to apply; a wedged OPA must still not hang kopa forever.
 REQUEST_TIMEOUT = 120.0
+# The process check's request (GET /v1/config), which OPA answers without its store's lock, in milliseconds.
+CHECK_TIMEOUT = 10.0
 # Answers larger than this are parsed off the event loop (orjson takes about 40 ms per MB here).
 LARGE_ANSWER = 1 << 20
 # The pause before the first retry of a request that failed for a transient reason (tenacity's wait then
@@ -318,7 +320,13 @@ class OpaClient:
         return list(_result(payload, "query") or [])
 
     async def config(self) -> dict[str, Any]:
-        _, payload = await self.request("GET", "config")
+        """Who OPA is: the process check's question, with a short deadline of its own, so that a hung OPA
+        (stopped, deadlocked) shows within seconds rather than after a write's request timeout."""
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT):
+                _, payload = await self.request("GET", "config")
+        except TimeoutError:
+            raise OpaUnavailable(f"GET {self.api_url}/config: no answer within {CHECK_TIMEOUT:g} s") from None
         return dict(_result(payload, "config") or {})
 
     async def status(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from app.opa.client import CHECK_TIMEOUT
 from devstack.kopa import KopaProcess
 from devstack.opa import OpaServer
 from devstack.processes import free_port, wait_until
@@ -22,6 +23,7 @@ from tests.integration.helpers import (
     DATA,
     POLICY,
     data,
+    get,
     metric,
     put_configmap,
     scrape,
@@ -262,6 +264,30 @@ def test_sigterm_exits_0_within_the_shutdown_timeout_even_with_a_write_hanging(
     assert code == 0
     assert elapsed < 3.5, f"took {elapsed:.1f}s"
     assert re.search(r"received SIGTERM; stopping", kopa.log_path.read_text())
+
+
+def test_a_hung_opa_makes_kopa_unready_within_seconds_and_it_catches_up_after(
+    run_kopa: KopaFactory, opa: OpaServer, core_v1: client.CoreV1Api, namespace: str
+) -> None:
+    """OPA stopped (SIGSTOP: the port still accepts connections, nothing answers). kopa said ready, and
+    `kopa_opa_up` 1, for the two minutes of a write's timeout; its check of OPA now gives up sooner."""
+    kopa = run_kopa(f"--opa-url={opa.api_url}", f"--namespaces={namespace}")
+    wait_probe(kopa, "/readyz", 200)
+    assert opa.pid is not None
+    os.kill(opa.pid, signal.SIGSTOP)
+    try:
+        put_configmap(core_v1, namespace, "d", {"x.json": '{"v": 1}'}, DATA)
+        stopped = time.monotonic()
+        body = wait_probe(kopa, "/readyz", 503, timeout=CHECK_TIMEOUT + 20)
+        assert time.monotonic() - stopped < CHECK_TIMEOUT + 10
+        assert "OPA is unreachable" in body["reasons"]
+        assert f"GET {opa.api_url}/config: no answer within {CHECK_TIMEOUT:g} s" in kopa.log_path.read_text()
+        assert metric(scrape(kopa), "kopa_opa_up") == 0
+        assert get(kopa, "/healthz")[0] == 200, "waiting for OPA is not kopa's failure"
+    finally:
+        os.kill(opa.pid, signal.SIGCONT)
+    wait_data(opa, f"{namespace}/d/x.json", {"v": 1})
+    wait_probe(kopa, "/readyz", 200)
 
 
 def test_an_empty_health_endpoint_turns_the_server_off(

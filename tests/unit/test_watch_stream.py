@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
-from app.kube.stream import MAX_LINE, Endpoint, LineStream, StreamError
+from app.kube.stream import KEEPALIVE, MAX_LINE, Endpoint, LineStream, StreamError
 from devstack.certs import TestCA
 from devstack.processes import HOST
 
@@ -163,6 +164,28 @@ async def test_a_stream_silent_past_the_idle_timeout_is_a_timeout() -> None:
     async with answering(silent) as url:
         with pytest.raises(StreamError, match=r"TimeoutError: no data from .* for 0.3 s"):
             await run(url, idle_timeout=0.3)
+
+
+async def test_a_watch_connection_has_tcp_keepalive_on() -> None:
+    """A peer that vanishes without closing the connection shows within about a minute (the kernel's
+    probes), not only at the idle deadline (minutes)."""
+    options: dict[str, int] = {}
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD_200 + chunked(b'{"a":1}\n'))
+        await writer.drain()
+
+    def seen(line: bytes) -> None:
+        assert stream._transport is not None
+        sock = stream._transport.get_extra_info("socket")
+        options["keepalive"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        for name in KEEPALIVE:
+            options[name] = sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, name))
+
+    async with answering(answer) as url:
+        stream = LineStream(seen, idle_timeout=5)
+        assert await asyncio.wait_for(stream.run(Endpoint(url, None), "/x", {}, 5), 10) == (200, b"")
+    assert options == {"keepalive": 1, **KEEPALIVE}
 
 
 async def test_a_refused_connection_is_a_stream_error() -> None:
