@@ -65,9 +65,9 @@ class DataBook:
     refused: set[ObjectKey] = field(default_factory=set)  # with a key OPA refused (a policy's path)
     writes: int = 0  # documents written or removed: what a policy refused for a data path may wait on
     repairs: int = 0
-    # ConfigMaps a previous kopa wrote documents for (its ledger) that this one has not synced yet: which
-    # keys OPA holds for them is unknown, so they are written or removed whole.
-    inherited: set[ObjectKey] = field(default_factory=set)
+    # ConfigMaps a previous kopa wrote documents for (its ledger), with their keys, that this one has not
+    # synced yet: their keys that no longer exist are removed at the first sync.
+    inherited: dict[ObjectKey, frozenset[str]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """OPA restarted and holds nothing: every document is written again on its next sync."""
@@ -78,12 +78,9 @@ class DataBook:
                 docs[key] = b""
 
     async def set_configmap(self, configmap: ObjectKey, texts: dict[str, str]) -> None:
-        """Makes OPA hold these documents for one ConfigMap; an empty dict removes its subtree.
-
-        The first write of a ConfigMap is one PUT of its whole subtree when every key parses, which also
-        clears keys a previous kopa wrote and that are gone now; when OPA refuses it (a key on a policy's
-        path), or a key does not parse, each key is written on its own, so each gets its own error and a
-        bad key keeps the value OPA holds."""
+        """Makes OPA hold these documents for one ConfigMap; an empty dict removes its subtree. Each key
+        is written on its own: the subtree may hold more than this ConfigMap (a replicated collection on
+        the same path), which a PUT of it whole would wipe."""
         ns, name = configmap
         errors: dict[str, dict[str, Any]] = {}
         documents: dict[str, bytes] = {}
@@ -93,28 +90,21 @@ class DataBook:
                 errors[key] = error
             elif doc is not None:
                 documents[key] = doc
-        first = configmap not in self.loaded
-        unknown = configmap in self.inherited
+        inherited = self.inherited.get(configmap)
         self.refused.discard(configmap)
         if not texts:
-            if self.loaded.get(configmap) or unknown:
+            if self.loaded.get(configmap) or inherited:
                 await self.opa.delete_data([ns, name])
                 self.writes += 1
             self.loaded.pop(configmap, None)
             self.errors.pop(configmap, None)
-            self.inherited.discard(configmap)
-            return
-        if first and documents and not errors and await self._put_whole(configmap, documents):
-            self.loaded[configmap] = {key: _digest(doc) for key, doc in documents.items()}
-            self.errors[configmap] = {}
-            self.inherited.discard(configmap)
-            self.writes += 1
+            self.inherited.pop(configmap, None)
             return
         loaded = self.loaded.setdefault(configmap, {})
-        for key in sorted(set(loaded) - set(texts)):
+        for key in sorted((set(loaded) | (inherited or frozenset())) - set(texts)):
             await self.opa.delete_data([ns, name, key])
             self.writes += 1
-            del loaded[key]
+            loaded.pop(key, None)
         for key, doc in sorted(documents.items()):
             digest = _digest(doc)
             if loaded.get(key) == digest:
@@ -128,17 +118,15 @@ class DataBook:
             self.writes += 1
             loaded[key] = digest
         self.errors[configmap] = errors
-        self.inherited.discard(configmap)
+        self.inherited.pop(configmap, None)
 
-    async def _put_whole(self, configmap: ObjectKey, documents: dict[str, bytes]) -> bool:
-        """One PUT of data.<namespace>.<name>; False when OPA refuses it."""
-        body = b",".join(dumps(key) + b":" + doc for key, doc in sorted(documents.items()))
-        try:
-            await self.opa.put_data(list(configmap), b"{" + body + b"}")
-        except OpaError as exc:
-            log.debug("data %s refused whole (%s); writing its keys one by one", "/".join(configmap), exc)
-            return False
-        return True
+    def documented(self) -> dict[ObjectKey, frozenset[str]]:
+        """Each ConfigMap's keys that may have a document in OPA (a key that stopped parsing keeps its
+        last good one there): what the ledger names, with what is inherited and not synced yet."""
+        found = dict(self.inherited)
+        for configmap, docs in self.loaded.items():
+            found[configmap] = frozenset(docs) | frozenset(self.errors.get(configmap, ()))
+        return found
 
     async def check(self, texts_of: Callable[[ObjectKey], dict[str, str]]) -> int:
         """Compares each document kopa wrote with OPA's (anti-entropy) and writes again what differs.

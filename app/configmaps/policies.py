@@ -122,6 +122,8 @@ class PolicyBook:
     modules: dict[str, Module] = field(default_factory=dict)
     epoch: int = 0  # the OPA process (OpaProcess.epoch) that loaded_text describes
     repairs: int = 0
+    # Ids of kopa's form that OPA would not let kopa remove because a bundle owns them: not kopa's after all.
+    bundled: set[str] = field(default_factory=set)
     changes: int = 0  # modules loaded into or removed from OPA: what refused data may wait on
     _order: itertools.count[int] = field(default_factory=itertools.count)
     _loads: itertools.count[int] = field(default_factory=itertools.count)
@@ -308,7 +310,7 @@ class PolicyBook:
                 if have is None:
                     module.loaded_text = None
                     module.error = exc.body or {"code": exc.code, "message": exc.message}
-        for policy_id in sorted(set(held) - set(self.modules)):
+        for policy_id in sorted(set(held) - set(self.modules) - self.bundled):
             if self.owns(policy_id):
                 repairs += 1
                 log.warning("drift: OPA holds policy %s, which no ConfigMap has; removing it", policy_id)
@@ -320,6 +322,11 @@ class PolicyBook:
                 try:
                     touched |= await self._unload(stale, reason=None)
                 except OpaError as exc:
+                    if "owned by bundle" in exc.message:
+                        repairs -= 1
+                        self.bundled.add(policy_id)
+                        log.info("policy %s belongs to one of OPA's bundles; left alone", policy_id)
+                        continue
                     log.warning("drift: could not remove policy %s: %s", policy_id, exc)
         self.repairs += repairs
         return repairs, touched

@@ -69,7 +69,7 @@ class ConfigMapSync:
     listed: Callable[[], bool] = lambda: True  # whether every ConfigMap watch has completed its first list
     owns: Callable[[ObjectKey], bool] = lambda key: True  # in a namespace kopa watches
     # Ledger entries in namespaces kopa does not watch (now): kept in the ledger, never acted on.
-    carried: set[ObjectKey] = field(default_factory=set)
+    carried: dict[ObjectKey, frozenset[str]] = field(default_factory=dict)
 
     async def apply(self, keys: Sequence[Key]) -> list[tuple[Key, Exception]]:
         """The writer's entry point. A new OPA process (ALL is queued for it) is first loaded with
@@ -80,8 +80,8 @@ class ConfigMapSync:
         objects = objects_only(keys)
         if self.ledger is not None and not self.ledger.read_done:
             inherited = await self.ledger.read()
-            self.data.inherited = {key for key in inherited if self.owns(key)}
-            self.carried = inherited - self.data.inherited
+            self.data.inherited = {cm: keys for cm, keys in inherited.items() if self.owns(cm)}
+            self.carried = {cm: keys for cm, keys in inherited.items() if not self.owns(cm)}
         if self.filled_epoch != self.process.epoch:
             await self.refill()
         if ALL in keys:
@@ -104,16 +104,20 @@ class ConfigMapSync:
         self._report(touched | await self.policies.settle())
         return failures
 
-    def _documented(self) -> set[ObjectKey]:
-        """The data ConfigMaps that may have documents in OPA: what the ledger should name."""
-        return set(self.data.loaded) | self.data.inherited | self.carried
+    def _documented(self) -> dict[ObjectKey, frozenset[str]]:
+        """The data ConfigMaps, and their keys, that may have documents in OPA: what the ledger names."""
+        return {**self.carried, **self.data.documented()}
 
     async def _ledger_ahead(self, keys: Sequence[ObjectKey]) -> None:
-        """Before documents are written: the ledger names each data ConfigMap among `keys`."""
+        """Before documents are written: the ledger names each data ConfigMap among `keys`, and its keys."""
         store = self.stores.data
         if self.ledger is not None and store is not None:
-            written = {key for key in keys if store.get(key) is not None}
-            await self.ledger.include(self._documented() | written)
+            entries = self._documented()
+            for cm in keys:
+                configmap = store.get(cm)
+                if configmap is not None:
+                    entries[cm] = entries.get(cm, frozenset()) | frozenset(_texts(configmap))
+            await self.ledger.include(entries)
 
     async def _drop_inherited(self) -> set[ObjectKey]:
         """Once every watch has listed: a ConfigMap the predecessor wrote that is no data ConfigMap now (gone,

@@ -75,6 +75,7 @@ class Readiness:
     details: Callable[[], dict[str, Any]] = dict  # more of /readyz's body (the analysis, when on)
     loaded_epoch: int | None = None  # the OPA epoch (see OpaProcess) that holds everything, if any
     stale_marker_cleared: bool = False  # the marker of a previous kopa (see after_batch) is gone
+    marker_refused: bool = False  # OPA refused the marker (its path is a bundle's): said once
 
     @property
     def loaded(self) -> bool:
@@ -92,8 +93,10 @@ class Readiness:
             try:
                 await self.opa.delete_data(MARKER_PATH)
                 self.stale_marker_cleared = True
-            except (OpaUnavailable, OpaError):
+            except OpaUnavailable:
                 pass
+            except OpaError:  # not kopa's to remove (a bundle owns `system`): nothing to take back
+                self.stale_marker_cleared = True
         if self.loaded or self.pending() or not all(s.settled for s in self.sources()):
             return
         epoch = self.process.epoch
@@ -105,9 +108,15 @@ class Readiness:
         except OpaUnauthorized as exc:
             self.process.mark_refused(exc)
             return
-        except (OpaUnavailable, OpaError) as exc:
+        except OpaUnavailable as exc:
             log.warning("could not write the readiness marker to OPA: %s", exc)
             return
+        except OpaError as exc:
+            # OPA will not take it (a bundle owns `system`): kopa is ready all the same; only OPA's own
+            # readiness check cannot wait for the marker. Said once.
+            if not self.marker_refused:
+                self.marker_refused = True
+                log.warning("OPA refused the readiness marker at data.system.kopa; ready without it: %s", exc)
         # OPA may have restarted between the check and the write (a retried PUT lands in the new process):
         # a marker in a process kopa has not refilled would say "ready" too early, so take it back.
         if not await self.process.check() or self.process.epoch != epoch:

@@ -63,10 +63,15 @@ def build_bundle(directory: Path, files: dict[str, str], roots: list[str], revis
     for old in source.glob("*.rego"):
         old.unlink()
     for name, text in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(text)
     (source / ".manifest").write_text(json.dumps({"roots": roots, "revision": revision}))
     out = directory / "bundle.tar.gz"
-    subprocess.run([tool_path("opa"), "build", "-b", str(source), "-o", str(out)], check=True, timeout=60)
+    # Built from inside the source, so that module ids are `<bundle>/<path in the bundle>`, as a bundle
+    # service's would be (from outside, the source's absolute path became part of each id).
+    subprocess.run(
+        [tool_path("opa"), "build", "-b", ".", "-o", str(out.resolve())], check=True, timeout=60, cwd=source
+    )
     return out
 
 

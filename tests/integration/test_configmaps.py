@@ -13,6 +13,7 @@ import pytest
 from kubernetes import client
 
 from devstack.opa import OpaServer
+from devstack.processes import wait_until
 from tests.integration.conftest import KopaFactory
 from tests.integration.helpers import (
     DATA,
@@ -21,14 +22,20 @@ from tests.integration.helpers import (
     annotations_of,
     data,
     error_of,
+    log_text,
+    metric,
     opa_writes,
     policy_ids,
     put_configmap,
+    scrape,
     status_of,
     wait_data,
+    wait_log,
     wait_policies,
+    wait_probe,
     wait_status,
 )
+from tests.integration.test_auto_replication import build_bundle, opa_with_config
 
 pytestmark = pytest.mark.integration
 
@@ -455,3 +462,42 @@ def test_parse_errors_wait_for_their_own_change_compile_errors_retry_on_any_chan
     # fn's module and needy's retry: two writes. The module with a parse error was not tried again.
     assert opa_writes(opa, "v1/policies") == before + 2
     assert error_of(status_of(core_v1, namespace, "broken") or "")["errors"][0]["code"] == "rego_parse_error"
+
+
+def test_an_opa_whose_bundle_owns_system_and_a_namespace_path_gets_every_configmap(
+    run_kopa: KopaFactory, core_v1: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """A bundle with the roots `system` (a decision-log mask) and `lib`, a namespace kopa watches: OPA
+    refuses kopa's readiness marker and ledger under `system`, and the removal of the bundle's module
+    `lib/x/lib.rego`, which has the form of kopa's ids. Data stayed out of OPA for good (the ledger's
+    refusal failed every batch), kopa never became ready (the marker's), and the drift check tried to
+    remove the bundle's module at every pass."""
+    files = {
+        "mask.rego": 'package system.log\n\nmask contains "/input/password"\n',
+        "x/lib.rego": "package lib.x\n\nanswer := 42\n",
+    }
+    bundle = build_bundle(tmp_path / "bundle", files, ["system", "lib"])
+    server, _ = opa_with_config(tmp_path, {"bundles": {"lib": {"resource": f"file://{bundle}"}}})
+    with server:
+        wait_data(server, "lib/x/answer", 42)
+        kopa = run_kopa(
+            f"--opa-url={server.api_url}", f"--namespaces={namespace},lib", "--drift-check-interval=200ms"
+        )
+        put_configmap(core_v1, namespace, "d", {"x.json": '{"v": 1}'}, DATA)
+        put_configmap(core_v1, namespace, "p", {"p.rego": "package bundled.owner\n\nv := 1\n"}, POLICY)
+        wait_data(server, f"{namespace}/d/x.json", {"v": 1})
+        assert wait_status(core_v1, namespace, "d") == OK
+        assert wait_status(core_v1, namespace, "p") == OK
+        wait_probe(kopa, "/readyz", 200)
+        wait_log(kopa, "policy lib/x/lib.rego belongs to one of OPA's bundles; left alone")
+
+        def checks() -> float:  # each drift check reads OPA's policies
+            return metric(scrape(kopa), "kopa_opa_requests_total", endpoint="policies", method="GET")
+
+        before = checks()
+        wait_until(lambda: checks() >= before + 3, timeout=30, what="three more drift checks")
+        assert {"lib/x/lib.rego", "lib/mask.rego"} <= policy_ids(server)
+        assert metric(scrape(kopa), "kopa_drift_repaired_total", kind="policy") == 0
+        log = log_text(kopa)
+        assert log.count("left alone") == 1
+        assert "refused kopa's ledger" in log and "refused the readiness marker" in log

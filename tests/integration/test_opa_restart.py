@@ -68,7 +68,7 @@ def test_opa_killed_and_restarted_is_refilled_from_kopas_copy(
         assert {i for i in policy_ids(opa) if i.startswith(namespace)} == before, f"round {round_}"
         assert data(opa, f"use{tag}/four") == 4
         assert data(opa, f"{namespace}/doc/d.json") == {"x": 1}
-        assert data(opa, "system/kopa_ledger/dataConfigMaps") == [f"{namespace}/doc"]
+        assert data(opa, "system/kopa_ledger/dataConfigMaps") == {f"{namespace}/doc": ["d.json"]}
         assert data(opa, f"kubernetes/services/{namespace}/svc")["kind"] == "Service"
     wait_log(kopa, "OPA restarted")
 
@@ -200,9 +200,11 @@ def test_a_kopa_restarted_beside_a_running_opa_removes_the_data_its_predecessor_
         assert data(opa, f"{namespace}/kept") == {"k.json": {"k": 3}}
         assert data(opa, f"{namespace}/theirs") == {"x": 1}
         assert data(opa, f"{other}/elsewhere") == {"e.json": {"e": 4}}  # not watched now: left alone
-        assert data(opa, "system/kopa_ledger/dataConfigMaps") == sorted(
-            [f"{namespace}/kept", f"{namespace}/trimmed", f"{other}/elsewhere"]
-        )
+        assert data(opa, "system/kopa_ledger/dataConfigMaps") == {
+            f"{namespace}/kept": ["k.json"],
+            f"{namespace}/trimmed": ["a.json"],
+            f"{other}/elsewhere": ["e.json"],
+        }
     finally:
         core_v1.delete_namespace(other)
 

@@ -100,33 +100,38 @@ async def test_the_data_drift_check_reads_each_document_and_rewrites_what_differ
     assert not [w for w in opa.writes if w[1].startswith("ns/cm/b")][1:], "b never rewritten"
 
 
-async def test_a_first_write_replaces_the_subtree_whole_and_falls_back_to_keys_when_refused() -> None:
-    """A new ConfigMap is one PUT of data.<ns>.<name>, which also clears keys a previous kopa left there;
-    when OPA refuses it, each key is written on its own and only the refused key reports an error."""
+async def test_keys_are_written_one_by_one_beside_what_else_is_on_the_path() -> None:
+    """A data ConfigMap `kubernetes/services` shares its path with `--replicate=v1/services`: a PUT of its
+    subtree whole wiped the replicated collection. Keys a previous kopa wrote (the ledger) and that the
+    ConfigMap no longer has are removed, nothing else."""
     opa = FakeOpa()
-    await opa.put_data(["ns", "cm", "stale.json"], b'{"old": true}')
+    configmap = ObjectKey("kubernetes", "services")
+    await opa.put_data(["kubernetes", "services", "default"], b'{"svc": {"kind": "Service"}}')
+    await opa.put_data(["kubernetes", "services", "old.json"], b'{"old": true}')
     book = DataBook(opa)
-    await book.set_configmap(CM, {"a.json": '{"v": 1}', "b.json": '{"w": 2}'})
-    assert await opa.get_data(["ns", "cm"]) == {"a.json": {"v": 1}, "b.json": {"w": 2}}
-    assert [w for w in opa.writes if w[1].startswith("ns/cm")][1:] == [("PUT", "ns/cm")]
-
-    other = ObjectKey("ns", "other")
-    opa.refuse_writes_under = "ns/other/b.json"
-    await book.set_configmap(other, {"a.json": '{"v": 1}', "b.json": '{"w": 2}'})
-    assert await opa.get_data(["ns", "other"]) == {"a.json": {"v": 1}}
-    assert set(book.errors_of(other)) == {"b.json"}
+    book.inherited = {configmap: frozenset({"old.json", "x.json"})}
+    await book.set_configmap(configmap, {"x.json": '{"v": 1}'})
+    assert await opa.get_data(["kubernetes", "services"]) == {
+        "default": {"svc": {"kind": "Service"}},
+        "x.json": {"v": 1},
+    }
+    assert book.inherited == {}
+    assert book.documented() == {configmap: frozenset({"x.json"})}
 
 
 async def test_the_ledger_names_the_data_configmaps_and_the_next_kopa_removes_what_is_gone() -> None:
     """Before its first write a kopa reads what its predecessor wrote into OPA's ledger; once every watch
-    has listed (the CHECK), the ConfigMaps no store holds any more are removed whole, and the ledger then
-    names exactly the data ConfigMaps written. Namespaces not watched now are kept, not touched."""
+    has listed (the CHECK), the ConfigMaps no store holds any more are removed whole, and keys removed
+    meanwhile go; the ledger then names exactly what is written. Namespaces not watched now are kept."""
     first = ConfigMaps(ledger=True)
     kept, gone, unwatched = ObjectKey("ns", "kept"), ObjectKey("ns", "gone"), ObjectKey("away", "cm")
     for key in (kept, gone, unwatched):
-        first.put(first.data, key, {"d.json": '{"v": 1}'})
+        first.put(first.data, key, {"d.json": '{"v": 1}', "e.json": "{}"})
     await first.sync.apply([kept, gone, unwatched])
-    assert await first.opa.get_data(LEDGER) == {"dataConfigMaps": ["away/cm", "ns/gone", "ns/kept"]}
+    both = ["d.json", "e.json"]
+    assert await first.opa.get_data(LEDGER) == {
+        "dataConfigMaps": {"away/cm": both, "ns/gone": both, "ns/kept": both}
+    }
 
     second = ConfigMaps(ledger=True, opa=first.opa, owns=lambda key: key.namespace == "ns")
     second.put(second.data, kept, {"d.json": '{"v": 2}'})
@@ -136,8 +141,20 @@ async def test_the_ledger_names_the_data_configmaps_and_the_next_kopa_removes_wh
     second.sync.listed = lambda: True
     await second.sync.apply([CHECK])
     assert await second.opa.get_data(["ns"]) == {"kept": {"d.json": {"v": 2}}}
-    assert await second.opa.get_data(["away", "cm"]) == {"d.json": {"v": 1}}
-    assert await second.opa.get_data(LEDGER) == {"dataConfigMaps": ["away/cm", "ns/kept"]}
+    assert await second.opa.get_data(["away", "cm"]) == {"d.json": {"v": 1}, "e.json": {}}
+    assert await second.opa.get_data(LEDGER) == {"dataConfigMaps": {"away/cm": both, "ns/kept": ["d.json"]}}
+
+
+async def test_a_ledger_that_opa_refuses_is_said_once_and_data_loads_without_it() -> None:
+    """A bundle that owns `system` (a decision-log mask, say): the ledger cannot be written there, and
+    that must not keep a single data ConfigMap out of OPA."""
+    c = ConfigMaps(ledger=True)
+    c.opa.refuse_writes_under = "system"
+    await c.sync.apply([c.put(c.data, CM, {"d.json": '{"v": 1}'})])
+    assert await c.opa.get_data(["ns", "cm"]) == {"d.json": {"v": 1}}
+    assert c.status(CM) == OK
+    await c.sync.apply([c.put(c.data, ObjectKey("ns", "more"), {"d.json": "{}"})])
+    assert [w for w in c.opa.writes if w[1].startswith("system")] == [("PUT", "system/kopa_ledger")]
 
 
 # --- the sync ----------------------------------------------------------------------------------------------
