@@ -133,7 +133,9 @@ class OpaProcess:
             self.refusals += 1
             log.warning(
                 "OPA refuses kopa's credentials (%s); waiting until it accepts them "
-                "(check --opa-auth-token or --opa-auth-token-file)",
+                "(check --opa-auth-token or --opa-auth-token-file, and that OPA's system.authz lets that "
+                "token use /v1/config, /v1/policies, /v1/data and /v1/query: kopa reads /v1/config to "
+                "notice OPA restarts)",
                 cause.status_text,
             )
         self.refused = cause.status_text
