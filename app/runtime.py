@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -371,7 +371,17 @@ def health_server(
         liveness=liveness.check,
         readiness=lambda: (readiness.ready, readiness.report()),
         metrics=metrics.render,
+        health=partial(_kube_mgmt_health, liveness, readiness),
     )
+
+
+def _kube_mgmt_health(liveness: Liveness, readiness: Readiness) -> tuple[bool, dict[str, Any]]:
+    """kube-mgmt's /health: 503 until the first load is done, then as /healthz. opa-kube-mgmt's chart probes
+    it for liveness as well as readiness, so an OPA outage after the start must not fail it: the kubelet
+    would restart kopa while it waits for OPA, and the refill would wait for kopa."""
+    if readiness.loaded_epoch is None:
+        return readiness.ready, readiness.report()
+    return liveness.check()
 
 
 async def _stop_on_signal(tg: TaskGroup, grace: float) -> None:

@@ -152,6 +152,7 @@ class HealthServer:
         liveness: Check,
         readiness: Check,
         metrics: Callable[[], bytes],
+        health: Check | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         metrics_timeout: float = METRICS_TIMEOUT,
@@ -160,6 +161,7 @@ class HealthServer:
         self.port = port  # the bound port once started (port 0 picks a free one)
         self._liveness = liveness
         self._readiness = readiness
+        self._health = health or readiness
         self._metrics = metrics
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
@@ -175,7 +177,7 @@ class HealthServer:
         app = web.Application(middlewares=[cap.middleware])
         app.router.add_get("/healthz", self._check(self._liveness))
         app.router.add_get("/readyz", self._check(self._readiness))
-        app.router.add_get("/health", self._check(self._readiness))  # kube-mgmt's path
+        app.router.add_get("/health", self._check(self._health))  # kube-mgmt's path
         app.router.add_get("/metrics", self._serve_metrics)
         return app
 

@@ -995,7 +995,7 @@ def test_notes_say_what_auto_mode_may_read_and_warn_when_nothing(kube: KubeClust
 
 def test_kube_mgmts_health_path_on_kopas_port_still_probes_kopa(kube: KubeCluster, tmp_path: Path) -> None:
     """opa-kube-mgmt's auto mode probed kube-mgmt's /health on port 8000: in kopa's values those probes
-    reach kopa, which answers /health as /readyz, and NOTES do not take them for probes of OPA."""
+    reach kopa, which answers /health as kube-mgmt does, and NOTES do not take them for probes of OPA."""
     health = {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 10}
     values = {"mgmt": {"startupProbe": health, "readinessProbe": health}}
     rendered = Helm(tmp_path / "helm").template(values)
