@@ -73,7 +73,7 @@ def test_readiness_follows_the_first_load_and_opa(
     put_configmap(core_v1, namespace, "d", {"x.json": '{"a": 1}'}, DATA)
     body = wait_probe(kopa, "/readyz", 503)
     assert body["ready"] is False and body["reasons"]
-    assert wait_probe(kopa, "/health", 503)["ready"] is False, "kube-mgmt's /health: not before the first load"
+    assert wait_probe(kopa, "/health", 503)["ready"] is False, "/health: not before the first load"
     opa.start()
     body = wait_probe(kopa, "/readyz", 200)
     assert body["ready"] is True
