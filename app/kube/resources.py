@@ -27,7 +27,8 @@ class GroupVersionResource:
             raise ValueError(f"must be [group/]version/resource, {EXAMPLES}")
         if len(parts) == 2:
             parts.insert(0, "")
-        group, version, resource = parts[0].lower(), parts[1], parts[2].lower()
+        # Lower-cased as kube-mgmt does (V1/Services): the API server's names are all lower-case.
+        group, version, resource = parts[0].lower(), parts[1].lower(), parts[2].lower()
         if _VERSION.fullmatch(group):
             # v1/pods/status read as group v1: a subresource, which has no objects of its own to replicate.
             raise ValueError(f"{version}/{resource} is a subresource; replicate {group}/{version} instead")

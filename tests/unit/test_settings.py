@@ -1051,7 +1051,7 @@ def test_malformed_resources_are_rejected_with_the_form_and_an_example(text: str
         ("v1/my services", "the resource 'my services'"),
         ("v1/services.", "the resource 'services.'"),
         ("bad_group.io/v1/widgets", "the group 'bad_group.io'"),
-        ("example.com/V1/widgets", "the version 'V1'"),
+        ("example.com/v_1/widgets", "the version 'v_1'"),
     ],
 )
 def test_resources_no_api_server_could_serve_are_rejected(text: str, part: str) -> None:
@@ -1064,11 +1064,13 @@ def test_resources_are_accepted_as_the_api_names_them() -> None:
         "--replicate=v1/services",
         "--replicate=networking.k8s.io/v1/ingresses",
         "--replicate=a-b.example.com/v1beta1/my-widgets",
+        "--replicate=Apps/V1/Deployments",  # lower-cased, as kube-mgmt does
     )
     assert [str(r) for r in loaded.replication.namespaced_resources] == [
         "v1/services",
         "networking.k8s.io/v1/ingresses",
         "a-b.example.com/v1beta1/my-widgets",
+        "apps/v1/deployments",
     ]
 
 
