@@ -20,10 +20,11 @@ from typing import Any, Self
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from app.http1 import url_host
 from devstack import goyaml
 from devstack.binaries import tool_path
 from devstack.certs import TestCA, run_openssl
-from devstack.processes import HOST, ManagedProcess, free_port, http_status, url_host
+from devstack.processes import HOST, ManagedProcess, free_port, http_status
 
 __all__ = [
     "ADMIN",

@@ -18,9 +18,10 @@ from pathlib import Path
 from types import EllipsisType, TracebackType
 from typing import Any, Literal, Self
 
+from app.http1 import url_host
 from devstack.binaries import tool_path
 from devstack.certs import TestCA
-from devstack.processes import HOST, ManagedProcess, free_port, http_status, ssl_context, url_host
+from devstack.processes import HOST, ManagedProcess, free_port, http_status, ssl_context
 
 __all__ = [
     "AUTHZ_POLICY_ID",

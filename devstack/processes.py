@@ -63,11 +63,6 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def url_host(host: str) -> str:
-    """`host` as a URL writes it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host else host
-
-
 def _bindable(port: int) -> bool:
     """Free on both loopback addresses, so a server may take it on either (on ::1 only where it exists)."""
     for family, host in ((socket.AF_INET, HOST), (socket.AF_INET6, HOST6)):

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+from app.http1 import url_host
 from devstack.kube import KubeCluster, api_client
 from devstack.opa import OpaServer
-from devstack.processes import HOST6, free_port, url_host
+from devstack.processes import HOST6, free_port
 from tests.integration.conftest import KopaFactory
 from tests.integration.helpers import (
     DATA,
